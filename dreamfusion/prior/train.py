@@ -1,0 +1,147 @@
+"""Training the embedded prior: on-the-fly renders of the procedural world, EMA weights, resumable
+checkpoints written to ``assets/prior`` (fp16 EMA for use, fp16 raw weights + step for resume:
+the optimiser restarts with a short warm-up instead of being stored), a loss log and a sample grid
+at each checkpoint."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import imageio.v3 as iio
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from ..cameras import CameraConfig
+from .data import render_batch
+from .model import ASSET_DIR, RESUME_FILE, WEIGHTS_FILE, PriorConfig, TextEncoder, predict_noise
+from .sampling import image_grid, sample_images
+
+GRID_PROMPTS = (
+    "a red cube, front view", "a blue sphere, side view", "a yellow cone, front view", "a green cube, front view",
+    "a blue torus, overhead view", "a brown chair, front view", "a red chair, side view", "a white mug, front view",
+    "a red mushroom, side view", "a white house, front view", "a snowman, front view", "a tree, side view",
+    "a hamburger, front view", "a purple pyramid, front view", "a gray dumbbell, front view", "a crimson box, front view",
+)
+
+
+@dataclass
+class TrainPriorConfig:
+    """Training of the embedded prior."""
+
+    out: Path = ASSET_DIR
+    """folder for config, weights, resume state, log and sample grid"""
+    steps: int = 20000
+    """total optimiser steps (a resumed run continues up to this)"""
+    batch: int = 64
+    lr: float = 3e-4
+    warmup: int = 200
+    """steps of linear learning-rate warm-up, also after each resume"""
+    ema_decay: float = 0.999
+    caption_dropout: float = 0.2
+    """probability of training on the empty prompt (the unconditional branch of guidance)"""
+    checkpoint_every: int = 250
+    grid_every: int = 1000
+    threads: int = 1
+    seed: int = 0
+    max_minutes: float = 0.0
+    """stop after this many minutes (0: no limit)"""
+    device: str = "cpu"
+
+
+def _ema_update(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            if v.dtype.is_floating_point:
+                ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
+
+
+def _save(cfg: TrainPriorConfig, prior_cfg: PriorConfig, model, ema, step: int, log: list[dict]) -> None:
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    prior_cfg.save(out)
+    half = lambda d: {k: v.detach().to(torch.float16).contiguous() for k, v in d.items()}  # noqa: E731
+    tmp = out / (WEIGHTS_FILE + ".tmp")
+    save_file(half(ema), str(tmp), metadata={"step": str(step)})
+    tmp.replace(out / WEIGHTS_FILE)
+    tmp = out / (RESUME_FILE + ".tmp")
+    save_file(half(model.state_dict()), str(tmp), metadata={"step": str(step)})
+    tmp.replace(out / RESUME_FILE)
+    with open(out / "train_log.jsonl", "a") as f:
+        for row in log:
+            f.write(json.dumps(row) + "\n")
+    log.clear()
+
+
+def write_sample_grid(unet, prior_cfg: PriorConfig, encoder: TextEncoder, path: Path, seeds=(0, 1, 2, 3)) -> None:
+    prompts = [p for p in GRID_PROMPTS for _ in seeds]
+    imgs = sample_images(unet, prior_cfg, encoder, prompts, [s for _ in GRID_PROMPTS for s in seeds])
+    # one row per prompt pair: 16 prompts x 4 seeds -> 8 rows of 8
+    grid = image_grid(F.interpolate(imgs, scale_factor=2, mode="nearest"), rows=len(GRID_PROMPTS) // 2)
+    iio.imwrite(path, (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
+
+
+def train_prior(cfg: TrainPriorConfig, prior_cfg: PriorConfig | None = None, on_log=print) -> Path:
+    torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    resume = out / RESUME_FILE
+    if resume.exists():
+        prior_cfg = PriorConfig.load(out)
+    prior_cfg = prior_cfg or PriorConfig()
+    torch.manual_seed(cfg.seed)
+    model = prior_cfg.unet().to(cfg.device)
+    step = 0
+    if resume.exists():
+        from safetensors import safe_open
+
+        with safe_open(str(resume), "pt") as f:
+            step = int(f.metadata()["step"])
+        model.load_state_dict({k: v.float() for k, v in load_file(str(resume)).items()})
+        ema = {k: v.float().to(cfg.device) for k, v in load_file(str(out / WEIGHTS_FILE)).items()}
+        on_log(f"resumed from step {step}")
+    else:
+        ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    encoder = TextEncoder(prior_cfg.max_tokens, cfg.device)
+    sched = prior_cfg.scheduler()
+    alphas = sched.alphas_cumprod.to(cfg.device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    rng = random.Random(cfg.seed * 1000003 + step)
+    gen = torch.Generator().manual_seed(cfg.seed * 1000003 + step)
+    start_step, t0, log = step, time.time(), []
+    camera_cfg = CameraConfig()
+    while step < cfg.steps:
+        if cfg.max_minutes and time.time() - t0 > cfg.max_minutes * 60:
+            break
+        batch = render_batch(cfg.batch, prior_cfg.image_size, rng, gen, camera_cfg)
+        x0 = (batch.images * 2 - 1).to(cfg.device)
+        captions = ["" if rng.random() < cfg.caption_dropout else c for c in batch.captions]
+        cond = encoder.condition(captions).to(cfg.device)
+        t = torch.randint(0, prior_cfg.num_train_timesteps, (cfg.batch,), generator=gen).to(cfg.device)
+        noise = torch.randn(x0.shape, generator=gen).to(cfg.device)
+        a = alphas[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        loss = F.mse_loss(predict_noise(model, x_t, t, cond), noise)
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * min(1.0, (step - start_step + 1) / cfg.warmup)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        _ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
+        log.append({"step": step, "loss": loss.item(), "time": time.time()})
+        if step % 50 == 0:
+            rate = (step - start_step) * cfg.batch / (time.time() - t0)
+            on_log(f"step {step} loss {sum(r['loss'] for r in log[-50:]) / len(log[-50:]):.4f} {rate:.1f} img/s")
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            _save(cfg, prior_cfg, model, ema, step, log)
+        if step % cfg.grid_every == 0:
+            ema_model = prior_cfg.unet()
+            ema_model.load_state_dict(ema)
+            write_sample_grid(ema_model.eval(), prior_cfg, encoder, out / "samples.png")
+    _save(cfg, prior_cfg, model, ema, step, log)
+    return out

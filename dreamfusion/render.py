@@ -1,0 +1,230 @@
+"""Volume rendering with a nerfacc occupancy grid.
+
+One renderer, two samplers that read the same ``nerfacc.OccGridEstimator``:
+
+- on CUDA with nerfacc's compiled kernels: ``OccGridEstimator.sampling`` (packed samples);
+- elsewhere (a CPU): a PyTorch sampler that marches every ray at the same step, looks each
+  sample's cell up in the estimator's binary grid and evaluates the field only at occupied
+  samples; weights come from nerfacc's batched ``render_weight_from_density``.
+
+Shading happens per sample (``dreamfusion.shading``) and is composited over the background.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import nerfacc
+import torch
+
+from .cameras import Cameras, Lights, camera_rays
+from .field import Background, GridField
+from .shading import SHADING_MODES, normals_to_rgb, shade
+
+
+@dataclass
+class RenderConfig:
+    """Ray marching and the occupancy grid."""
+
+    samples_per_ray: int = 96
+    """march step = box diagonal / this"""
+    occupancy_resolution: int = 32
+    occupancy_threshold: float = 0.01
+    """a cell is occupied when density x step exceeds this (nerfacc's occ_thre)"""
+    occupancy_update_every: int = 8
+    occupancy_warmup: int = 64
+    sampler: str = "auto"
+    """auto (nerfacc's CUDA kernel where available, else the PyTorch sampler), torch, or dense"""
+
+
+SAMPLERS = ("auto", "torch", "dense")
+
+
+def ray_aabb(origins: torch.Tensor, dirs: torch.Tensor, bound: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Entry and exit distances of rays through the cube [-bound, bound]^3.
+    (N, 3), (N, 3) -> near (N,), far (N,), hit (N,) bool."""
+    inv = 1.0 / torch.where(dirs.abs() < 1e-9, torch.full_like(dirs, 1e-9), dirs)
+    t0 = (-bound - origins) * inv
+    t1 = (bound - origins) * inv
+    near = torch.minimum(t0, t1).max(dim=-1).values.clamp_min(0.0)
+    far = torch.maximum(t0, t1).min(dim=-1).values
+    return near, far, far > near
+
+
+def march(near: torch.Tensor, far: torch.Tensor, step: float, n_steps: int, jitter: torch.Tensor | None = None):
+    """Samples at a fixed step from ``near``: t_starts, t_ends (N, K) and a valid mask (N, K)
+    for samples whose midpoint lies before ``far``. ``jitter`` (N, 1) in [0, 1) shifts each ray's
+    samples by a fraction of a step (stratified training)."""
+    k = torch.arange(n_steps, device=near.device, dtype=near.dtype)
+    offset = jitter if jitter is not None else torch.zeros_like(near)[:, None]
+    t_starts = near[:, None] + (k[None] + offset) * step
+    t_ends = t_starts + step
+    valid = (t_starts + t_ends) * 0.5 < far[:, None]
+    return t_starts, t_ends, valid
+
+
+def occupied_cells(points: torch.Tensor, binaries: torch.Tensor, bound: float) -> torch.Tensor:
+    """Look points (..., 3) up in a nerfacc binary grid (R, R, R) indexed [x, y, z] over
+    [-bound, bound]^3. Returns a bool mask (...)."""
+    res = binaries.shape[0]
+    idx = ((points + bound) / (2 * bound) * res).floor().long()
+    inside = ((idx >= 0) & (idx < res)).all(dim=-1)
+    idx = idx.clamp(0, res - 1)
+    return inside & binaries[idx[..., 0], idx[..., 1], idx[..., 2]]
+
+
+def cuda_sampler_available(device: torch.device) -> bool:
+    """nerfacc's ray marching needs its compiled CUDA extension."""
+    if device.type != "cuda":
+        return False
+    try:
+        from nerfacc.cuda import _C  # noqa: F401 - builds/loads the extension
+
+        return _C is not None
+    except Exception:  # pragma: no cover - depends on the CUDA toolchain
+        return False
+
+
+class Renderer(torch.nn.Module):
+    """Renders a :class:`GridField` with a background, skipping empty space with nerfacc's
+    occupancy grid."""
+
+    def __init__(self, field: GridField, background: Background, cfg: RenderConfig = RenderConfig()):
+        super().__init__()
+        if cfg.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {cfg.sampler!r}; expected one of {', '.join(SAMPLERS)}")
+        self.cfg = cfg
+        self.field = field
+        self.background = background
+        b = field.cfg.bound
+        self.estimator = nerfacc.OccGridEstimator(roi_aabb=[-b, -b, -b, b, b, b], resolution=cfg.occupancy_resolution, levels=1)
+        self.estimator.binaries.fill_(True)  # everything is occupied until the first update
+        self.step_size = 2 * math.sqrt(3) * b / cfg.samples_per_ray
+
+    # ------------------------------------------------------------------ occupancy
+    @torch.no_grad()
+    def update_occupancy(self, step: int, force: bool = False) -> None:
+        """Refresh the occupancy grid from the field (nerfacc's EMA update)."""
+        if not force and step % self.cfg.occupancy_update_every != 0:
+            return
+        self.estimator._update(
+            step=step,
+            occ_eval_fn=lambda x: self.field.density(x) * self.step_size,
+            occ_thre=self.cfg.occupancy_threshold,
+            warmup_steps=self.cfg.occupancy_warmup,
+        )
+
+    def occupancy_fraction(self) -> float:
+        return float(self.estimator.binaries.float().mean())
+
+    # ------------------------------------------------------------------ rendering
+    def _sampler(self, device: torch.device) -> str:
+        if self.cfg.sampler == "auto":
+            return "nerfacc" if cuda_sampler_available(device) else "torch"
+        return self.cfg.sampler
+
+    def render_rays(self, origins: torch.Tensor, dirs: torch.Tensor, light_pos: torch.Tensor, light_intensity: torch.Tensor,
+                    ambient: torch.Tensor, mode: str = "lit", stratified: bool = False, generator: torch.Generator | None = None) -> dict:
+        """Render N rays. Lights are per ray: ``light_pos`` (N, 3), intensity and ambient (N,).
+
+        Returns ``rgb`` (N, 3), ``opacity`` (N,), ``depth`` (N,), ``normal`` (N, 3) (composited,
+        not renormalised), ``orientation`` (N,) the Ref-NeRF orientation penalty per ray, and
+        ``n_samples`` the number of field evaluations."""
+        if mode not in SHADING_MODES:
+            raise ValueError(f"unknown shading mode {mode!r}; expected one of {', '.join(SHADING_MODES)}")
+        n = origins.shape[0]
+        sampler = self._sampler(origins.device)
+        if sampler == "nerfacc":  # pragma: no cover - needs CUDA
+            ray_idx, t_starts, t_ends = self._sample_nerfacc(origins, dirs, stratified)
+        else:
+            ray_idx, t_starts, t_ends = self._sample_torch(origins, dirs, stratified, generator, dense=sampler == "dense")
+        pts = origins[ray_idx] + dirs[ray_idx] * ((t_starts + t_ends) * 0.5)[:, None]
+        out = self.field(pts, with_normals=mode != "albedo")
+        sigmas = out["density"]
+        weights = self._weights(t_starts, t_ends, sigmas, ray_idx, n)
+        if mode in ("lit", "textureless", "albedo"):
+            normals = out.get("normals", torch.zeros_like(pts))
+            colours = shade(mode, out["albedo"], normals, pts, light_pos[ray_idx], light_intensity[ray_idx], ambient[ray_idx])
+        elif mode == "normals":
+            colours = normals_to_rgb(out["normals"])
+        else:  # depth: shaded after compositing
+            colours = torch.zeros_like(pts)
+        accumulate = lambda values: torch.zeros(n, values.shape[-1], device=values.device, dtype=values.dtype).index_add_(0, ray_idx, values * weights[:, None])  # noqa: E731
+        opacity = torch.zeros(n, device=origins.device).index_add_(0, ray_idx, weights)
+        depth = accumulate(((t_starts + t_ends) * 0.5)[:, None])[:, 0]
+        rgb = accumulate(colours)
+        normal = accumulate(out["normals"]) if "normals" in out else torch.zeros(n, 3, device=origins.device)
+        if "normals" in out:
+            facing = (out["normals"] * dirs[ray_idx]).sum(-1).clamp_min(0) ** 2
+            orientation = torch.zeros(n, device=origins.device).index_add_(0, ray_idx, weights.detach() * facing)
+        else:
+            orientation = torch.zeros(n, device=origins.device)
+        if mode == "depth":
+            rgb = (depth / (opacity + 1e-6))[:, None].expand(n, 3)
+            rgb = (rgb - rgb[opacity > 0.5].min()) / (rgb[opacity > 0.5].max() - rgb[opacity > 0.5].min() + 1e-6) if (opacity > 0.5).any() else rgb * 0
+            rgb = 1 - rgb * opacity[:, None]  # near = dark
+            rgb = rgb * opacity[:, None] + (1 - opacity[:, None])
+        else:
+            rgb = rgb + (1 - opacity[:, None]) * self.background(dirs)
+        return {"rgb": rgb, "opacity": opacity, "depth": depth, "normal": normal, "orientation": orientation,
+                "n_samples": int(t_starts.shape[0])}
+
+    def _sample_torch(self, origins, dirs, stratified, generator, dense: bool):
+        """PyTorch sampler on the occupancy grid: packed (ray index, t_start, t_end) of the
+        samples that lie in occupied cells (all samples inside the box when ``dense``)."""
+        bound = self.field.cfg.bound
+        near, far, hit = ray_aabb(origins, dirs, bound)
+        n_steps = self.cfg.samples_per_ray + 1
+        jitter = torch.rand(origins.shape[0], 1, generator=generator, device=origins.device) if stratified else None
+        t_starts, t_ends, valid = march(near, far, self.step_size, n_steps, jitter)
+        valid &= hit[:, None]
+        if not dense:
+            mids = origins[:, None] + dirs[:, None] * ((t_starts + t_ends) * 0.5)[..., None]
+            valid &= occupied_cells(mids, self.estimator.binaries[0], bound)
+        ray_idx, k = valid.nonzero(as_tuple=True)
+        return ray_idx, t_starts[ray_idx, k], t_ends[ray_idx, k]
+
+    def _sample_nerfacc(self, origins, dirs, stratified):  # pragma: no cover - needs CUDA
+        def sigma_fn(t_starts, t_ends, ray_indices):
+            p = origins[ray_indices] + dirs[ray_indices] * ((t_starts + t_ends) * 0.5)[:, None]
+            return self.field.density(p)
+
+        ray_idx, t_starts, t_ends = self.estimator.sampling(
+            origins, dirs, sigma_fn=sigma_fn, render_step_size=self.step_size, stratified=stratified)
+        return ray_idx.long(), t_starts, t_ends
+
+    @staticmethod
+    def _weights(t_starts, t_ends, sigmas, ray_idx, n_rays):
+        """Volume-rendering weights of packed samples (ray indices sorted, as both samplers give)."""
+        if sigmas.is_cuda:  # pragma: no cover - nerfacc's packed CUDA path
+            weights, _, _ = nerfacc.render_weight_from_density(t_starts, t_ends, sigmas, ray_indices=ray_idx, n_rays=n_rays)
+            return weights
+        # batched form on the CPU: scatter into (n_rays, K) with zero density in the gaps
+        counts = torch.bincount(ray_idx, minlength=n_rays)
+        k_max = int(counts.max()) if counts.numel() else 0
+        first = torch.cumsum(counts, 0) - counts
+        slot = torch.arange(ray_idx.shape[0], device=ray_idx.device) - first[ray_idx]
+        dense = lambda v: torch.zeros(n_rays, max(k_max, 1), device=v.device, dtype=v.dtype).index_put((ray_idx, slot), v)  # noqa: E731
+        ts, te, sg = dense(t_starts), dense(t_ends), dense(sigmas)
+        w, _, _ = nerfacc.render_weight_from_density(ts, te, sg)
+        return w[ray_idx, slot]
+
+    def render(self, cameras: Cameras, lights: Lights, height: int, width: int, mode: str = "lit", stratified: bool = False,
+               generator: torch.Generator | None = None) -> dict:
+        """Render images. Returns ``image`` (B, 3, H, W), ``opacity`` (B, 1, H, W), ``depth`` and
+        the per-ray ``orientation`` penalty (B, H, W), plus ``n_samples``."""
+        origins, dirs = camera_rays(cameras, height, width)
+        b = len(cameras)
+        per_ray = lambda v: v[:, None].expand(b, height * width, *v.shape[1:]).reshape(b * height * width, *v.shape[1:])  # noqa: E731
+        out = self.render_rays(origins.reshape(-1, 3), dirs.reshape(-1, 3), per_ray(lights.position), per_ray(lights.intensity),
+                               per_ray(lights.ambient), mode, stratified, generator)
+        img = lambda v, c: v.reshape(b, height, width, c).permute(0, 3, 1, 2)  # noqa: E731
+        return {
+            "image": img(out["rgb"], 3),
+            "opacity": img(out["opacity"][:, None], 1),
+            "depth": out["depth"].reshape(b, height, width),
+            "normal": img(out["normal"], 3),
+            "orientation": out["orientation"].reshape(b, height, width),
+            "n_samples": out["n_samples"],
+        }
