@@ -201,6 +201,17 @@ class Trainer:
         idx = torch.multinomial(torch.tensor(SHADING_PROBS), 1, generator=self.generator).item()
         return TRAINING_SHADING_MODES[idx]
 
+    def _update_occupancy(self) -> None:
+        """Refresh the occupancy grid when due. nerfacc's update draws from torch's global RNG;
+        it runs here under a seed drawn from the trainer's own generator, so a run is
+        reproducible (and resumes exactly) whatever else uses the global RNG."""
+        if self.step_count % self.cfg.render.occupancy_update_every != 0:
+            return
+        seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            self.renderer.update_occupancy(self.step_count)
+
     def orientation_weight(self) -> float:
         ramp = max(1.0, self.cfg.optim.orientation_ramp * self.total_steps)
         return self.cfg.optim.orientation_weight * min(1.0, self.step_count / ramp)
@@ -231,11 +242,11 @@ class Trainer:
             else:
                 self.on_message(f"step {self.step_count}: non-finite loss or gradient, update skipped")
             self.step_count += 1
-            self.renderer.update_occupancy(self.step_count)
+            self._update_occupancy()
             now = time.perf_counter()
             metrics = {
-                "step": self.step_count, "total_steps": self.total_steps, "loss": float(sds["loss"]), "orientation": float(orientation),
-                "opacity": float(opacity), "mode": mode, "t_max": t_range[1], "prompt": self.prompt, "skipped": not finite,
+                "step": self.step_count, "total_steps": self.total_steps, "loss": float(sds["loss"].detach()), "orientation": float(orientation.detach()),
+                "opacity": float(opacity.detach()), "mode": mode, "t_max": t_range[1], "prompt": self.prompt, "skipped": not finite,
                 "seconds": now - t0, "samples": out["n_samples"], "occupancy": self.renderer.occupancy_fraction(),
             }
             if cfg.preview_every and (self.step_count % cfg.preview_every == 0 or self.step_count == self.total_steps):
@@ -301,6 +312,15 @@ class Trainer:
             raise CheckpointError(f"{path} is a safetensors file but not a dreamfusion checkpoint")
         if meta.get("version") != str(CHECKPOINT_VERSION):
             raise CheckpointError(f"{path} is a checkpoint of format version {meta.get('version')}; this dreamfusion reads version {CHECKPOINT_VERSION}")
+        missing = [k for k in ("prompt", "step", "total_steps", "config") if k not in meta]
+        if missing:
+            raise CheckpointError(f"{path} is an incomplete checkpoint: its metadata lacks {', '.join(missing)}")
+        try:
+            int(meta["step"]), int(meta["total_steps"])
+            if not isinstance(json.loads(meta["config"]), dict):
+                raise ValueError("config is not a JSON object")
+        except ValueError as exc:
+            raise CheckpointError(f"{path} has corrupt metadata ({exc})") from None
         return meta, tensors
 
     @classmethod
@@ -313,7 +333,11 @@ class Trainer:
                 data.setdefault(section, {}).update(values)
             else:
                 data[section] = values
-        trainer = cls(config_from_dict(data), meta["prompt"], guidance=guidance, **kwargs)
+        try:
+            cfg = config_from_dict(data)
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path} holds a configuration this dreamfusion cannot read ({exc})") from None
+        trainer = cls(cfg, meta["prompt"], guidance=guidance, **kwargs)
         trainer.load_state(meta, tensors)
         return trainer
 

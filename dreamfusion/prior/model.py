@@ -174,3 +174,16 @@ def load_unet(folder: Path | str = ASSET_DIR, device="cpu", dtype=torch.float32)
     unet.load_state_dict(state)
     unet = unet.to(device) if dtype == torch.float32 else unet.to(device=device, dtype=dtype)
     return unet.eval().requires_grad_(False), cfg
+
+
+def save_prior_weights(state: dict[str, torch.Tensor], cfg: PriorConfig, folder: Path | str, step: int = 0) -> Path:
+    """Write a prior folder that :func:`load_unet` reads: config.json and fp16 weights."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg.save(folder)
+    tmp = folder / (WEIGHTS_FILE + ".tmp")
+    save_file({k: v.detach().to(torch.float16).contiguous() for k, v in state.items()}, str(tmp), metadata={"step": str(step)})
+    tmp.replace(folder / WEIGHTS_FILE)
+    return folder

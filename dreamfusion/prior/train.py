@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from ..cameras import CameraConfig
 from .data import render_batch
-from .model import ASSET_DIR, RESUME_FILE, WEIGHTS_FILE, PriorConfig, TextEncoder, predict_noise
+from .model import ASSET_DIR, RESUME_FILE, WEIGHTS_FILE, PriorConfig, TextEncoder, predict_noise, save_prior_weights
 from .sampling import image_grid, sample_images
 
 GRID_PROMPTS = (
@@ -63,13 +63,9 @@ def _ema_update(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: flo
 def _save(cfg: TrainPriorConfig, prior_cfg: PriorConfig, model, ema, step: int, log: list[dict]) -> None:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    prior_cfg.save(out)
-    half = lambda d: {k: v.detach().to(torch.float16).contiguous() for k, v in d.items()}  # noqa: E731
-    tmp = out / (WEIGHTS_FILE + ".tmp")
-    save_file(half(ema), str(tmp), metadata={"step": str(step)})
-    tmp.replace(out / WEIGHTS_FILE)
+    save_prior_weights(ema, prior_cfg, out, step)
     tmp = out / (RESUME_FILE + ".tmp")
-    save_file(half(model.state_dict()), str(tmp), metadata={"step": str(step)})
+    save_file({k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata={"step": str(step)})
     tmp.replace(out / RESUME_FILE)
     with open(out / "train_log.jsonl", "a") as f:
         for row in log:

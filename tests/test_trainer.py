@@ -1,0 +1,445 @@
+"""The Trainer: stepping, metrics and callbacks, the NaN guard, determinism, checkpoints (round
+trip, exact resume, corrupt files), prompt refinement, driving from another thread, and config
+validation. Everything runs on the tiny random prior of ``conftest.py`` at tiny sizes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+import time
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from dreamfusion.cameras import make_cameras
+from dreamfusion.field import FieldConfig
+from dreamfusion.guidance import GuidanceConfig, load_guidance
+from dreamfusion.render import RenderConfig
+from dreamfusion.trainer import CHECKPOINT_VERSION, CheckpointError, Trainer, validate_config
+
+PROMPT = "a red cube"
+
+
+@pytest.fixture(scope="module")
+def guidance(tiny_prior_dir):
+    """One tiny prior shared by the module's trainers (loading it is the slow part)."""
+    return load_guidance(GuidanceConfig(model=str(tiny_prior_dir)))
+
+
+def grid(trainer: Trainer) -> torch.Tensor:
+    return trainer.field.grid.detach().clone()
+
+
+# ---------------------------------------------------------------------------- stepping
+
+
+def test_steps_metrics_callbacks_and_preview(fast_config, guidance):
+    cfg = dataclasses.replace(fast_config, steps=4, preview_every=2)
+    seen: list[dict] = []
+    trainer = Trainer(cfg, PROMPT, guidance=guidance, callbacks=[seen.append])
+    assert trainer.step_count == 0 and not trainer.done
+    before = grid(trainer)
+
+    m = trainer.step()
+    assert trainer.step_count == 1 and m["step"] == 1 and m["total_steps"] == 4
+    assert isinstance(m["loss"], float) and m["loss"] == m["loss"]  # finite, not NaN
+    assert m["seconds"] > 0 and m["skipped"] is False and m["prompt"] == PROMPT
+    assert "preview" not in m  # step 1 is not a multiple of preview_every
+    assert not torch.equal(grid(trainer), before), "an optimiser step should move the grid"
+
+    trainer.run()
+    assert trainer.step_count == 4 and trainer.done
+    assert [r["step"] for r in seen] == [1, 2, 3, 4]
+    assert seen[0] is m
+    previews = {r["step"]: r["preview"] for r in seen if "preview" in r}
+    assert set(previews) == {2, 4}
+    for p in previews.values():
+        assert p.shape == (3, 64, 64) and p.min() >= 0 and p.max() <= 1
+    assert [h["step"] for h in trainer.history] == [1, 2, 3, 4]
+    assert all("preview" not in h for h in trainer.history)
+    json.dumps(trainer.history)  # the log rows are plain JSON
+
+    trainer.run()  # already done: no more steps
+    assert trainer.step_count == 4
+
+
+def test_no_preview_when_disabled(fast_config, guidance):
+    trainer = Trainer(dataclasses.replace(fast_config, steps=2), PROMPT, guidance=guidance)
+    assert fast_config.preview_every == 0
+    trainer.run()
+    assert all("preview" not in h for h in trainer.history)
+    assert trainer.preview(size=16).shape == (3, 16, 16)
+
+
+def test_run_with_step_limit(fast_config, guidance):
+    trainer = Trainer(fast_config, PROMPT, guidance=guidance)
+    trainer.run(2)
+    assert trainer.step_count == 2
+    trainer.run(100)  # capped at the run's total
+    assert trainer.step_count == fast_config.steps
+
+
+def test_nan_loss_skips_the_update(fast_config, guidance, monkeypatch):
+    messages: list[str] = []
+    trainer = Trainer(fast_config, PROMPT, guidance=guidance, on_message=messages.append)
+    trainer.step()  # a normal step first, so Adam has state to protect
+    original = trainer.guidance.sds_loss
+
+    def nan_loss(*args, **kwargs):
+        out = original(*args, **kwargs)
+        return {**out, "loss": out["loss"] * float("nan")}
+
+    monkeypatch.setattr(trainer.guidance, "sds_loss", nan_loss)
+    before = grid(trainer)
+    adam_before = {k: v.clone() for k, v in trainer.optimizer.state[trainer.field.grid].items()}
+    m = trainer.step()
+    assert m["skipped"] is True
+    assert trainer.step_count == 2, "a skipped step still counts"
+    assert torch.equal(grid(trainer), before), "a NaN step must not touch the grid"
+    for k, v in trainer.optimizer.state[trainer.field.grid].items():
+        assert torch.equal(v, adam_before[k]), f"a NaN step must not touch Adam's {k}"
+    assert len(messages) == 1
+    assert "step 1" in messages[0] and "non-finite" in messages[0] and "skipped" in messages[0]
+
+    monkeypatch.setattr(trainer.guidance, "sds_loss", original)
+    m = trainer.step()
+    assert m["skipped"] is False and not torch.equal(grid(trainer), before)
+    assert len(messages) == 1
+
+
+# ---------------------------------------------------------------------------- determinism
+
+
+def test_same_seed_same_grid_different_seed_different(fast_config, guidance):
+    cfg = dataclasses.replace(fast_config, steps=4)
+    a = Trainer(cfg, PROMPT, guidance=guidance)
+    b = Trainer(cfg, PROMPT, guidance=guidance)
+    c = Trainer(dataclasses.replace(cfg, seed=1), PROMPT, guidance=guidance)
+    for t in (a, b, c):  # interleaved on purpose: no trainer may depend on shared global state
+        t.run(2)
+    for t in (c, b, a):
+        t.run()
+    assert torch.equal(grid(a), grid(b))
+    assert not torch.allclose(grid(a), grid(c))
+    assert [h["mode"] for h in a.history] == [h["mode"] for h in b.history]
+
+
+def test_same_seed_same_grid_across_occupancy_updates(fast_config, guidance):
+    """The occupancy grid is refreshed every few steps; that refresh draws random numbers too."""
+    cfg = dataclasses.replace(fast_config, steps=6, render=RenderConfig(occupancy_update_every=2, occupancy_warmup=2))
+    a = Trainer(cfg, PROMPT, guidance=guidance)
+    b = Trainer(cfg, PROMPT, guidance=guidance)
+    for _ in range(cfg.steps):
+        a.step()
+        torch.rand(5)  # someone else using torch's global RNG in between
+        b.step()
+    assert torch.equal(grid(a), grid(b))
+    assert torch.equal(a.renderer.estimator.occs, b.renderer.estimator.occs)
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_round_trip(fast_config, guidance, tmp_path):
+    trainer = Trainer(fast_config, PROMPT, guidance=guidance)
+    trainer.run(3)
+    path = trainer.save_checkpoint(tmp_path / "sub" / "ckpt.safetensors")
+    assert path.is_file() and not list(path.parent.glob("*.tmp"))
+
+    again = Trainer.from_checkpoint(path, guidance=guidance)
+    assert again.step_count == 3
+    assert again.total_steps == trainer.total_steps
+    assert again.prompt == PROMPT
+    assert torch.equal(grid(again), grid(trainer))
+    assert torch.equal(again.renderer.estimator.binaries, trainer.renderer.estimator.binaries)
+    assert torch.equal(again.renderer.estimator.occs, trainer.renderer.estimator.occs)
+    assert again.cfg == trainer.cfg
+
+    # overwriting an existing checkpoint works (atomic replace)
+    trainer.step()
+    trainer.save_checkpoint(path)
+    assert Trainer.from_checkpoint(path, guidance=guidance).step_count == 4
+
+
+def test_checkpoint_loads_its_own_prior(fast_config, tmp_path):
+    """Without ``guidance=``, the trainer loads the prior named in the saved config."""
+    trainer = Trainer(dataclasses.replace(fast_config, steps=2), "a blue ball")
+    trainer.run()
+    again = Trainer.from_checkpoint(trainer.save_checkpoint(tmp_path / "c.safetensors"))
+    assert again.prompt == "a blue ball" and again.step_count == 2 and again.done
+    assert torch.equal(grid(again), grid(trainer))
+
+
+@pytest.mark.parametrize("render", [RenderConfig(), RenderConfig(occupancy_update_every=2, occupancy_warmup=2)],
+                         ids=["plain", "occupancy-updates"])
+def test_resume_is_exact(fast_config, guidance, tmp_path, render):
+    """A run of 6 steps == 3 steps, save, load, 3 more: optimiser state and RNG are restored."""
+    cfg = dataclasses.replace(fast_config, steps=6, render=render)
+    straight = Trainer(cfg, PROMPT, guidance=guidance)
+    straight.run()
+
+    first = Trainer(cfg, PROMPT, guidance=guidance)
+    first.run(3)
+    path = first.save_checkpoint(tmp_path / "half.safetensors")
+    torch.rand(7)  # the global RNG moves on between save and load, as it would in another process
+    resumed = Trainer.from_checkpoint(path, guidance=guidance)
+    assert resumed.step_count == 3 and not resumed.done
+    resumed.run()
+    assert resumed.step_count == 6
+    assert torch.allclose(grid(resumed), grid(straight), atol=1e-6)
+    assert [h["mode"] for h in resumed.history] == [h["mode"] for h in straight.history[3:]]
+
+
+def test_resume_without_optimiser_state_would_differ(fast_config, guidance, tmp_path):
+    """Guards the test above: dropping Adam's moments does change the result."""
+    cfg = dataclasses.replace(fast_config, steps=6)
+    straight = Trainer(cfg, PROMPT, guidance=guidance)
+    straight.run()
+    first = Trainer(cfg, PROMPT, guidance=guidance)
+    first.run(3)
+    resumed = Trainer.from_checkpoint(first.save_checkpoint(tmp_path / "c.safetensors"), guidance=guidance)
+    resumed.optimizer.state.clear()
+    resumed.run()
+    assert not torch.allclose(grid(resumed), grid(straight), atol=1e-6)
+
+
+def _valid_checkpoint(fast_config, guidance, tmp_path):
+    trainer = Trainer(fast_config, PROMPT, guidance=guidance)
+    trainer.step()
+    return trainer.save_checkpoint(tmp_path / "good.safetensors")
+
+
+def test_corrupt_checkpoints(fast_config, guidance, tmp_path):
+    good = _valid_checkpoint(fast_config, guidance, tmp_path)
+    data = good.read_bytes()
+
+    missing = tmp_path / "missing.safetensors"
+    with pytest.raises(CheckpointError, match="not found"):
+        Trainer.from_checkpoint(missing, guidance=guidance)
+
+    noise = tmp_path / "noise.safetensors"
+    noise.write_bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8).numpy().tobytes())
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        Trainer.from_checkpoint(noise, guidance=guidance)
+
+    empty = tmp_path / "empty.safetensors"
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        Trainer.from_checkpoint(empty, guidance=guidance)
+
+    for name, cut in (("header", 20), ("half", len(data) // 2), ("tail", len(data) - 10)):
+        truncated = tmp_path / f"truncated-{name}.safetensors"
+        truncated.write_bytes(data[:cut])
+        with pytest.raises(CheckpointError, match="truncated"):
+            Trainer.from_checkpoint(truncated, guidance=guidance)
+
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"weight": torch.zeros(3)}, str(foreign))
+    with pytest.raises(CheckpointError, match="not a dreamfusion checkpoint"):
+        Trainer.from_checkpoint(foreign, guidance=guidance)
+
+    meta, tensors = Trainer.read_checkpoint(good)
+    other_version = tmp_path / "v99.safetensors"
+    save_file(tensors, str(other_version), metadata={**meta, "version": "99"})
+    with pytest.raises(CheckpointError, match=f"version 99.*reads version {CHECKPOINT_VERSION}"):
+        Trainer.from_checkpoint(other_version, guidance=guidance)
+
+    folder = tmp_path / "a_folder.safetensors"
+    folder.mkdir()
+    with pytest.raises(CheckpointError):
+        Trainer.from_checkpoint(folder, guidance=guidance)
+
+
+def test_checkpoint_with_incomplete_metadata(fast_config, guidance, tmp_path):
+    """Our format and version but fields missing or mangled: still a CheckpointError, not a KeyError."""
+    good = _valid_checkpoint(fast_config, guidance, tmp_path)
+    meta, tensors = Trainer.read_checkpoint(good)
+    for key in ("config", "prompt", "step"):
+        bad = tmp_path / f"no-{key}.safetensors"
+        save_file(tensors, str(bad), metadata={k: v for k, v in meta.items() if k != key})
+        with pytest.raises(CheckpointError):
+            Trainer.from_checkpoint(bad, guidance=guidance)
+    bad = tmp_path / "bad-json.safetensors"
+    save_file(tensors, str(bad), metadata={**meta, "config": "{not json"})
+    with pytest.raises(CheckpointError):
+        Trainer.from_checkpoint(bad, guidance=guidance)
+
+
+def test_checkpoint_of_another_grid_size(fast_config, guidance, tmp_path):
+    good = _valid_checkpoint(fast_config, guidance, tmp_path)
+    with pytest.raises(CheckpointError, match="does not match"):
+        Trainer.from_checkpoint(good, guidance=guidance, overrides={"field": {"resolution": 16}})
+    # a compatible override is fine
+    t = Trainer.from_checkpoint(good, guidance=guidance, overrides={"steps": 10})
+    assert t.total_steps == 10 and t.step_count == 1
+
+
+# ---------------------------------------------------------------------------- prompt
+
+
+def test_set_prompt_mid_run_keeps_the_scene(fast_config, guidance, monkeypatch):
+    trainer = Trainer(fast_config, PROMPT, guidance=guidance)
+    calls: list[list[str]] = []
+    original = trainer.guidance.sds_loss
+
+    def spy(images, texts, *args, **kwargs):
+        calls.append(list(texts))
+        return original(images, texts, *args, **kwargs)
+
+    monkeypatch.setattr(trainer.guidance, "sds_loss", spy)
+    trainer.run(2)
+    assert len(calls) == 2
+    assert all(t.startswith(PROMPT + ", ") and t.endswith(" view") for c in calls for t in c)
+
+    before, step = grid(trainer), trainer.step_count
+    trainer.set_prompt("  a   blue\tball ")
+    assert trainer.prompt == "a blue ball"  # whitespace normalised
+    assert torch.equal(grid(trainer), before), "refining the prompt must not reset the scene"
+    assert trainer.step_count == step
+
+    trainer.step()
+    assert all(t.startswith("a blue ball, ") for t in calls[-1])
+    assert trainer.history[-1]["prompt"] == "a blue ball"
+
+    for bad in ("", "   \n\t"):
+        with pytest.raises(ValueError, match="empty"):
+            trainer.set_prompt(bad)
+    assert trainer.prompt == "a blue ball"
+
+    with pytest.raises(ValueError, match="empty"):
+        Trainer(fast_config, " ", guidance=guidance)
+
+
+def test_long_prompt_gives_a_truncation_note(fast_config, guidance):
+    messages: list[str] = []
+    long_prompt = " ".join(["a shiny red cube"] * 15)
+    trainer = Trainer(fast_config, long_prompt, guidance=guidance, on_message=messages.append)
+    assert len(messages) == 1 and "over the limit" in messages[0]
+    trainer.step()  # still trains
+    messages.clear()
+    trainer.set_prompt("a red cube")
+    assert messages == []
+
+
+def test_extend(fast_config, guidance):
+    trainer = Trainer(dataclasses.replace(fast_config, steps=2), PROMPT, guidance=guidance)
+    trainer.run()
+    assert trainer.done
+    trainer.extend(2)
+    assert trainer.total_steps == 4 and not trainer.done
+    trainer.run()
+    assert trainer.step_count == 4 and trainer.done
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match="positive"):
+            trainer.extend(bad)
+    assert trainer.total_steps == 4
+
+
+# ---------------------------------------------------------------------------- threads
+
+
+def _wait_for(predicate, timeout=30.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_drive_from_another_thread(fast_config, guidance):
+    cfg = dataclasses.replace(fast_config, steps=10_000)
+    trainer = Trainer(cfg, PROMPT, guidance=guidance)
+    errors: list[BaseException] = []
+
+    def work():
+        try:
+            trainer.run()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    try:
+        assert _wait_for(lambda: trainer.step_count >= 2), "training did not start"
+
+        # viewing from this thread while it trains
+        img = trainer.render_views(make_cameras(0.0, 10.0, 1.9, 1.1), size=16, mode="normals")
+        assert img.shape == (1, 3, 16, 16) and torch.isfinite(img).all()
+        assert trainer.preview(size=16).shape == (3, 16, 16)
+
+        trainer.pause()
+        assert trainer.paused
+        time.sleep(0.5)  # a step already under way may finish
+        paused_at = trainer.step_count
+        time.sleep(0.8)
+        assert trainer.step_count == paused_at, "steps continued while paused"
+        assert thread.is_alive()
+        # a paused trainer can be looked at, refined and saved
+        assert trainer.render_views(make_cameras(90.0, 0.0, 1.9, 1.1), size=16).shape == (1, 3, 16, 16)
+        trainer.set_prompt("a blue ball")
+
+        trainer.resume()
+        assert not trainer.paused
+        assert _wait_for(lambda: trainer.step_count >= paused_at + 2), "steps did not resume"
+        assert trainer.history[-1]["prompt"] == "a blue ball"
+    finally:
+        trainer.stop()
+        thread.join(timeout=30)
+    assert not thread.is_alive(), "run() did not return after stop()"
+    assert errors == []
+    stopped_at = trainer.step_count
+    assert stopped_at < cfg.steps
+    time.sleep(0.3)
+    assert trainer.step_count == stopped_at
+
+
+def test_stop_while_paused(fast_config, guidance):
+    trainer = Trainer(dataclasses.replace(fast_config, steps=10_000), PROMPT, guidance=guidance)
+    thread = threading.Thread(target=trainer.run, daemon=True)
+    thread.start()
+    assert _wait_for(lambda: trainer.step_count >= 1)
+    trainer.pause()
+    time.sleep(0.3)
+    at = trainer.step_count
+    trainer.stop()  # must wake the paused loop and end it without another step
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert trainer.step_count == at
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(steps=0), "steps must be positive, got 0"),
+        (dict(steps=-5), "steps must be positive"),
+        (dict(render_size=4), "render size must be between 8 and .*got 4"),
+        (dict(render_size=100000), "render size must be between .*got 100000"),
+        (dict(views=0), "views"),
+        (dict(device="tpu"), "unknown device 'tpu'"),
+        (dict(field=FieldConfig(resolution=4)), "grid resolution"),
+        (dict(guidance=GuidanceConfig(t_min=0.5, t_max=0.2)), "t_min"),
+        (dict(guidance=GuidanceConfig(guidance_scale=float("nan"))), "guidance scale"),
+    ],
+)
+def test_validate_config_rejects(fast_config, change, message):
+    with pytest.raises(ValueError, match=message):
+        validate_config(dataclasses.replace(fast_config, **change))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_validate_config_cuda_without_gpu(fast_config):
+    for device in ("cuda", "cuda:0"):
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            validate_config(dataclasses.replace(fast_config, device=device))
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        Trainer(dataclasses.replace(fast_config, device="cuda"), PROMPT)
+
+
+def test_validate_config_accepts_the_fast_config(fast_config):
+    validate_config(fast_config)
