@@ -196,7 +196,10 @@ class Pyramid:
         a = m2 * (qx + sv) ** 2 + qy * qy
         b = m2 * (qx + 0.5 * t) ** 2 + (qy - m2 * t) ** 2
         d2 = torch.where(torch.minimum(qy, -qx * m2 - qy * 0.5) > 0, torch.zeros_like(a), torch.minimum(a, b))
-        return torch.sqrt((d2 + qz * qz) / m2) * torch.sign(torch.maximum(qz, -y)) * s
+        d = torch.sqrt((d2 + qz * qz) / m2) * torch.sign(torch.maximum(qz, -y))
+        # Quilez's formula measures the sloping faces only: add the base (below it, and inside near it)
+        below = torch.sqrt(x.clamp_min(0) ** 2 + z.clamp_min(0) ** 2 + y * y)
+        return torch.where(y < 0, below, torch.maximum(d, -y)) * s
 
     def bounds(self):
         return (-self.side / 2, -self.side / 2, self.z0), (self.side / 2, self.side / 2, self.z0 + self.height)
@@ -392,14 +395,14 @@ PHRASE_TEMPLATES_COLOURED = (
     "a {colour} colored {noun}",
     "a small {colour} {noun}",
     "an image of a {colour} {noun}",
-    "a {colour} {noun} on a white background",
+    "a {colour} {noun} on a plain background",
 )
 PHRASE_TEMPLATES_PLAIN = (
     "a {noun}",
     "a photo of a {noun}",
     "a 3d render of a {noun}",
     "an image of a {noun}",
-    "a {noun} on a white background",
+    "a {noun} on a plain background",
 )
 
 
@@ -437,10 +440,8 @@ def draw_example(rng: random.Random) -> Draw:
     if noun in FIXED_COMPOSITES:
         return Draw(noun, None, phrase(noun, None, rng.choice(PHRASE_TEMPLATES_PLAIN)))
     named = rng.random() < 0.8
-    if noun in DEFAULT_COLOUR and not named and rng.random() < 0.5:
-        colour = DEFAULT_COLOUR[noun]
-        if not is_held_out(colour, noun):
-            return Draw(noun, colour, phrase(noun, None, rng.choice(PHRASE_TEMPLATES_PLAIN)))
+    if noun in DEFAULT_COLOUR and not named:  # SPEC: a composite with no colour word takes its default
+        return Draw(noun, DEFAULT_COLOUR[noun], phrase(noun, None, rng.choice(PHRASE_TEMPLATES_PLAIN)))
     while True:  # redraw until the pair is allowed
         colour = rng.choice(COLOUR_NAMES)
         if not is_held_out(colour, noun):

@@ -1,0 +1,112 @@
+"""Speed per stage of a DreamFusion iteration on this machine, with the embedded prior.
+
+    python benchmarks/speed.py [--warmup 150 --iters 30 --threads 1 2 --sizes 32 64 128]
+
+Prints a table (markdown) of: render forward (sampling + field + shading + compositing),
+guidance (the prior's noise prediction inside SDS), backward, optimiser, whole iteration and
+it/s, peak memory; the occupancy grid's speed-up over dense sampling once an object has formed;
+and the prior's own costs (one SDS call, sampling one image).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import resource
+import time
+
+import torch
+
+from dreamfusion.cameras import sample_cameras, sample_lights, view_label
+from dreamfusion.prior.sampling import sample_images
+from dreamfusion.trainer import TrainConfig, Trainer
+
+
+def timed(fn, n):
+    t0 = time.perf_counter()
+    for _ in range(n):
+        out = fn()
+    return (time.perf_counter() - t0) / n, out
+
+
+def stage_times(trainer: Trainer, size: int, iters: int) -> dict:
+    """Mean seconds per stage of a training iteration at render ``size``."""
+    cfg = trainer.cfg
+    g = torch.Generator().manual_seed(1)
+    acc = {"render": 0.0, "guidance": 0.0, "backward": 0.0, "optimiser": 0.0, "iteration": 0.0}
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        cams = sample_cameras(cfg.camera, cfg.views, g)
+        lights = sample_lights(cfg.camera, cams, g)
+        out = trainer.renderer.render(cams, lights, size, size, "lit", stratified=True, generator=g)
+        t1 = time.perf_counter()
+        texts = [f"{trainer.prompt}, {view_label(float(a), float(e))}" for a, e in zip(cams.azimuth, cams.elevation)]
+        sds = trainer.guidance.sds_loss(out["image"], texts, (0.02, 0.5), g)
+        loss = sds["loss"] + 0.5 * out["opacity"].mean() + 0.01 * out["orientation"].mean()
+        t2 = time.perf_counter()
+        trainer.optimizer.zero_grad()
+        loss.backward()
+        t3 = time.perf_counter()
+        trainer.optimizer.step()
+        t4 = time.perf_counter()
+        for k, v in zip(acc, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0)):
+            acc[k] += v / iters
+    return acc
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--warmup", type=int, default=150, help="iterations to form an object before timing")
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[32, 64, 128])
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads available, "
+          f"torch {torch.__version__}, device {args.device}")
+    torch.set_num_threads(max(args.threads))
+    trainer = Trainer(TrainConfig(steps=args.warmup + 10, preview_every=0, device=args.device), "a red cube")
+    trainer.run(args.warmup)
+    print(f"after {args.warmup} warm-up iterations: occupancy {trainer.renderer.occupancy_fraction():.3f} of the grid\n")
+
+    print("| threads | render px | render fwd ms | guidance ms | backward ms | optimiser ms | iteration ms | it/s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for size in args.sizes:
+            t = stage_times(trainer, size, args.iters)
+            print(f"| {threads} | {size} | {t['render'] * 1e3:.0f} | {t['guidance'] * 1e3:.0f} | {t['backward'] * 1e3:.0f} | "
+                  f"{t['optimiser'] * 1e3:.1f} | {t['iteration'] * 1e3:.0f} | {1 / t['iteration']:.1f} |")
+    torch.set_num_threads(max(args.threads))
+
+    cams = sample_cameras(trainer.cfg.camera, 2, torch.Generator().manual_seed(3))
+    lights = sample_lights(trainer.cfg.camera, cams, torch.Generator().manual_seed(3))
+    r = trainer.renderer
+    sampler = r.cfg.sampler
+
+    def render_fb():
+        out = r.render(cams, lights, 64, 64, "lit")
+        out["image"].mean().backward()
+        return out["n_samples"]
+
+    r.cfg.sampler = "torch"
+    t_occ, n_occ = timed(render_fb, 5)
+    r.cfg.sampler = "dense"
+    t_dense, n_dense = timed(render_fb, 5)
+    r.cfg.sampler = sampler
+    print(f"\nrender forward+backward, 2 views at 64 px: occupancy grid {t_occ * 1e3:.0f} ms ({n_occ} samples), "
+          f"dense {t_dense * 1e3:.0f} ms ({n_dense} samples): speed-up {t_dense / t_occ:.1f}x")
+
+    g = trainer.guidance
+    img = torch.rand(2, 3, 64, 64)
+    t_sds, _ = timed(lambda: g.sds_loss(img, ["a red cube, front view"] * 2, (0.02, 0.98)), 10)
+    print(f"one SDS guidance call (2 views): {t_sds * 1e3:.0f} ms")
+    if hasattr(g, "unet") and hasattr(g, "prior_cfg"):
+        t_sample, _ = timed(lambda: sample_images(g.unet, g.prior_cfg, g.encoder, ["a red cube, front view"], [0], steps=40), 2)
+        print(f"sampling one image from the prior (40 DDIM steps, guidance): {t_sample * 1e3:.0f} ms")
+    print(f"peak memory (max RSS): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
