@@ -171,10 +171,12 @@ def run_generate(args: Generate) -> Path:
 def run_export(args: Export) -> Path:
     from .runs import export_scene, finish_output, prepare_output
 
-    trainer = Trainer.from_checkpoint(args.checkpoint)
+    # every check that can fail on bad input comes before anything is loaded or created
     opts = _export_options(args.export)
+    Trainer.read_checkpoint(args.checkpoint)
     staging = prepare_output(args.out, args.overwrite)
     try:
+        trainer = Trainer.from_checkpoint(args.checkpoint)
         export_scene(trainer, staging, opts)
     except BaseException:
         import shutil
@@ -237,10 +239,20 @@ COMMANDS = {"generate": (Generate, run_generate), "export": (Export, run_export)
             "train-prior": (TrainPrior, run_train_prior)}
 
 
+def _quiet_libraries() -> None:
+    """Model-loading progress bars of transformers/diffusers would bury our own output."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = tyro.extras.subcommand_cli_from_dict({name: cls for name, (cls, _) in COMMANDS.items()}, args=argv, prog="dreamfusion")
     handler = next(fn for cls, fn in COMMANDS.values() if isinstance(args, cls))
+    _quiet_libraries()
     try:
         handler(args)
     except (ValueError, GuidanceError, CheckpointError, FileNotFoundError) as exc:

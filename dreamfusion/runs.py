@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 from .export import extract_mesh, save_mesh, save_turntable
 from .trainer import Trainer, config_to_dict
@@ -77,9 +76,12 @@ def export_scene(trainer: Trainer, folder: Path, opts: ExportOptions) -> dict[st
     """Write meshes and the turntable of the trainer's current scene into ``folder``."""
     folder = Path(folder)
     written: dict[str, Path] = {}
-    with trainer.lock:
+    with trainer.lock, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         mesh = extract_mesh(trainer.field.density, trainer.field.albedo, resolution=opts.mesh_resolution,
                             bound=trainer.cfg.field.bound, threshold=opts.threshold, device=trainer.device)
+    for w in caught:  # e.g. a surface level lowered for a faint scene: a note for the user, not a traceback
+        trainer.on_message(str(w.message))
     for fmt in opts.formats:
         written[fmt] = folder / f"mesh.{fmt}"
         save_mesh(mesh, written[fmt])
@@ -111,9 +113,3 @@ def write_run(trainer: Trainer, folder: Path, opts: ExportOptions, timing: dict 
     iio.imwrite(written["preview"], (preview.permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
     return written
 
-
-def load_image_tensor(path: Path) -> torch.Tensor:
-    """(3, H, W) float image in [0, 1] from a PNG."""
-    import imageio.v3 as iio
-
-    return torch.from_numpy(iio.imread(path)[..., :3]).permute(2, 0, 1).float() / 255

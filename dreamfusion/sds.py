@@ -32,10 +32,11 @@ def sds_gradient(eps_hat: torch.Tensor, eps: torch.Tensor, weight_t: torch.Tenso
 
 
 def sds_surrogate_loss(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """A loss whose gradient with respect to ``x`` is exactly ``grad`` (summed over the batch):
-    0.5 * ||x - stopgrad(x - grad)||^2."""
-    target = (x - grad).detach()
-    return 0.5 * ((x - target) ** 2).sum()
+    """A loss whose gradient with respect to ``x`` is exactly ``grad``, and whose value is that
+    of 0.5 * ||x - stopgrad(x - grad)||^2 = 0.5 ||grad||^2. Written as a linear term rather than
+    that square so the gradient does not lose precision to the size of ``x``."""
+    grad = grad.detach()
+    return (x * grad).sum() - (x.detach() * grad).sum() + 0.5 * (grad**2).sum()
 
 
 def noise_images(x: torch.Tensor, eps: torch.Tensor, alphas_cumprod_t: torch.Tensor) -> torch.Tensor:

@@ -166,6 +166,7 @@ class Trainer:
             raise ValueError(f"steps must be positive, got {steps}")
         with self.lock:
             self.total_steps += steps
+        self._stop.clear()  # new work: a stopped run may continue
 
     def pause(self) -> None:
         self._resume.clear()
@@ -174,6 +175,7 @@ class Trainer:
         self._resume.set()
 
     def stop(self) -> None:
+        """End :meth:`run` after the current step (also if it has not started yet)."""
         self._stop.set()
         self._resume.set()
 
@@ -189,7 +191,6 @@ class Trainer:
         """Iterate until the run is complete, ``steps`` more iterations are done, or :meth:`stop`;
         blocks while paused."""
         target = self.total_steps if steps is None else min(self.total_steps, self.step_count + steps)
-        self._stop.clear()
         while self.step_count < target and not self._stop.is_set():
             self._resume.wait()
             if self._stop.is_set():

@@ -3,6 +3,7 @@ way a user's --model folder is; nothing touches the network."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 
@@ -65,8 +66,23 @@ def test_model_input_latents_and_resize(guidance):
     assert x.shape == (2, 4, 8, 8) and torch.isfinite(x).all()
     (g,) = torch.autograd.grad(x.sum(), images)
     assert torch.isfinite(g).all() and g.abs().sum() > 0
+    # [0, 1] -> [-1, 1] -> a latent sample, times the VAE's scaling factor
+    torch.manual_seed(1)
+    x = guidance.model_input(images)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        ref = guidance.vae.encode(images * 2 - 1).latent_dist.sample() * guidance.vae.config.scaling_factor
+    torch.testing.assert_close(x.detach(), ref)
     # other render sizes are resized bilinearly to the VAE's resolution
-    assert guidance.model_input(torch.rand(1, 3, 40, 40)).shape == (1, 4, 8, 8)
+    big = torch.rand(1, 3, 40, 40)
+    torch.manual_seed(2)
+    x = guidance.model_input(big)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        small = torch.nn.functional.interpolate(big, size=(16, 16), mode="bilinear", align_corners=False)
+        ref = guidance.vae.encode(small * 2 - 1).latent_dist.sample() * guidance.vae.config.scaling_factor
+    assert x.shape == (1, 4, 8, 8)
+    torch.testing.assert_close(x, ref)
 
 
 def test_sds_loss_gradient_reaches_images(guidance):
@@ -151,6 +167,22 @@ def test_optimising_an_image(guidance):
         opt.step()
     assert torch.isfinite(image).all()
     assert (image.detach() - start).abs().max() > 0.05
+
+
+def test_v_prediction_is_converted_to_eps(guidance, sd_folder, tmp_path):
+    v_folder = tmp_path / "sd-v"
+    shutil.copytree(sd_folder, v_folder)
+    config = v_folder / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "prediction_type": "v_prediction"}))
+    g = load_guidance(GuidanceConfig(name="stable-diffusion", model=str(v_folder)))
+    assert guidance.prediction_type == "epsilon" and g.prediction_type == "v_prediction"
+    x_t, t = torch.randn(2, 4, 8, 8), torch.tensor([100, 700])
+    cond = g.encode(["the cube", "a cat"])
+    with torch.no_grad():
+        v = g.unet(x_t, t, encoder_hidden_states=cond).sample
+        torch.testing.assert_close(guidance.predict_noise(x_t, t, cond), v)
+        a = g.alphas_cumprod[t].view(-1, 1, 1, 1)
+        torch.testing.assert_close(g.predict_noise(x_t, t, cond), a.sqrt() * v + (1 - a).sqrt() * x_t)
 
 
 def _assert_one_line_error(model, match, monkeypatch):

@@ -261,9 +261,17 @@ def test_checkpoint_with_incomplete_metadata(fast_config, guidance, tmp_path):
         save_file(tensors, str(bad), metadata={k: v for k, v in meta.items() if k != key})
         with pytest.raises(CheckpointError):
             Trainer.from_checkpoint(bad, guidance=guidance)
-    bad = tmp_path / "bad-json.safetensors"
-    save_file(tensors, str(bad), metadata={**meta, "config": "{not json"})
-    with pytest.raises(CheckpointError):
+    bad_values = {"config": "{not json", "step": "three"}
+    for key, value in bad_values.items():
+        bad = tmp_path / f"bad-{key}.safetensors"
+        save_file(tensors, str(bad), metadata={**meta, key: value})
+        with pytest.raises(CheckpointError, match="corrupt metadata"):
+            Trainer.from_checkpoint(bad, guidance=guidance)
+    config = json.loads(meta["config"])
+    config["field"]["from_the_future"] = 1
+    bad = tmp_path / "unknown-setting.safetensors"
+    save_file(tensors, str(bad), metadata={**meta, "config": json.dumps(config)})
+    with pytest.raises(CheckpointError, match="from_the_future"):
         Trainer.from_checkpoint(bad, guidance=guidance)
 
 
@@ -349,6 +357,14 @@ def _wait_for(predicate, timeout=30.0):
     return False
 
 
+def _settled_count(trainer: Trainer) -> int:
+    """The step count once a step that was under way when pausing has finished: a step holds
+    the trainer's lock, so taking it (after a moment for the loop to reach its next step) waits."""
+    time.sleep(0.2)
+    with trainer.lock:
+        return trainer.step_count
+
+
 def test_drive_from_another_thread(fast_config, guidance):
     cfg = dataclasses.replace(fast_config, steps=10_000)
     trainer = Trainer(cfg, PROMPT, guidance=guidance)
@@ -372,9 +388,8 @@ def test_drive_from_another_thread(fast_config, guidance):
 
         trainer.pause()
         assert trainer.paused
-        time.sleep(0.5)  # a step already under way may finish
-        paused_at = trainer.step_count
-        time.sleep(0.8)
+        paused_at = _settled_count(trainer)
+        time.sleep(0.6)
         assert trainer.step_count == paused_at, "steps continued while paused"
         assert thread.is_alive()
         # a paused trainer can be looked at, refined and saved
@@ -402,12 +417,21 @@ def test_stop_while_paused(fast_config, guidance):
     thread.start()
     assert _wait_for(lambda: trainer.step_count >= 1)
     trainer.pause()
-    time.sleep(0.3)
-    at = trainer.step_count
+    at = _settled_count(trainer)
     trainer.stop()  # must wake the paused loop and end it without another step
     thread.join(timeout=30)
     assert not thread.is_alive()
     assert trainer.step_count == at
+
+
+def test_stop_before_run_is_not_lost_and_extend_continues(fast_config, guidance):
+    trainer = Trainer(fast_config, PROMPT, guidance=guidance)
+    trainer.stop()  # e.g. the user pressed Stop before the training thread started
+    trainer.run()
+    assert trainer.step_count == 0
+    trainer.extend(2)  # asking for more work un-stops the run
+    trainer.run()
+    assert trainer.step_count == fast_config.steps + 2
 
 
 # ---------------------------------------------------------------------------- validation

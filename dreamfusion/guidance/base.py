@@ -75,7 +75,8 @@ class Guidance:
         return self.concat([self._cache[t] for t in texts])
 
     def sds_loss(self, images: torch.Tensor, texts: list[str], t_range: tuple[float, float], generator: torch.Generator | None = None) -> dict:
-        """Surrogate loss whose gradient w.r.t. the model input is w(t)(eps_hat - eps).
+        """Surrogate loss whose gradient w.r.t. the model input is w(t)(eps_hat - eps) / B (the
+        mean over the batch). Pass a CPU ``generator``: draws are made on the CPU, then moved.
 
         ``images`` (B, 3, H, W) in [0, 1], differentiable; one text per image. Returns ``loss``
         (scalar), ``t`` (B,) and ``grad_norm``."""

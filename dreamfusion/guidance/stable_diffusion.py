@@ -102,6 +102,7 @@ class StableDiffusionGuidance(Guidance):
         self.dtype = torch.float16 if cfg.half_precision and self.device.type == "cuda" else torch.float32
         self.text_encoder, self.vae, self.unet = (self._freeze(parts[k]) for k in ("text_encoder", "vae", "unet"))
         self.alphas_cumprod = self.scheduler.alphas_cumprod.to(self.device, torch.float32)
+        self.prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
         self.max_tokens = int(self.tokenizer.model_max_length)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         sample_size = self.unet.config.sample_size
@@ -182,4 +183,12 @@ class StableDiffusionGuidance(Guidance):
         return latents * self.scaling_factor
 
     def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        return self.unet(x_t.to(self.dtype), t, encoder_hidden_states=cond.to(self.dtype)).sample
+        """eps; a v-prediction U-Net (SD 2.x 768-v) is converted: eps = alpha_t v + sigma_t x_t."""
+        x_t = x_t.to(self.dtype)
+        out = self.unet(x_t, t, encoder_hidden_states=cond.to(self.dtype)).sample
+        if self.prediction_type == "v_prediction":
+            a = self.alphas_cumprod[t.to(self.alphas_cumprod.device)].view(-1, 1, 1, 1).to(self.device)
+            out = a.sqrt() * out.float() + (1 - a).sqrt() * x_t.float()
+        elif self.prediction_type != "epsilon":
+            raise GuidanceError(f"stable-diffusion: unsupported prediction_type {self.prediction_type!r} (epsilon or v_prediction)")
+        return out

@@ -1,0 +1,315 @@
+"""Mesh extraction and export: marching cubes on a density field, vertex colours from an albedo
+field, GLB/OBJ/PLY files, a UV-textured OBJ and turntable videos.
+
+The functions take plain callables (``density_fn``, ``albedo_fn``, ``render_fn``) so they do not
+depend on the NeRF code. Meshes are in world coordinates, +Z up, front +X (``shared/world/SPEC.md``);
+only the GLB file is rotated to glTF's +Y up.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import trimesh
+
+from .cameras import Cameras, orbit_cameras
+
+#: a ray segment of this length (world units) through the surface density reaches opacity 0.5
+SURFACE_SEGMENT = 0.05
+#: default surface density: 1 - exp(-sigma * SURFACE_SEGMENT) = 0.5
+SURFACE_DENSITY = math.log(2.0) / SURFACE_SEGMENT
+#: connected components with fewer than this fraction of the faces are dropped as floaters
+MIN_COMPONENT_FRACTION = 0.01
+MESH_SUFFIXES = (".glb", ".obj", ".ply")
+VIDEO_SUFFIXES = (".mp4", ".gif")
+#: H.264 works on 16 x 16 macro blocks: MP4 frames are padded to a multiple of this
+MACRO_BLOCK = 16
+_CHUNK = 1 << 18
+
+# +Z up -> +Y up: a rotation of -90 degrees about X, (x, y, z) -> (x, z, -y)
+_Z_UP_TO_Y_UP = np.array([[1.0, 0, 0, 0], [0, 0, 1, 0], [0, -1, 0, 0], [0, 0, 0, 1]])
+
+
+# ----------------------------------------------------------------------------- extraction
+
+
+def _evaluate(fn: Callable[[torch.Tensor], torch.Tensor], points: np.ndarray, device) -> np.ndarray:
+    """Apply ``fn`` to (N, 3) points in chunks, without gradients; returns a float32 numpy array
+    with the first dimension N."""
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(points), _CHUNK):
+            chunk = torch.as_tensor(points[start:start + _CHUNK], dtype=torch.float32, device=device)
+            out.append(fn(chunk).float().cpu().numpy())
+    return np.concatenate(out)
+
+
+def _density_grid(density_fn: Callable[[torch.Tensor], torch.Tensor], resolution: int, bound: float, device) -> np.ndarray:
+    """(R, R, R) float32 density at the nodes of a regular grid over [-bound, bound]^3, indexed
+    [x, y, z]. Evaluated slab by slab along X so that the point grid is never built whole."""
+    axis = torch.linspace(-bound, bound, resolution, device=device)
+    slabs = max(1, _CHUNK // (resolution * resolution))
+    grid = np.empty((resolution, resolution, resolution), dtype=np.float32)
+    with torch.no_grad():
+        for start in range(0, resolution, slabs):
+            xs = axis[start:start + slabs]
+            pts = torch.stack(torch.meshgrid(xs, axis, axis, indexing="ij"), dim=-1).reshape(-1, 3)
+            grid[start:start + len(xs)] = density_fn(pts).float().reshape(len(xs), resolution, resolution).cpu().numpy()
+    return np.nan_to_num(grid, nan=0.0, posinf=np.finfo(np.float32).max)
+
+
+def auto_threshold(grid: np.ndarray) -> float:
+    """The surface density level for a density grid: :data:`SURFACE_DENSITY` (opacity 0.5 over a
+    :data:`SURFACE_SEGMENT`-long segment), or half the grid's maximum (with a warning) when the
+    density never reaches it. Raises ``ValueError`` when the grid holds no density at all."""
+    peak = float(grid.max())
+    if peak <= 0.0:
+        raise ValueError("density is empty: nothing to export")
+    if peak < SURFACE_DENSITY:
+        warnings.warn(f"density peaks at {peak:.3g}, below the surface level {SURFACE_DENSITY:.3g}: "
+                      f"extracting at half the peak, the mesh outlines a faint, possibly unfinished object", stacklevel=3)
+        return 0.5 * peak
+    return SURFACE_DENSITY
+
+
+def drop_small_components(mesh: trimesh.Trimesh, min_fraction: float = MIN_COMPONENT_FRACTION) -> trimesh.Trimesh:
+    """Remove connected components (by shared edges) with fewer than ``min_fraction`` of the faces,
+    in place; vertex colours follow. Returns the mesh."""
+    labels = trimesh.graph.connected_component_labels(mesh.face_adjacency, node_count=len(mesh.faces))
+    sizes = np.bincount(labels)
+    keep = sizes[labels] >= min_fraction * len(mesh.faces)
+    if not keep.all():
+        mesh.update_faces(keep)
+        mesh.remove_unreferenced_vertices()
+    return mesh
+
+
+def extract_mesh(density_fn: Callable[[torch.Tensor], torch.Tensor], albedo_fn: Callable[[torch.Tensor], torch.Tensor],
+                 resolution: int = 128, bound: float = 1.0, threshold: float | None = None, device="cpu") -> trimesh.Trimesh:
+    """Marching-cubes mesh of a density field, with vertex colours.
+
+    ``density_fn``: (N, 3) float32 points -> (N,) density >= 0, sampled on a ``resolution``^3 grid
+    over [-bound, bound]^3 (outside it the density counts as 0, so the mesh is closed at the grid's
+    faces). ``albedo_fn``: (N, 3) points -> (N, 3) RGB in [0, 1], sampled at the vertices and stored
+    as uint8 RGBA (value x 255, rounded). ``threshold``: the surface's density level; None picks it
+    with :func:`auto_threshold`. Components with < 1% of the faces (floaters) are dropped.
+
+    Returns a mesh in world coordinates (+Z up) whose faces wind counter-clockwise seen from
+    outside, i.e. face normals point towards lower density.
+    """
+    from skimage.measure import marching_cubes
+
+    if resolution < 2 or bound <= 0:
+        raise ValueError(f"need resolution >= 2 and bound > 0, got {resolution} and {bound}")
+    grid = _density_grid(density_fn, resolution, bound, device)
+    level = auto_threshold(grid) if threshold is None else float(threshold)
+    if level <= 0:
+        raise ValueError(f"the surface's density level must be positive, got {level:.3g}")
+    if grid.max() <= level:
+        raise ValueError(f"density is empty at level {level:.3g} (its maximum is {grid.max():.3g}): nothing to export")
+    padded = np.pad(grid, 1, constant_values=0.0)
+    # 'ascent': the object is where the values are high, so the winding makes normals point outward
+    verts, faces, _, _ = marching_cubes(padded, level, gradient_direction="ascent")
+    voxel = 2.0 * bound / (resolution - 1)
+    verts = (verts - 1.0) * voxel - bound
+    mesh = trimesh.Trimesh(verts, faces, process=False)
+    drop_small_components(mesh)
+    rgb = np.clip(_evaluate(albedo_fn, mesh.vertices, device), 0.0, 1.0)
+    rgba = np.concatenate([np.round(rgb * 255), np.full((len(rgb), 1), 255.0)], axis=1).astype(np.uint8)
+    mesh.visual = trimesh.visual.ColorVisuals(mesh, vertex_colors=rgba)
+    return mesh
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def to_y_up(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
+    """A copy rotated from +Z up to glTF's +Y up: (x, y, z) -> (x, z, -y); the front (+X) stays +X."""
+    out = mesh.copy()
+    out.apply_transform(_Z_UP_TO_Y_UP)
+    return out
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary file beside ``path`` (same suffix, so writers that go by
+    suffix still work), then move it into place; on failure the temporary file is removed and
+    ``path`` is untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def save_mesh(mesh: trimesh.Trimesh, path: str | Path) -> Path:
+    """Write ``mesh`` with its vertex colours, the format chosen by the suffix: ``.glb`` (rotated to
+    +Y up, colours as COLOR_0), ``.obj`` and ``.ply`` (+Z up as is). Returns the path."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in MESH_SUFFIXES:
+        raise ValueError(f"unknown mesh format {path.suffix!r} for {path.name!r}; valid suffixes: {', '.join(MESH_SUFFIXES)}")
+    out = to_y_up(mesh) if suffix == ".glb" else mesh
+    return _atomic_write(path, lambda tmp: out.export(tmp, file_type=suffix[1:]))
+
+
+def rasterize_triangles(vertices: np.ndarray, faces: np.ndarray, shape: tuple[int, int]):
+    """Which integer lattice points (i, j), 0 <= i < shape[0], 0 <= j < shape[1], each 2D triangle
+    covers, with barycentric coordinates.
+
+    ``vertices`` (V, 2) in lattice units, ``faces`` (F, 3) indices. Points on an edge shared by two
+    triangles count once (a top-left style rule on canonically evaluated edge functions), so ray
+    parity and texture baking see no cracks and no double hits. Returns ``face`` (K,), ``i`` (K,),
+    ``j`` (K,) and ``bary`` (K, 3) float64.
+    """
+    vertices = np.asarray(vertices, dtype=np.float64)
+    faces = np.asarray(faces, dtype=np.int64)
+    tri = vertices[faces]  # (F, 3, 2)
+    lo = np.clip(np.ceil(tri.min(axis=1)), 0, None).astype(np.int64)
+    hi = np.minimum(np.floor(tri.max(axis=1)), np.array(shape) - 1).astype(np.int64)
+    width, height = hi[:, 0] - lo[:, 0] + 1, hi[:, 1] - lo[:, 1] + 1
+    counts = np.where((width > 0) & (height > 0), width * height, 0)
+    face = np.repeat(np.arange(len(faces)), counts)
+    local = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    i = lo[face, 0] + local % width[face]
+    j = lo[face, 1] + local // width[face]
+    p = np.stack([i, j], axis=1).astype(np.float64)
+
+    edges = np.empty((len(face), 3))
+    inside = np.ones(len(face), dtype=bool)
+    ab, ac = tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]
+    area = ab[:, 0] * ac[:, 1] - ab[:, 1] * ac[:, 0]
+    ccw = np.sign(area)[face]
+    for k in range(3):
+        a, b = faces[face, k], faces[face, (k + 1) % 3]
+        first, second = np.minimum(a, b), np.maximum(a, b)
+        p0, p1 = vertices[first], vertices[second]
+        # the same arithmetic for both triangles sharing the edge: identical values, opposite signs
+        canonical = (p1[:, 0] - p0[:, 0]) * (p[:, 1] - p0[:, 1]) - (p1[:, 1] - p0[:, 1]) * (p[:, 0] - p0[:, 0])
+        e = np.where(a == first, canonical, -canonical) * ccw
+        direction = (vertices[b] - vertices[a]) * ccw[:, None]  # the edge as walked counter-clockwise
+        owner = (direction[:, 1] > 0) | ((direction[:, 1] == 0) & (direction[:, 0] > 0))
+        inside &= (e > 0) | ((e == 0) & owner)
+        edges[:, k] = e
+    inside &= ccw != 0
+    face, i, j, edges = face[inside], i[inside], j[inside], edges[inside]
+    # barycentric weight of vertex k is the edge function of the opposite edge (k+1 -> k+2)
+    bary = np.roll(edges, -1, axis=1)
+    bary /= bary.sum(axis=1, keepdims=True)
+    return face, i, j, bary
+
+
+def _dilate(image: np.ndarray, filled: np.ndarray, steps: int = 8) -> np.ndarray:
+    """Grow the filled texels of an (H, W, C) image into the empty ones (mean of filled 4-neighbours),
+    ``steps`` times, so bilinear lookups at chart borders do not pick up the background; what stays
+    empty gets the mean colour."""
+    image, filled = image.copy(), filled.copy()
+    for _ in range(steps):
+        total = np.zeros_like(image)
+        count = np.zeros(filled.shape)
+        for axis, shift in ((0, 1), (0, -1), (1, 1), (1, -1)):
+            total += np.roll(image * filled[..., None], shift, axis=axis)
+            count += np.roll(filled, shift, axis=axis)
+        grow = ~filled & (count > 0)
+        image[grow] = total[grow] / count[grow, None]
+        filled |= grow
+    image[~filled] = image[filled].mean(axis=0) if filled.any() else 0.0
+    return image
+
+
+def save_textured_obj(mesh: trimesh.Trimesh, path: str | Path, texture_size: int = 512) -> Path:
+    """Write ``mesh`` as an OBJ with UVs from xatlas and its vertex colours baked into a texture:
+    ``path`` (.obj), ``<stem>.mtl`` and ``<stem>.png`` beside it (+Z up). Returns the OBJ's path."""
+    import xatlas
+    from PIL import Image
+
+    path = Path(path)
+    if path.suffix.lower() != ".obj":
+        raise ValueError(f"a textured mesh is written as .obj, got {path.name!r}")
+    vmapping, indices, uvs = xatlas.parametrize(mesh.vertices.astype(np.float32), mesh.faces.astype(np.uint32))
+    colours = mesh.visual.vertex_colors[vmapping, :3].astype(np.float64)
+    # texel (row r, column c) has its centre at u = (c + 0.5) / size, v = 1 - (r + 0.5) / size
+    lattice = np.stack([uvs[:, 0] * texture_size - 0.5, (1.0 - uvs[:, 1]) * texture_size - 0.5], axis=1)
+    face, col, row, bary = rasterize_triangles(lattice, indices, (texture_size, texture_size))
+    image = np.zeros((texture_size, texture_size, 3))
+    filled = np.zeros((texture_size, texture_size), dtype=bool)
+    image[row, col] = np.einsum("kv,kvc->kc", bary, colours[indices[face].astype(np.int64)])
+    filled[row, col] = True
+    texture = Image.fromarray(np.round(_dilate(image, filled)).clip(0, 255).astype(np.uint8))
+
+    # white diffuse and ambient, no specular: viewers multiply the texture by these
+    material = trimesh.visual.material.SimpleMaterial(image=texture, name=path.stem, diffuse=(255, 255, 255, 255),
+                                                      ambient=(255, 255, 255, 255), specular=(0, 0, 0, 255))
+    textured = trimesh.Trimesh(mesh.vertices[vmapping], indices.astype(np.int64),
+                               visual=trimesh.visual.TextureVisuals(uv=uvs, material=material), process=False)
+    text, files = trimesh.exchange.obj.export_obj(textured, include_color=False, include_texture=True, return_texture=True,
+                                                  mtl_name=f"{path.stem}.mtl")
+    for name, data in files.items():  # the material and its image first, the OBJ that names them last
+        _atomic_write(path.parent / name, lambda tmp, data=data: Path(tmp).write_bytes(data))
+    return _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+# ----------------------------------------------------------------------------- turntable
+
+
+def _to_frames(images, size: int) -> np.ndarray:
+    """(B, 3, H, W) images in [0, 1] (tensor or array) -> (B, H, W, 3) uint8, checking H = W = size."""
+    images = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    if images.ndim != 4 or images.shape[1] != 3 or images.shape[2:] != (size, size):
+        raise ValueError(f"render_fn must return (B, 3, {size}, {size}) images, got {tuple(images.shape)}")
+    return np.round(np.clip(images, 0.0, 1.0) * 255).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+def _pad_to_macro_block(frames: np.ndarray) -> np.ndarray:
+    """Pad (T, H, W, 3) frames to multiples of :data:`MACRO_BLOCK` by repeating the edge pixels
+    (the background), keeping the object centred."""
+    pads = [(0, 0)]
+    for n in frames.shape[1:3]:
+        extra = -n % MACRO_BLOCK
+        pads.append((extra // 2, extra - extra // 2))
+    return np.pad(frames, pads + [(0, 0)], mode="edge")
+
+
+def save_turntable(render_fn: Callable[[Cameras], torch.Tensor], path: str | Path, frames: int = 36, size: int = 128,
+                   fps: int = 12) -> Path:
+    """Render ``frames`` views around the object (:func:`dreamfusion.cameras.orbit_cameras`, 8 at a
+    time) and write them as ``.mp4`` (H.264; frames padded to multiples of 16 pixels) or ``.gif``.
+
+    ``render_fn``: a Cameras batch of B -> (B, 3, size, size) images in [0, 1]. Returns the path.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in VIDEO_SUFFIXES:
+        raise ValueError(f"unknown video format {path.suffix!r} for {path.name!r}; valid suffixes: {', '.join(VIDEO_SUFFIXES)}")
+    if frames <= 0 or size <= 0 or fps <= 0:
+        raise ValueError(f"frames, size and fps must be positive, got {frames}, {size}, {fps}")
+    cams = orbit_cameras(frames)
+    fields = (cams.c2w, cams.focal, cams.azimuth, cams.elevation, cams.distance)
+    video = np.concatenate([_to_frames(render_fn(Cameras(*(t[s:s + 8] for t in fields))), size) for s in range(0, frames, 8)])
+
+    if suffix == ".mp4":
+        import imageio.v2 as imageio
+
+        def write(tmp: str) -> None:
+            with imageio.get_writer(tmp, format="FFMPEG", fps=fps, codec="libx264", macro_block_size=MACRO_BLOCK) as writer:
+                for frame in _pad_to_macro_block(video):
+                    writer.append_data(frame)
+    else:
+        import imageio.v3 as iio
+
+        def write(tmp: str) -> None:
+            iio.imwrite(tmp, video, extension=".gif", duration=1000.0 / fps, loop=0)
+    return _atomic_write(path, write)

@@ -1,0 +1,156 @@
+"""Benchmark scores of an exported mesh against the world's true object (``shared/world/SPEC.md``,
+"Benchmark prompts"): volumetric IoU on a 64^3 grid over [-0.75, 0.75]^3 after moving the mesh's
+bounding-box centre to the origin, colour error at the nearest true surface point, and geometric
+R-Precision (is the true object the best IoU match among all 16?) beside the free baseline of a
+centred sphere.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import trimesh
+
+from .export import extract_mesh, rasterize_triangles
+from .prior.world import WorldObject, all_objects
+
+GRID_RESOLUTION = 64
+GRID_BOUND = 0.75
+#: radii of the centred-sphere baseline (world units)
+SPHERE_RADII = np.round(np.arange(0.20, 0.60 + 1e-9, 0.01), 2)
+
+
+def grid_centres(resolution: int = GRID_RESOLUTION, bound: float = GRID_BOUND) -> np.ndarray:
+    """(R, R, R, 3) float64 centres of the voxels of a regular grid over [-bound, bound]^3, indexed [x, y, z]."""
+    axis = -bound + (np.arange(resolution) + 0.5) * (2.0 * bound / resolution)
+    return np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), axis=-1)
+
+
+def voxelize_mesh(mesh: trimesh.Trimesh, resolution: int = GRID_RESOLUTION, bound: float = GRID_BOUND) -> np.ndarray:
+    """(R, R, R) bool occupancy of the voxel centres over [-bound, bound]^3, indexed [x, y, z].
+
+    Ray parity along each of the three axes (a centre is inside when an odd number of surface
+    crossings lies below it), then a majority vote of the three: a hole in a not quite watertight
+    mesh spoils only the rays through it, and the other two axes outvote those.
+    """
+    if len(mesh.faces) == 0:
+        return np.zeros((resolution,) * 3, dtype=bool)
+    voxel = 2.0 * bound / resolution
+    index = (np.asarray(mesh.vertices, dtype=np.float64) + bound) / voxel - 0.5  # voxel centres at integers
+    faces = np.asarray(mesh.faces, dtype=np.int64)
+    votes = np.zeros((resolution,) * 3, dtype=np.int64)
+    for axis in range(3):
+        u, v = [a for a in range(3) if a != axis]
+        face, i, j, bary = rasterize_triangles(index[:, [u, v]], faces, (resolution, resolution))
+        depth = (bary * index[faces[face], axis]).sum(axis=1)
+        first_above = np.clip(np.floor(depth) + 1, 0, resolution).astype(np.int64)
+        crossings = np.bincount((i * resolution + j) * (resolution + 1) + first_above, minlength=resolution * resolution * (resolution + 1))
+        parity = np.cumsum(crossings.reshape(resolution, resolution, resolution + 1)[..., :resolution], axis=-1) % 2
+        votes += np.moveaxis(parity, 2, axis)
+    return votes >= 2
+
+
+_OCCUPANCY: dict[tuple[str, int, float], np.ndarray] = {}
+_SPHERE_IOU: dict[tuple[str, int, float], float] = {}
+
+
+def true_occupancy(obj: WorldObject, resolution: int = GRID_RESOLUTION, bound: float = GRID_BOUND) -> np.ndarray:
+    """(R, R, R) bool: the voxel centres where the object's SDF is <= 0. Read-only and cached per
+    noun (a world object's shape does not depend on its colour)."""
+    key = (obj.noun, resolution, float(bound))
+    if key not in _OCCUPANCY:
+        points = torch.from_numpy(grid_centres(resolution, bound).reshape(-1, 3))
+        with torch.no_grad():
+            occ = (obj.sdf(points) <= 0).numpy().reshape((resolution,) * 3)
+        occ.setflags(write=False)
+        _OCCUPANCY[key] = occ
+    return _OCCUPANCY[key]
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two bool arrays of the same shape (1.0 when both are empty)."""
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
+def centred(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
+    """A copy of the mesh translated so that its bounding-box centre is the origin."""
+    out = mesh.copy()
+    out.apply_translation(-mesh.bounds.mean(axis=0))
+    return out
+
+
+def mesh_iou(mesh: trimesh.Trimesh, obj: WorldObject, scale_to_truth: bool = False, resolution: int = GRID_RESOLUTION,
+             bound: float = GRID_BOUND) -> float:
+    """Volumetric IoU of the centred mesh and the true object (no rotation; no scaling unless
+    ``scale_to_truth``, which scales the mesh uniformly so its largest bounding-box extent equals
+    the truth's)."""
+    mesh = centred(mesh)
+    if scale_to_truth:
+        lo, hi = obj.bounds()
+        mesh.apply_scale(float((hi - lo).max()) / float(mesh.extents.max()))
+    return iou(voxelize_mesh(mesh, resolution, bound), true_occupancy(obj, resolution, bound))
+
+
+def project_to_surface(obj: WorldObject, points: torch.Tensor, iterations: int = 2, eps: float = 1e-4) -> torch.Tensor:
+    """(N, 3) points -> (N, 3) their nearest points on the object's surface: ``p - sdf(p) * n`` with
+    the normal ``n`` the normalised central-difference gradient of the SDF, repeated."""
+    offsets = torch.eye(3, dtype=points.dtype) * eps
+    for _ in range(iterations):
+        grad = torch.stack([(obj.sdf(points + o) - obj.sdf(points - o)) / (2 * eps) for o in offsets], dim=-1)
+        normal = grad / grad.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        points = points - obj.sdf(points)[:, None] * normal
+    return points
+
+
+def colour_error(mesh: trimesh.Trimesh, obj: WorldObject) -> float:
+    """Mean over the centred mesh's vertices of the mean absolute RGB difference (in [0, 1])
+    between the vertex colour and the true colour at the nearest true surface point."""
+    points = torch.from_numpy(np.asarray(centred(mesh).vertices, dtype=np.float64))
+    with torch.no_grad():
+        truth = obj.colour(project_to_surface(obj, points)).numpy()
+    colours = np.asarray(mesh.visual.vertex_colors[:, :3], dtype=np.float64) / 255.0
+    return float(np.abs(colours - truth).mean())
+
+
+def sphere_iou(obj: WorldObject, resolution: int = GRID_RESOLUTION, bound: float = GRID_BOUND) -> float:
+    """IoU against the object of the centred sphere whose radius (0.20 to 0.60 by 0.01) matches it
+    best: what a shapeless density blob scores for free. Cached per noun."""
+    key = (obj.noun, resolution, float(bound))
+    if key not in _SPHERE_IOU:
+        truth = true_occupancy(obj, resolution, bound)
+        radius = np.linalg.norm(grid_centres(resolution, bound), axis=-1)
+        _SPHERE_IOU[key] = max(iou(radius <= r, truth) for r in SPHERE_RADII)
+    return _SPHERE_IOU[key]
+
+
+def geometric_r_precision(mesh: trimesh.Trimesh, true_noun: str, resolution: int = GRID_RESOLUTION, bound: float = GRID_BOUND) -> dict:
+    """IoU of the centred mesh against all 16 objects. Returns ``best_noun`` (the best match),
+    ``true_iou``, ``best_other_iou`` (the best of the other 15), ``sphere_iou`` (the free baseline
+    for the true object) and ``hit`` (the true object is the strictly best match)."""
+    occupancy = voxelize_mesh(centred(mesh), resolution, bound)
+    objects = {obj.noun: obj for obj in all_objects()}
+    if true_noun not in objects:
+        raise ValueError(f"unknown noun {true_noun!r}; expected one of {', '.join(objects)}")
+    ious = {noun: iou(occupancy, true_occupancy(obj, resolution, bound)) for noun, obj in objects.items()}
+    best_other = max(v for noun, v in ious.items() if noun != true_noun)
+    return {
+        "best_noun": max(ious, key=ious.get),
+        "true_iou": ious[true_noun],
+        "best_other_iou": best_other,
+        "sphere_iou": sphere_iou(objects[true_noun], resolution, bound),
+        "hit": ious[true_noun] > best_other,
+    }
+
+
+def true_mesh(obj: WorldObject, resolution: int = 128) -> trimesh.Trimesh:
+    """The object's own marching-cubes mesh with its true vertex colours: the benchmark's ceiling.
+
+    The grid covers the object's bounding box plus four voxels; the density ``max(0, 0.1 - sdf)``
+    is linear in the SDF near the surface, so extracting at level 0.1 puts the vertices on the
+    true surface (sdf = 0)."""
+    lo, hi = obj.bounds()
+    extent = float(torch.maximum(lo.abs(), hi.abs()).max())
+    bound = extent * (1.0 + 8.0 / resolution)
+    band = 0.1
+    return extract_mesh(lambda p: (band - obj.sdf(p)).clamp_min(0.0), obj.colour, resolution=resolution, bound=bound, threshold=band)

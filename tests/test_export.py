@@ -1,0 +1,210 @@
+"""Mesh extraction and export (dreamfusion.export) on analytic density fields."""
+
+import json
+import struct
+
+import imageio.v2 as imageio
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+import trimesh
+
+from dreamfusion.cameras import camera_rays
+from dreamfusion.export import (
+    SURFACE_DENSITY,
+    extract_mesh,
+    rasterize_triangles,
+    save_mesh,
+    save_textured_obj,
+    save_turntable,
+    to_y_up,
+)
+
+RADII = (0.4, 0.4, 0.6)  # an ellipsoid elongated along Z, so Z-up and Y-up files differ
+RES, BOUND = 48, 1.0
+VOXEL = 2 * BOUND / (RES - 1)
+RED, BLUE = (0.85, 0.10, 0.10), (0.15, 0.30, 0.90)
+RED8, BLUE8 = (217, 26, 26), (38, 76, 230)  # value x 255, rounded
+
+
+def ellipsoid_density(p: torch.Tensor) -> torch.Tensor:
+    r = (p / p.new_tensor(RADII)).norm(dim=-1)
+    return torch.where(r < 1.0, 50.0, 0.0)
+
+
+def red_blue_albedo(p: torch.Tensor) -> torch.Tensor:
+    """Red where x > 0 (the front), blue behind."""
+    return torch.where(p[:, :1] > 0, p.new_tensor(RED), p.new_tensor(BLUE))
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    return extract_mesh(ellipsoid_density, red_blue_albedo, resolution=RES, bound=BOUND)
+
+
+def test_extract_size_watertight_and_outward(mesh):
+    assert np.allclose(mesh.extents, [0.8, 0.8, 1.2], atol=VOXEL)
+    assert np.allclose(mesh.bounds.mean(axis=0), 0.0, atol=VOXEL / 2)
+    assert mesh.is_watertight
+    assert mesh.volume > 0  # counter-clockwise seen from outside
+    outward = (mesh.face_normals * mesh.triangles_center).sum(axis=1) > 0
+    assert outward.mean() > 0.99
+    assert abs(mesh.volume - 4 / 3 * np.pi * np.prod(RADII)) < 0.1 * mesh.volume
+
+
+def test_vertex_colours_follow_albedo(mesh):
+    colours = mesh.visual.vertex_colors
+    assert colours.dtype == np.uint8 and colours.shape == (len(mesh.vertices), 4)
+    red = (colours[:, :3] == RED8).all(axis=1)
+    blue = (colours[:, :3] == BLUE8).all(axis=1)
+    assert (red | blue).all() and (colours[:, 3] == 255).all()
+    assert (mesh.vertices[red, 0] > 0).all() and (mesh.vertices[blue, 0] <= 0).all()
+    assert 0.4 < red.mean() < 0.6
+
+
+def test_floaters_dropped_and_large_parts_kept():
+    def two_balls_and_a_speck(p):
+        big = ((p - p.new_tensor([-0.4, 0, 0])).norm(dim=-1) < 0.3) | ((p - p.new_tensor([0.4, 0, 0])).norm(dim=-1) < 0.3)
+        speck = (p - p.new_tensor([0.0, 0.7, 0.7])).norm(dim=-1) < 0.045
+        return (big | speck).float() * 50
+
+    m = extract_mesh(two_balls_and_a_speck, red_blue_albedo, resolution=RES)
+    assert len(m.split(only_watertight=False)) == 2
+    assert m.bounds[1, 1] < 0.4  # the speck near y = 0.7 is gone
+    assert len(m.visual.vertex_colors) == len(m.vertices)
+
+
+def test_threshold_rules():
+    with pytest.warns(UserWarning, match="below the surface level"):
+        m = extract_mesh(lambda p: ellipsoid_density(p) * 0.1, red_blue_albedo, resolution=32)  # peak 5 < 13.9
+    assert np.allclose(m.extents, [0.8, 0.8, 1.2], atol=2 / 31)
+    with pytest.raises(ValueError, match="density is empty: nothing to export"):
+        extract_mesh(lambda p: torch.zeros(len(p)), red_blue_albedo, resolution=16)
+    with pytest.raises(ValueError, match="density is empty"):
+        extract_mesh(ellipsoid_density, red_blue_albedo, resolution=16, threshold=60.0)
+    # an explicit level on a smooth field lands where the field crosses it
+    smooth = extract_mesh(lambda p: 10 * (1 - p.norm(dim=-1)).clamp_min(0), red_blue_albedo, resolution=32, threshold=5.0)
+    assert np.allclose(np.linalg.norm(smooth.vertices, axis=1), 0.5, atol=0.01)
+    assert 5.0 < SURFACE_DENSITY < 50.0
+
+
+def test_to_y_up_maps_z_to_y_and_keeps_front():
+    m = trimesh.Trimesh([[1.0, 2.0, 3.0], [0, 0, 0], [0, 1, 0]], [[0, 1, 2]], process=False)
+    assert np.allclose(to_y_up(m).vertices[0], [1.0, 3.0, -2.0])
+    assert np.allclose(m.vertices[0], [1.0, 2.0, 3.0])  # a copy
+
+
+def _glb_attributes(path):
+    data = path.read_bytes()
+    length = struct.unpack("<I", data[12:16])[0]
+    gltf = json.loads(data[20:20 + length])
+    return gltf["meshes"][0]["primitives"][0]["attributes"]
+
+
+@pytest.mark.parametrize("suffix, extents", [(".glb", [0.8, 1.2, 0.8]), (".obj", [0.8, 0.8, 1.2]), (".ply", [0.8, 0.8, 1.2])])
+def test_save_mesh_round_trip(mesh, tmp_path, suffix, extents):
+    path = save_mesh(mesh, tmp_path / f"mesh{suffix}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"mesh{suffix}"]  # no temporary file left
+    back = trimesh.load(path, force="mesh")
+    assert np.allclose(back.extents, extents, atol=VOXEL)
+    assert back.visual.kind == "vertex"
+    colours = back.visual.vertex_colors[:, :3].astype(int)
+    red = (np.abs(colours - RED8) <= 1).all(axis=1)
+    blue = (np.abs(colours - BLUE8) <= 1).all(axis=1)
+    assert (red | blue).all() and 0.4 < red.mean() < 0.6
+    assert (back.vertices[red, 0] > 0).all()  # the front stays +X in every file
+    if suffix == ".glb":
+        assert "COLOR_0" in _glb_attributes(path)
+
+
+def test_save_mesh_refuses_unknown_suffix_and_failures_leave_nothing(mesh, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match=r"\.glb, \.obj, \.ply"):
+        save_mesh(mesh, tmp_path / "mesh.stl")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(trimesh.Trimesh, "export", broken)
+    with pytest.raises(RuntimeError):
+        save_mesh(mesh, tmp_path / "mesh.ply")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_rasterize_counts_shared_edges_and_vertices_once():
+    # a square split along its diagonal, every lattice point of the diagonal and edges in play
+    verts = np.array([[0.0, 0.0], [4.0, 0.0], [4.0, 4.0], [0.0, 4.0], [2.0, 2.0]])
+    for faces in (np.array([[0, 1, 2], [0, 2, 3]]), np.array([[0, 1, 4], [1, 2, 4], [2, 3, 4], [3, 0, 4]]),
+                  np.array([[0, 2, 1], [0, 3, 2]])):  # clockwise triangles too
+        face, i, j, bary = rasterize_triangles(verts, faces, (8, 8))
+        inner = (i > 0) & (i < 4) & (j > 0) & (j < 4)
+        hits = np.zeros((8, 8), dtype=int)
+        np.add.at(hits, (i, j), 1)
+        assert (hits[1:4, 1:4] == 1).all()
+        assert hits.max() == 1 and inner.sum() == 9
+        assert np.allclose(bary.sum(axis=1), 1) and (bary >= 0).all()
+        assert np.allclose(np.einsum("kv,kvd->kd", bary, verts[faces[face]]), np.stack([i, j], 1))
+
+
+def test_textured_obj(mesh, tmp_path):
+    path = save_textured_obj(mesh, tmp_path / "textured.obj", texture_size=256)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["textured.mtl", "textured.obj", "textured.png"]
+    back = trimesh.load(path, force="mesh")
+    assert isinstance(back.visual, trimesh.visual.TextureVisuals) and back.visual.uv.shape == (len(back.vertices), 2)
+    assert np.allclose(back.extents, [0.8, 0.8, 1.2], atol=VOXEL)
+    sampled = back.visual.to_color().vertex_colors[:, :3].astype(float)
+    front = back.vertices[:, 0] > 0.1
+    behind = back.vertices[:, 0] < -0.1
+    assert np.abs(sampled[front] - RED8).mean() < 8
+    assert np.abs(sampled[behind] - BLUE8).mean() < 8
+    with pytest.raises(ValueError):
+        save_textured_obj(mesh, tmp_path / "textured.glb")
+
+
+def sphere_renderer(size: int, calls: list):
+    """An analytic renderer: a ball of radius 0.4, red on its +Y half and white on its -Y half,
+    Lambert-lit from the camera, on a gray background."""
+
+    def render(cameras):
+        calls.append(len(cameras))
+        origins, dirs = camera_rays(cameras, size, size)
+        b = (origins * dirs).sum(-1)
+        disc = b * b - (origins * origins).sum(-1) + 0.4**2
+        hit = disc > 0
+        t = -b - disc.clamp_min(0).sqrt()
+        normal = (origins + t[..., None] * dirs) / 0.4
+        albedo = torch.where(normal[..., 1:2] > 0, torch.tensor([0.9, 0.1, 0.1]), torch.tensor([1.0, 1.0, 1.0]))
+        shade = albedo * (-(normal * dirs).sum(-1, keepdim=True)).clamp_min(0)
+        image = torch.where(hit[..., None], shade, torch.full_like(shade, 0.5))
+        return image.permute(0, 3, 1, 2)
+
+    return render
+
+
+@pytest.mark.parametrize("suffix", [".gif", ".mp4"])
+def test_turntable(tmp_path, suffix):
+    calls = []
+    path = save_turntable(sphere_renderer(40, calls), tmp_path / f"turn{suffix}", frames=10, size=40, fps=5)
+    assert calls == [8, 2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"turn{suffix}"]
+    if suffix == ".gif":
+        frames = iio.imread(path, index=None)[..., :3]
+    else:
+        with imageio.get_reader(path, format="FFMPEG") as reader:
+            frames = np.stack([f for f in reader])
+    side = 40 if suffix == ".gif" else 48  # MP4 frames are padded to whole 16-pixel macro blocks
+    assert frames.shape == (10, side, side, 3)
+    first = frames[0].astype(float)
+    assert first.std() > 20  # not blank
+    centre = first[side // 2 - 3:side // 2 + 3, side // 2 - 3:side // 2 + 3].mean(axis=(0, 1))
+    corner = first[:4, :4].mean(axis=(0, 1))
+    assert np.abs(corner - 128).max() < 8 and np.abs(centre - corner).max() > 40
+    assert np.abs(frames[0].astype(float) - frames[3].astype(float)).mean() > 5  # the object turns
+
+
+def test_turntable_refusals(tmp_path):
+    with pytest.raises(ValueError, match=r"\.mp4, \.gif"):
+        save_turntable(sphere_renderer(32, []), tmp_path / "turn.avi", frames=2, size=32)
+    with pytest.raises(ValueError, match="render_fn must return"):
+        save_turntable(sphere_renderer(32, []), tmp_path / "turn.gif", frames=2, size=48)
+    assert list(tmp_path.iterdir()) == []
