@@ -1,0 +1,215 @@
+"""The Gradio page: prompt and settings, Generate / Pause / Resume / Stop, progress, a live loss
+plot, the latest training render, Refine (change the prompt of the running scene), exports, a 3D
+view of the exported mesh, the live viser viewer and a gallery of this server's finished runs."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import html  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import gradio as gr  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from dreamfusion.guidance import GUIDANCE_NAMES  # noqa: E402
+
+from .jobs import RunError, RunManager  # noqa: E402
+from .viewer import Viewer  # noqa: E402
+
+EXPORT_CHOICES = ["glb", "obj", "ply", "video"]
+
+
+def _owner(request: gr.Request | None) -> str:
+    if request is None or not getattr(request, "session_hash", None):
+        raise gr.Error("no session: reload the page")
+    return request.session_hash
+
+
+def _fmt_eta(seconds) -> str:
+    if seconds is None:
+        return "–"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def run_info(manager: RunManager, owner: str) -> dict:
+    run = manager.latest_of(owner)
+    if run is None:
+        return {"run": None, "status": "none"}
+    return {"run": run.id, "status": run.status, "prompt": run.prompt, "step": run.step, "total_steps": run.total_steps,
+            "its": round(run.its(), 3), "eta_s": None if run.eta() is None else round(run.eta(), 1),
+            "queue_position": manager.queue_position(run), "message": run.message, "prompts": run.prompts,
+            "exports": {k: str(v) for k, v in run.exports.items()}}
+
+
+def status_markdown(info: dict) -> str:
+    if info["run"] is None:
+        return "No run yet: enter a prompt and press **Generate**."
+    s = info["status"]
+    head = f"**{s.capitalize()}** · run `{info['run']}` · *{html.escape(info['prompt'])}*"
+    if s == "queued":
+        return head + f"\n\nWaiting in the queue: position **{info['queue_position']}**."
+    line = f"Iteration **{info['step']} / {info['total_steps']}**"
+    if s == "running":
+        line += f" · {info['its']:.2f} it/s · ETA {_fmt_eta(info['eta_s'])}"
+    msg = f"\n\n{html.escape(info['message'])}" if info.get("message") else ""
+    return head + "\n\n" + line + msg
+
+
+def build_blocks(manager: RunManager, viewer_url: str | None = None) -> gr.Blocks:
+    d = manager.defaults()
+    with gr.Blocks(title="DreamFusion") as demo:
+        gr.Markdown("# DreamFusion: text to 3D\nOptimise a 3D scene so that its renders look like your prompt to a "
+                    "diffusion prior (Score Distillation Sampling). Runs train one at a time on this server; others wait in a queue.")
+        with gr.Row():
+            with gr.Column(scale=2):
+                prompt = gr.Textbox(label="Prompt", placeholder="a red cube", lines=1)
+                with gr.Row():
+                    generate_btn = gr.Button("Generate", variant="primary")
+                    pause_btn = gr.Button("Pause")
+                    resume_btn = gr.Button("Resume")
+                    stop_btn = gr.Button("Stop", variant="stop")
+                with gr.Accordion("Settings", open=False):
+                    with gr.Row():
+                        steps = gr.Number(label="Steps", value=d["steps"], precision=0, minimum=1)
+                        seed = gr.Number(label="Seed", value=d["seed"], precision=0, minimum=0)
+                        render_size = gr.Number(label="Resolution (training renders, px)", value=d["render_size"], precision=0)
+                    with gr.Row():
+                        guidance_name = gr.Dropdown(list(GUIDANCE_NAMES), value=d["guidance_name"], label="Guidance")
+                        guidance_model = gr.Textbox(value=d["guidance_model"], label="Guidance model (folder or hub id; empty: default)")
+                        guidance_scale = gr.Number(label="Guidance weight", value=d["guidance_scale"], minimum=0)
+                status = gr.Markdown("No run yet: enter a prompt and press **Generate**.")
+                with gr.Row():
+                    refine_prompt = gr.Textbox(label="Refine: new prompt for the running scene", placeholder="a red cube with a hat", scale=3)
+                    refine_steps = gr.Number(label="Extra steps", value=0, precision=0, minimum=0, scale=1)
+                    refine_btn = gr.Button("Refine", scale=1)
+                with gr.Row():
+                    export_formats = gr.CheckboxGroup(EXPORT_CHOICES, value=["glb"], label="Export formats")
+                    export_btn = gr.Button("Export")
+                files = gr.File(label="Downloads", file_count="multiple", interactive=False)
+            with gr.Column(scale=2):
+                preview = gr.Image(label="Latest training render", type="numpy", interactive=False, height=256)
+                loss_plot = gr.LinePlot(x="step", y="loss", title="SDS loss", height=220)
+        with gr.Row():
+            model3d = gr.Model3D(label="Exported mesh", height=360)
+            video = gr.Video(label="Turntable", interactive=False, height=360)
+        if viewer_url:
+            with gr.Accordion("Live 3D viewer (viser)", open=True):
+                gr.Markdown(f"Drag to orbit; relight and change the shading in the viewer's panel. Open it in its own tab: [{viewer_url}]({viewer_url})")
+                gr.HTML(f'<iframe src="{html.escape(viewer_url)}" style="width:100%;height:520px;border:0" allow="fullscreen"></iframe>')
+        gallery = gr.Gallery(label="Finished runs on this server", columns=6, height=200, object_fit="contain")
+        with gr.Accordion("Details", open=False):
+            info_json = gr.JSON(label="Run")
+        gallery_version = gr.State(-1)
+        timer = gr.Timer(1.0)
+
+        # ---------------------------------------------------------------- handlers
+        def generate(p, n_steps, s, gname, gmodel, gscale, res, request: gr.Request):
+            owner = _owner(request)
+            try:
+                run = manager.submit(owner, p, steps=n_steps, seed=s, guidance_name=gname, guidance_model=gmodel,
+                                     guidance_scale=gscale, render_size=res)
+            except RunError as exc:
+                raise gr.Error(str(exc)) from None
+            return status_markdown(run_info(manager, owner)), run.id
+
+        def control(action):
+            def fn(run_id, request: gr.Request):
+                owner = _owner(request)
+                try:
+                    getattr(manager, action)(owner, run_id or None)
+                except RunError as exc:
+                    raise gr.Error(str(exc)) from None
+                return status_markdown(run_info(manager, owner))
+            return fn
+
+        def refine(p, extra, request: gr.Request):
+            owner = _owner(request)
+            try:
+                manager.refine(owner, p, extra or 0)
+            except RunError as exc:
+                raise gr.Error(str(exc)) from None
+            gr.Info("prompt changed: optimisation continues from the current scene")
+            return status_markdown(run_info(manager, owner))
+
+        def export(formats, request: gr.Request):
+            owner = _owner(request)
+            try:
+                written = manager.export(owner, formats)
+            except RunError as exc:
+                raise gr.Error(str(exc)) from None
+            paths = [str(p) for k, p in written.items()]
+            mesh = next((str(written[k]) for k in ("glb", "obj", "ply") if k in written), None)
+            vid = str(written["video"]) if "video" in written else None
+            return paths, mesh, vid
+
+        def poll(version, request: gr.Request):
+            owner = _owner(request)
+            info = run_info(manager, owner)
+            run = manager.latest_of(owner)
+            plot = pd.DataFrame({"step": [], "loss": []})
+            img = None
+            if run is not None:
+                pts = list(run.losses)
+                if len(pts) > 600:
+                    stride = len(pts) // 600 + 1
+                    pts = pts[::stride] + [pts[-1]]
+                plot = pd.DataFrame(pts, columns=["step", "loss"]) if pts else plot
+                img = run.preview
+            if manager.version != version:
+                items = [(m["preview_path"], f"{m['prompt']} ({m['status']}, {m['step']} steps)") for m in manager.finished()[:30]]
+                gal, version = items, manager.version
+            else:
+                gal = gr.skip()
+            return status_markdown(info), info, plot, img, gal, version
+
+        run_id_box = gr.Textbox(visible=False, label="run id")
+        generate_btn.click(generate, [prompt, steps, seed, guidance_name, guidance_model, guidance_scale, render_size], [status, run_id_box],
+                           api_name="generate", concurrency_limit=None)
+        for btn, action in ((pause_btn, "pause"), (resume_btn, "resume"), (stop_btn, "stop")):
+            btn.click(control(action), [run_id_box], [status], api_name=action, concurrency_limit=None)
+        refine_btn.click(refine, [refine_prompt, refine_steps], [status], api_name="refine", concurrency_limit=None)
+        export_btn.click(export, [export_formats], [files, model3d, video], api_name="export", concurrency_limit=2)
+        outs = [status, info_json, loss_plot, preview, gallery, gallery_version]
+        timer.tick(poll, [gallery_version], outs, api_name="poll", concurrency_limit=None, show_progress="hidden")
+        demo.load(poll, [gallery_version], outs, api_name=False, concurrency_limit=None)
+    return demo
+
+
+@dataclass
+class AppHandle:
+    demo: gr.Blocks
+    manager: RunManager
+    viewer: Viewer | None
+    host: str
+    url: str | None = None
+
+    def launch(self, port: int = 7860, quiet: bool = True) -> str:
+        self.demo.queue(default_concurrency_limit=None)
+        _, local_url, _ = self.demo.launch(server_name=self.host, server_port=port, prevent_thread_lock=True, quiet=quiet,
+                                           allowed_paths=[str(self.manager.runs_dir)], share=False, ssr_mode=False)
+        self.url = local_url
+        return local_url
+
+    def close(self) -> None:
+        self.manager.shutdown()
+        if self.viewer is not None:
+            self.viewer.stop()
+        self.demo.close()
+
+
+def create_app(runs_dir: str | Path = "runs/app", config_overrides: dict | None = None, host: str = "127.0.0.1", viewer_port: int | None = 8080,
+               max_concurrent: int = 1, max_runs_kept: int = 20, threads: int = 1, viewer_kwargs: dict | None = None,
+               export_defaults: dict | None = None, viewer_public_url: str | None = None) -> AppHandle:
+    """Build the run manager, the viser viewer (unless ``viewer_port`` is None) and the page."""
+    manager = RunManager(runs_dir, config_overrides, max_concurrent=max_concurrent, max_runs_kept=max_runs_kept, threads=threads,
+                         export_defaults=export_defaults)
+    viewer = Viewer(manager, host=host, port=viewer_port, **(viewer_kwargs or {})) if viewer_port is not None else None
+    url = viewer_public_url or (viewer.url.replace("0.0.0.0", "127.0.0.1") if viewer else None)
+    demo = build_blocks(manager, url)
+    return AppHandle(demo, manager, viewer, host)

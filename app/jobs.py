@@ -1,0 +1,442 @@
+"""Runs of the app: a registry of optimisations, a FIFO queue with a bounded number running at
+once, one background thread per running optimisation, ownership by session, and a bounded number
+of run folders on disk.
+
+The request handlers of the web page only call the cheap methods here (submit, pause, refine, a
+snapshot of the progress); the optimisation itself always runs in :meth:`RunManager._worker`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import threading
+import time
+import traceback
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dreamfusion.runs import MESH_FORMATS, ExportOptions, export_scene, validate_export
+from dreamfusion.trainer import Trainer, TrainConfig, config_from_dict, config_to_dict, validate_config, validate_prompt
+
+#: limits of the settings a user may ask for from the page (the engine validates the rest)
+MAX_STEPS = 20000
+MAX_APP_RENDER_SIZE = 256
+MAX_GUIDANCE_SCALE = 1000.0
+
+ACTIVE = ("queued", "running", "paused")
+
+
+class RunError(ValueError):
+    """Something the user asked for that cannot be done: the message is shown as is."""
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in (extra or {}).items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+@dataclass
+class Run:
+    id: str
+    owner: str
+    prompt: str
+    cfg: TrainConfig
+    folder: Path
+    status: str = "queued"  # queued, running, paused, stopped, done, failed
+    created: float = field(default_factory=time.time)
+    trainer: Trainer | None = None
+    message: str = ""
+    losses: list = field(default_factory=list)  # (step, loss)
+    preview: np.ndarray | None = None  # (H, W, 3) uint8
+    step_times: deque = field(default_factory=lambda: deque(maxlen=30))
+    step: int = 0
+    total_steps: int = 0
+    exports: dict = field(default_factory=dict)
+    prompts: list = field(default_factory=list)  # (step, prompt) history: refinements
+    stop_requested: threading.Event = field(default_factory=threading.Event)
+    resume_event: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
+    export_count: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.status in ACTIVE
+
+    def its(self) -> float:
+        """Iterations per second over the recent steps (wall clock, pauses excluded)."""
+        times = list(self.step_times)
+        if len(times) < 2:
+            return 0.0
+        span = times[-1] - times[0]
+        return (len(times) - 1) / span if span > 0 else 0.0
+
+    def eta(self) -> float | None:
+        its = self.its()
+        if its <= 0:
+            return None
+        return max(0, self.total_steps - self.step) / its
+
+
+class RunManager:
+    """All runs of this server. ``max_concurrent`` optimisations at once, the rest queue."""
+
+    def __init__(self, runs_dir: str | Path, config_overrides: dict | None = None, max_concurrent: int = 1, max_runs_kept: int = 20,
+                 threads: int = 1, checkpoint_every: int = 200, export_defaults: dict | None = None):
+        self.runs_dir = Path(runs_dir).resolve()
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        self.base = deep_merge(config_to_dict(TrainConfig(preview_every=10)), config_overrides or {})
+        config_from_dict(copy.deepcopy(self.base))  # fail early on a bad override
+        self.max_concurrent = max(1, int(max_concurrent))
+        self.max_runs_kept = max(1, int(max_runs_kept))
+        self.threads = threads
+        self.checkpoint_every = checkpoint_every
+        self.export_defaults = dict(mesh_resolution=96, video="mp4", video_frames=24, video_size=128)
+        self.export_defaults.update(export_defaults or {})
+        self.runs: dict[str, Run] = {}
+        self.queue: list[str] = []
+        self.lock = threading.RLock()
+        self.version = 0  # bumped whenever a run finishes (the gallery changes)
+        self.listeners: list = []  # fn(run) called when a run starts (the viewer follows it)
+
+    # ------------------------------------------------------------------ settings
+    def defaults(self) -> dict:
+        b = self.base
+        return {"steps": b["steps"], "seed": b["seed"], "guidance_name": b["guidance"]["name"], "guidance_model": b["guidance"]["model"],
+                "guidance_scale": b["guidance"]["guidance_scale"], "render_size": b["render_size"]}
+
+    def build_config(self, steps=None, seed=None, guidance_name=None, guidance_model=None, guidance_scale=None, render_size=None) -> TrainConfig:
+        data = copy.deepcopy(self.base)
+        try:
+            if steps is not None:
+                steps = int(steps)
+                if steps > MAX_STEPS:
+                    raise RunError(f"steps must be at most {MAX_STEPS}, got {steps}")
+                data["steps"] = steps
+            if seed is not None:
+                data["seed"] = int(seed)
+            if render_size is not None:
+                render_size = int(render_size)
+                if render_size > MAX_APP_RENDER_SIZE:
+                    raise RunError(f"resolution must be at most {MAX_APP_RENDER_SIZE} pixels in the app, got {render_size}")
+                data["render_size"] = render_size
+            if guidance_name:
+                data["guidance"]["name"] = str(guidance_name)
+            if guidance_model is not None:
+                data["guidance"]["model"] = str(guidance_model).strip()
+            if guidance_scale is not None:
+                guidance_scale = float(guidance_scale)
+                if guidance_scale > MAX_GUIDANCE_SCALE:
+                    raise RunError(f"guidance weight must be at most {MAX_GUIDANCE_SCALE:g}, got {guidance_scale:g}")
+                data["guidance"]["guidance_scale"] = guidance_scale
+        except (TypeError, ValueError) as exc:
+            if isinstance(exc, RunError):
+                raise
+            raise RunError(f"invalid setting: {exc}") from None
+        if data["guidance"]["name"] not in ("embedded", "stable-diffusion"):
+            raise RunError(f"unknown guidance {data['guidance']['name']!r}; choose embedded or stable-diffusion")
+        if not 0 <= data["seed"] < 2**63:
+            raise RunError(f"seed must be between 0 and 2^63, got {data['seed']}")
+        cfg = config_from_dict(data)
+        try:
+            validate_config(cfg)
+        except ValueError as exc:
+            raise RunError(str(exc)) from None
+        return cfg
+
+    # ------------------------------------------------------------------ queries
+    def get(self, run_id: str) -> Run:
+        with self.lock:
+            if run_id not in self.runs:
+                raise RunError(f"no run {run_id!r} on this server")
+            return self.runs[run_id]
+
+    def latest_of(self, owner: str) -> Run | None:
+        with self.lock:
+            mine = [r for r in self.runs.values() if r.owner == owner]
+            return max(mine, key=lambda r: r.created) if mine else None
+
+    def owned(self, owner: str, run_id: str | None = None) -> Run:
+        """The caller's run (``run_id`` or their latest); a clear error if it is not theirs."""
+        run_id = (run_id or "").strip()
+        if run_id:
+            run = self.get(run_id)
+            if run.owner != owner:
+                raise RunError(f"run {run_id} belongs to another session: you can only control your own runs")
+            return run
+        run = self.latest_of(owner)
+        if run is None:
+            raise RunError("you have no run yet: enter a prompt and press Generate first")
+        return run
+
+    def queue_position(self, run: Run) -> int | None:
+        with self.lock:
+            return self.queue.index(run.id) + 1 if run.id in self.queue else None
+
+    def current(self) -> Run | None:
+        """The most recently started run that has a scene (what the viewer shows by default)."""
+        with self.lock:
+            cands = [r for r in self.runs.values() if r.trainer is not None]
+            act = [r for r in cands if r.status in ("running", "paused")]
+            pool = act or cands
+            return max(pool, key=lambda r: r.created) if pool else None
+
+    def finished(self) -> list[dict]:
+        """This server's finished runs on disk (newest first): what the gallery shows."""
+        out = []
+        for meta_path in self.runs_dir.glob("*/run.json"):
+            try:
+                meta = json.loads(meta_path.read_text())
+            except (OSError, ValueError):
+                continue
+            preview = meta_path.parent / "preview.png"
+            if meta.get("status") in ("done", "stopped", "failed") and preview.is_file():
+                meta["preview_path"] = str(preview)
+                out.append(meta)
+        return sorted(out, key=lambda m: m.get("created", 0), reverse=True)
+
+    # ------------------------------------------------------------------ actions
+    def submit(self, owner: str, prompt: str, **settings) -> Run:
+        try:
+            prompt = validate_prompt(prompt)
+        except ValueError as exc:
+            raise RunError(str(exc)) from None
+        cfg = self.build_config(**settings)
+        with self.lock:
+            for r in self.runs.values():
+                if r.owner == owner and r.active:
+                    raise RunError(f"your run {r.id} is still {r.status}: stop it before generating another "
+                                   "(or use Refine to change its prompt)")
+            run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+            run = Run(run_id, owner, prompt, cfg, self.runs_dir / run_id, total_steps=cfg.steps)
+            run.prompts.append((0, prompt))
+            run.resume_event.set()
+            run.folder.mkdir(parents=True)
+            self.runs[run_id] = run
+            self.queue.append(run_id)
+            self._write_meta(run)
+            self._prune_disk()
+            self._dispatch()
+        return run
+
+    def pause(self, owner: str, run_id: str | None = None) -> Run:
+        run = self.owned(owner, run_id)
+        with self.lock:
+            if run.status != "running":
+                raise RunError(f"run {run.id} is {run.status}, not running: nothing to pause")
+            run.resume_event.clear()
+            run.status = "paused"
+        return run
+
+    def resume(self, owner: str, run_id: str | None = None) -> Run:
+        run = self.owned(owner, run_id)
+        with self.lock:
+            if run.status != "paused":
+                raise RunError(f"run {run.id} is {run.status}, not paused: nothing to resume")
+            run.status = "running"
+            run.step_times.clear()
+            run.resume_event.set()
+        return run
+
+    def stop(self, owner: str, run_id: str | None = None) -> Run:
+        run = self.owned(owner, run_id)
+        with self.lock:
+            if not run.active:
+                raise RunError(f"run {run.id} is already {run.status}")
+            if run.status == "queued":
+                self.queue.remove(run.id)
+                run.status = "stopped"
+                run.message = "stopped before it started"
+                self._write_meta(run)
+                return run
+            run.stop_requested.set()
+            run.resume_event.set()
+        return run
+
+    def refine(self, owner: str, prompt: str, extra_steps: int = 0, run_id: str | None = None) -> Run:
+        """Change the prompt of the caller's run and keep optimising the same scene (Figure 4)."""
+        run = self.owned(owner, run_id)
+        try:
+            prompt = validate_prompt(prompt)
+            extra_steps = int(extra_steps or 0)
+        except (TypeError, ValueError) as exc:
+            raise RunError(str(exc)) from None
+        if extra_steps < 0 or extra_steps > MAX_STEPS:
+            raise RunError(f"extra steps must be between 0 and {MAX_STEPS}, got {extra_steps}")
+        with self.lock:
+            if run.status == "queued":
+                run.prompt = prompt
+                run.prompts.append((0, prompt))
+                run.cfg.steps += extra_steps
+                run.total_steps = run.cfg.steps
+                return run
+            if run.trainer is None:
+                raise RunError(f"run {run.id} has no scene to refine ({run.status})")
+            if run.status == "failed":
+                raise RunError(f"run {run.id} failed: {run.message}")
+            run.trainer.set_prompt(prompt)
+            if extra_steps:
+                run.trainer.extend(extra_steps)
+            run.prompt = prompt
+            run.total_steps = run.trainer.total_steps
+            run.prompts.append((run.trainer.step_count, prompt))
+            if run.status in ("done", "stopped"):
+                if run.trainer.done:
+                    raise RunError(f"run {run.id} is {run.status}: give extra steps to keep optimising it with the new prompt")
+                run.status = "queued"
+                run.stop_requested.clear()
+                run.resume_event.set()
+                self.queue.append(run.id)
+                self._dispatch()
+        return run
+
+    def export(self, owner: str, formats=("glb",), run_id: str | None = None, **opts) -> dict[str, Path]:
+        """Export the current scene of the caller's run (running or finished)."""
+        run = self.owned(owner, run_id)
+        trainer = run.trainer
+        if trainer is None:
+            raise RunError(f"run {run.id} has no scene yet ({run.status}): wait until it starts")
+        formats = [str(f).lower() for f in (formats or [])]
+        if not formats:
+            raise RunError("choose at least one export format")
+        meshes = tuple(f for f in formats if f in MESH_FORMATS)
+        video = "mp4" if ("video" in formats or "mp4" in formats) else "none"
+        unknown = [f for f in formats if f not in MESH_FORMATS and f not in ("video", "mp4")]
+        if unknown:
+            raise RunError(f"unknown export format {unknown[0]!r}; choose from glb, obj, ply, video")
+        kw = dict(self.export_defaults)
+        kw.update(opts)
+        kw["video"] = video if video == "none" else kw.get("video", "mp4")
+        options = ExportOptions(formats=meshes, **kw)
+        try:
+            validate_export(options)
+        except ValueError as exc:
+            raise RunError(str(exc)) from None
+        with self.lock:
+            run.export_count += 1
+            folder = run.folder / f"export-{run.export_count:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            written = export_scene(trainer, folder, options)
+        except Exception as exc:  # noqa: BLE001 - shown to the user, the server keeps running
+            raise RunError(f"export failed: {type(exc).__name__}: {exc}") from None
+        with self.lock:
+            run.exports = {k: Path(v) for k, v in written.items()}
+        return run.exports
+
+    # ------------------------------------------------------------------ machinery
+    def _dispatch(self) -> None:
+        with self.lock:
+            running = sum(1 for r in self.runs.values() if r.status in ("running", "paused"))
+            while self.queue and running < self.max_concurrent:
+                run = self.runs[self.queue.pop(0)]
+                run.status = "running"
+                run.step_times.clear()
+                run.thread = threading.Thread(target=self._worker, args=(run,), name=f"run-{run.id}", daemon=True)
+                run.thread.start()
+                running += 1
+
+    def _on_metrics(self, run: Run, m: dict) -> None:
+        run.step = m["step"]
+        run.total_steps = m["total_steps"]
+        run.step_times.append(time.perf_counter())
+        if np.isfinite(m["loss"]):
+            run.losses.append((m["step"], float(m["loss"])))
+        if "preview" in m:
+            run.preview = (m["preview"].permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+
+    def _worker(self, run: Run) -> None:
+        torch.set_num_threads(self.threads)
+        trainer = run.trainer
+        try:
+            if trainer is None:
+                trainer = Trainer(run.cfg, run.prompt, callbacks=[lambda m: self._on_metrics(run, m)],
+                                  on_message=lambda msg: setattr(run, "message", msg))
+                run.trainer = trainer
+                run.total_steps = trainer.total_steps
+                run.preview = (trainer.preview().permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+                for fn in list(self.listeners):
+                    try:
+                        fn(run)
+                    except Exception:  # noqa: BLE001
+                        pass
+            while trainer.step_count < trainer.total_steps and not run.stop_requested.is_set():
+                if not run.resume_event.is_set():
+                    run.resume_event.wait()
+                    continue
+                trainer.step()
+                if self.checkpoint_every and trainer.step_count % self.checkpoint_every == 0:
+                    trainer.save_checkpoint(run.folder / "checkpoint.safetensors")
+            status = "stopped" if run.stop_requested.is_set() and trainer.step_count < trainer.total_steps else "done"
+            self._finish(run, status, "")
+        except Exception as exc:  # noqa: BLE001 - a crashed run keeps its checkpoint, the server keeps running
+            traceback.print_exc()
+            self._finish(run, "failed", f"{type(exc).__name__}: {exc}")
+        finally:
+            self._dispatch()
+
+    def _finish(self, run: Run, status: str, message: str) -> None:
+        trainer = run.trainer
+        if trainer is not None:
+            try:
+                trainer.save_checkpoint(run.folder / "checkpoint.safetensors")
+                import imageio.v3 as iio
+
+                img = (trainer.preview(size=128).permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+                iio.imwrite(run.folder / "preview.png", img)
+                with open(run.folder / "log.jsonl", "w") as f:
+                    for row in trainer.history:
+                        f.write(json.dumps(row) + "\n")
+            except Exception as exc:  # noqa: BLE001
+                message = (message + "; " if message else "") + f"could not save the run: {exc}"
+        with self.lock:
+            run.status = status
+            run.message = message or run.message
+            self._write_meta(run)
+            self.version += 1
+
+    def _write_meta(self, run: Run) -> None:
+        meta = {"id": run.id, "prompt": run.prompt, "prompts": run.prompts, "status": run.status, "created": run.created,
+                "step": run.step, "total_steps": run.total_steps, "message": run.message}
+        try:
+            (run.folder / "run.json").write_text(json.dumps(meta, indent=2))
+        except OSError:
+            pass
+
+    def _prune_disk(self) -> None:
+        """Keep at most ``max_runs_kept`` run folders: delete the oldest inactive ones."""
+        folders = sorted((p for p in self.runs_dir.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+        active = {r.id for r in self.runs.values() if r.active or (r.thread and r.thread.is_alive())}
+        excess = len(folders) - self.max_runs_kept
+        for p in folders:
+            if excess <= 0:
+                break
+            if p.name in active:
+                continue
+            shutil.rmtree(p, ignore_errors=True)
+            run = self.runs.get(p.name)
+            if run is not None and not run.active:
+                self.runs.pop(p.name, None)
+            excess -= 1
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        with self.lock:
+            self.queue.clear()
+            runs = list(self.runs.values())
+        for r in runs:
+            r.stop_requested.set()
+            r.resume_event.set()
+        for r in runs:
+            if r.thread is not None:
+                r.thread.join(timeout)

@@ -1,0 +1,234 @@
+"""The live 3D viewer: a viser server that shows the scene being optimised from each browser's
+own camera.
+
+Each connected client gets a render thread that renders the current run's scene with the
+client's camera (low resolution while the camera moves, full resolution once it stops) and sends
+it as the scene's background image. Renders are rate limited (``min_interval`` per client, and
+``scene_interval`` when only the training progressed) so the viewer does not starve training.
+The relighting and shading controls change only what this client sees, never training.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+import viser
+import viser.transforms as tf
+from dreamfusion.cameras import Cameras, Lights, sample_cameras, spherical_to_position
+from dreamfusion.shading import SHADING_MODES
+
+from .jobs import Run, RunManager
+
+
+def viser_to_cameras(position, wxyz, fov_y: float, aspect: float, height: int) -> tuple[Cameras, int, int]:
+    """A viser camera (OpenCV: columns right, down, forward; vertical fov in radians) as the
+    engine's :class:`Cameras` (OpenGL c2w: columns right, up, back; focal as a multiple of the
+    image width). Returns the cameras and the (height, width) to render at the client's aspect."""
+    rot = tf.SO3(np.asarray(wxyz, dtype=np.float64)).as_matrix()
+    right, down, forward = rot[:, 0], rot[:, 1], rot[:, 2]
+    pos = np.asarray(position, dtype=np.float64)
+    c2w = np.stack([right, -down, -forward, pos], axis=1)[None].astype(np.float32)
+    width = max(8, min(4 * height, int(round(height * aspect))))
+    focal_px = 0.5 * height / math.tan(0.5 * fov_y)
+    focal = torch.tensor([focal_px / width], dtype=torch.float32)
+    dist = float(np.linalg.norm(pos))
+    el = math.degrees(math.asin(max(-1.0, min(1.0, pos[2] / dist)))) if dist > 0 else 0.0
+    az = math.degrees(math.atan2(pos[1], pos[0])) % 360.0
+    cams = Cameras(torch.from_numpy(c2w), focal, torch.tensor([az]), torch.tensor([el]), torch.tensor([dist]))
+    return cams, height, width
+
+
+def cameras_to_viser(c2w: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """One (3, 4) OpenGL c2w -> viser (wxyz, position) in its OpenCV convention."""
+    m = c2w.detach().cpu().numpy().astype(np.float64)
+    rot = np.stack([m[:, 0], -m[:, 1], -m[:, 2]], axis=1)
+    return tf.SO3.from_matrix(rot).wxyz, m[:, 3]
+
+
+@dataclass
+class ViewSettings:
+    light_azimuth: float = 30.0
+    light_elevation: float = 35.0
+    light_intensity: float = 0.75
+    ambient: float = 0.2
+    mode: str = "lit"
+
+    def lights(self) -> Lights:
+        pos = spherical_to_position(torch.tensor([self.light_azimuth]), torch.tensor([self.light_elevation]), torch.tensor([3.0]))
+        return Lights(pos, torch.tensor([self.light_intensity]), torch.tensor([self.ambient]))
+
+
+@dataclass
+class ClientView:
+    client: viser.ClientHandle
+    settings: ViewSettings = field(default_factory=ViewSettings)
+    controls: dict = field(default_factory=dict)
+    stop: threading.Event = field(default_factory=threading.Event)
+    camera_changed: float = 0.0
+    settings_version: int = 0
+    renders: int = 0
+    last_render: float = 0.0
+    last_image: np.ndarray | None = None
+    last_size: int = 0
+    thread: threading.Thread | None = None
+
+
+class Viewer:
+    def __init__(self, manager: RunManager, host: str = "127.0.0.1", port: int = 8080, full_size: int = 128, low_size: int = 48,
+                 min_interval: float = 0.2, scene_interval: float = 1.0, settle: float = 0.3, n_frustums: int = 12):
+        self.manager = manager
+        self.full_size, self.low_size = full_size, low_size
+        self.min_interval, self.scene_interval, self.settle = min_interval, scene_interval, settle
+        self.n_frustums = n_frustums
+        self.server = viser.ViserServer(host=host, port=port, label="DreamFusion live viewer", verbose=False)
+        self.server.scene.set_up_direction("+z")
+        self.clients: dict[int, ClientView] = {}
+        self.lock = threading.Lock()
+        self._frustum_run: str | None = None
+        self._frustums: list = []
+        self.server.on_client_connect(self._connect)
+        self.server.on_client_disconnect(self._disconnect)
+        manager.listeners.append(self._run_started)
+
+    @property
+    def host(self) -> str:
+        return self.server.get_host()
+
+    @property
+    def port(self) -> int:
+        return self.server.get_port()
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    # ------------------------------------------------------------------ scene
+    def _run_started(self, run: Run) -> None:
+        """Show the new run's camera distribution as frustums (a fixed sample of it: the engine
+        does not expose the cameras it drew for each step)."""
+        if self._frustum_run == run.id:
+            return
+        self._frustum_run = run.id
+        for h in self._frustums:
+            try:
+                h.remove()
+            except Exception:  # noqa: BLE001
+                pass
+        gen = torch.Generator().manual_seed(run.cfg.seed)
+        cams = sample_cameras(run.cfg.camera, self.n_frustums, gen)
+        self._frustums = []
+        for i in range(len(cams)):
+            wxyz, pos = cameras_to_viser(cams.c2w[i])
+            fov = 2 * math.atan(0.5 / float(cams.focal[i]))
+            self._frustums.append(self.server.scene.add_camera_frustum(
+                f"/training_cameras/{i}", fov=fov, aspect=1.0, scale=0.08, thickness=0.003, color=(230, 120, 30), wxyz=wxyz, position=pos))
+
+    # ------------------------------------------------------------------ clients
+    def _connect(self, client: viser.ClientHandle) -> None:
+        view = ClientView(client)
+        with self.lock:
+            self.clients[client.client_id] = view
+        client.camera.position = (2.6, 1.0, 1.1)
+        client.camera.look_at = (0.0, 0.0, 0.0)
+        client.camera.up_direction = (0.0, 0.0, 1.0)
+
+        gui = client.gui
+        view.controls["status"] = gui.add_markdown("Waiting for a run: start one on the Gradio page.")
+        with gui.add_folder("View (does not affect training)"):
+            s = view.settings
+            view.controls["mode"] = gui.add_dropdown("Shading", options=list(SHADING_MODES), initial_value=s.mode)
+            view.controls["light_azimuth"] = gui.add_slider("Light azimuth", min=-180.0, max=180.0, step=1.0, initial_value=s.light_azimuth)
+            view.controls["light_elevation"] = gui.add_slider("Light elevation", min=-90.0, max=90.0, step=1.0, initial_value=s.light_elevation)
+            view.controls["light_intensity"] = gui.add_slider("Light intensity", min=0.0, max=2.0, step=0.05, initial_value=s.light_intensity)
+            view.controls["ambient"] = gui.add_slider("Ambient", min=0.0, max=1.0, step=0.05, initial_value=s.ambient)
+            view.controls["frustums"] = gui.add_checkbox("Training cameras", initial_value=True)
+
+
+        @view.controls["frustums"].on_update
+        def _(event):
+            for h in self._frustums:
+                h.visible = bool(event.target.value)
+
+        @client.camera.on_update
+        def _(camera):
+            view.camera_changed = time.time()
+
+        view.thread = threading.Thread(target=self._render_loop, args=(view,), name=f"viewer-{client.client_id}", daemon=True)
+        view.thread.start()
+
+    def _disconnect(self, client: viser.ClientHandle) -> None:
+        with self.lock:
+            view = self.clients.pop(client.client_id, None)
+        if view is not None:
+            view.stop.set()
+
+    def _render_loop(self, view: ClientView) -> None:
+        torch.set_num_threads(1)
+        last_key = None
+        last_run_step = (None, -1)
+        status_text = ""
+        while not view.stop.wait(0.05):
+            try:
+                run = self.manager.current()
+                text = ("Waiting for a run: start one on the Gradio page." if run is None else
+                        f"**{run.status}** · step {run.step}/{run.total_steps} · *{run.prompt}*")
+                if text != status_text:
+                    view.controls["status"].content = text
+                    status_text = text
+                if run is None or run.trainer is None:
+                    continue
+                cam = view.client.camera
+                if cam._state.update_timestamp == 0.0:  # no camera message from the browser yet
+                    continue
+                # the settings are read from the GUI handles each time, so a change made in the
+                # browser or by the server (handle.value = ...) shows alike
+                view.settings = ViewSettings(**{k: view.controls[k].value for k in
+                                                ("mode", "light_azimuth", "light_elevation", "light_intensity", "ambient")})
+                now = time.time()
+                if now - view.last_render < self.min_interval:
+                    continue
+                moving = now - view.camera_changed < self.settle
+                size = self.low_size if moving else self.full_size
+                key = (run.id, tuple(np.round(cam.position, 5)), tuple(np.round(cam.wxyz, 5)), round(cam.fov, 5), round(cam.aspect, 4),
+                       tuple(vars(view.settings).values()), size)
+                run_step = (run.id, run.trainer.step_count)
+                scene_due = run_step != last_run_step and now - view.last_render >= self.scene_interval
+                if key == last_key and not scene_due:
+                    continue
+                image = self.render(run, cam.position, cam.wxyz, cam.fov, cam.aspect, size, view.settings)
+                view.client.scene.set_background_image(image, format="jpeg", jpeg_quality=90)
+                view.last_image, view.last_size = image, size
+                view.renders += 1
+                view.last_render = time.time()
+                last_key, last_run_step = key, run_step
+            except Exception as exc:  # noqa: BLE001 - a client going away mid-render must not kill the server
+                if view.stop.is_set():
+                    break
+                print(f"viewer: render for client {view.client.client_id} failed: {type(exc).__name__}: {exc}")
+                view.stop.wait(1.0)
+
+    @staticmethod
+    @torch.no_grad()
+    def render(run: Run, position, wxyz, fov, aspect, size: int, settings: ViewSettings) -> np.ndarray:
+        """(H, W, 3) uint8 image of ``run``'s scene from a viser camera (the engine's
+        ``render_views`` is square only, so this calls its renderer directly, under its lock)."""
+        trainer = run.trainer
+        cams, h, w = viser_to_cameras(position, wxyz, fov, aspect, size)
+        with trainer.lock:
+            out = trainer.renderer.render(cams.to(trainer.device), settings.lights().to(trainer.device), h, w, settings.mode)
+            img = out["image"][0].clamp(0, 1).permute(1, 2, 0).cpu().numpy()
+        return (img * 255).round().astype(np.uint8)
+
+    def stop(self) -> None:
+        with self.lock:
+            views = list(self.clients.values())
+            self.clients.clear()
+        for v in views:
+            v.stop.set()
+        self.server.stop()

@@ -1,0 +1,523 @@
+"""Quality benchmark: generate every prompt of ``shared/world/benchmark.txt`` and score the exported
+mesh against the world's true object (``shared/world/SPEC.md``, "Benchmark prompts").
+
+    python benchmarks/quality.py [--prompts FILE] [--only 1,9,mug | --limit N] [--steps 1200] [--seed 0]
+                                 [--out benchmarks/results] [--threads 1] [--clip CLIP_FOLDER]
+
+Per prompt, in-process: a ``Trainer`` with the default ``TrainConfig`` (steps and seed overridden),
+``trainer.run()``, then ``runs.export_scene`` writes ``OUT/meshes/NN-slug/mesh.ply``, which is read
+back and scored:
+
+* IoU of the mesh centred on its bounding box (no scaling, no rotation), and IoU after scaling its
+  largest extent to the truth's (how much of the miss is size alone);
+* colour error (mean absolute RGB difference at the nearest true surface point). Prompts with a
+  named colour are scored against it (``colour_basis`` "named": these make the colour target);
+  fixed-colour objects ('-') are scored against the world's part colours (``colour_basis``
+  "parts", marked * in the table, reported but not part of the target);
+* geometric R-Precision: the true object must be the best IoU match of all 16 (``hit``), shown
+  beside the best other object's IoU and the free baseline of a centred sphere;
+* seconds (training; export separately) and iterations.
+
+Writes ``results.csv``, ``results.json`` and ``contact_sheet.png`` (per prompt: the true object lit
+and textureless, then the result lit and textureless, from the three-quarter view) into ``--out``,
+and prints a markdown table, group means (all, seen, held-out, asymmetric) and PASS/MISSED per
+target. A prompt whose generation or export fails gets a row with its error and counts as a miss
+(IoU 0, no hit, colour error 1, time over the limit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import re
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_PROMPTS = REPO.parent / "shared" / "world" / "benchmark.txt"
+DEFAULT_OUT = REPO / "benchmarks" / "results"
+
+#: the issue's targets
+TARGET_IOU = 0.6
+TARGET_R_PRECISION = 0.8
+TARGET_COLOUR_ERROR = 0.12
+TARGET_SECONDS = 600.0
+
+#: what a failed prompt counts as in the means
+FAILED_SCORES = {"iou": 0.0, "iou_scaled": 0.0, "hit": False, "colour_error": 1.0}
+
+SHEET_SIZE = 128
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+@dataclass(frozen=True)
+class BenchmarkPrompt:
+    prompt: str
+    noun: str
+    colour: str | None  # None: '-' (fixed colours or not scored)
+    held_out: bool
+
+    @property
+    def asymmetric(self) -> bool:
+        from dreamfusion.prior.world import ASYMMETRIC_NOUNS
+
+        return self.noun in ASYMMETRIC_NOUNS
+
+
+def parse_benchmark(path: str | Path) -> list[BenchmarkPrompt]:
+    """Read the tab-separated benchmark: prompt, noun, colour ('-' for none), optional 'held-out'.
+    Blank lines and lines starting with '#' are skipped; an unknown noun, colour or flag is an
+    error naming the line."""
+    from dreamfusion.prior.world import COLOURS, NOUNS
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"benchmark prompt list not found: {path}")
+    items = []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        cols = [c.strip() for c in line.split("\t")]
+        if len(cols) < 3:
+            raise ValueError(f"{path}:{lineno}: expected 'prompt<TAB>noun<TAB>colour[<TAB>held-out]', got {line!r}")
+        prompt, noun, colour, flags = cols[0], cols[1], cols[2], [c for c in cols[3:] if c]
+        if noun not in NOUNS:
+            raise ValueError(f"{path}:{lineno}: unknown noun {noun!r}")
+        if colour != "-" and colour not in COLOURS:
+            raise ValueError(f"{path}:{lineno}: unknown colour {colour!r}")
+        unknown = [f for f in flags if f != "held-out"]
+        if unknown:
+            raise ValueError(f"{path}:{lineno}: unknown flag {unknown[0]!r} (only 'held-out')")
+        items.append(BenchmarkPrompt(prompt, noun, None if colour == "-" else colour, "held-out" in flags))
+    if not items:
+        raise ValueError(f"{path} holds no prompts")
+    return items
+
+
+def select(items: list[BenchmarkPrompt], only: str | None = None, limit: int | None = None) -> list[tuple[int, BenchmarkPrompt]]:
+    """(1-based index, prompt) pairs: ``only`` is a comma-separated list of 1-based indices, nouns or
+    exact prompts; ``limit`` keeps the first N of those."""
+    chosen = list(enumerate(items, 1))
+    if only:
+        keys = [k.strip() for k in only.split(",") if k.strip()]
+        picked = []
+        for key in keys:
+            match = [(i, it) for i, it in chosen if (key.isdigit() and int(key) == i) or key in (it.noun, it.prompt)]
+            if not match:
+                raise ValueError(f"--only {key!r} matches no prompt (use 1..{len(items)}, a noun or a prompt)")
+            picked += [m for m in match if m not in picked]
+        chosen = sorted(picked)
+    if limit is not None:
+        if limit <= 0:
+            raise ValueError(f"--limit must be positive, got {limit}")
+        chosen = chosen[:limit]
+    return chosen
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def true_object(item: BenchmarkPrompt):
+    from dreamfusion.prior.world import build_object
+
+    return build_object(item.noun, item.colour)
+
+
+def score_mesh(mesh, item: BenchmarkPrompt) -> dict:
+    """All scores of one mesh (world coordinates, +Z up, vertex colours) against the prompt's truth."""
+    from dreamfusion.metrics import colour_error, geometric_r_precision, mesh_iou
+
+    obj = true_object(item)
+    grp = geometric_r_precision(mesh, item.noun)
+    return {
+        "iou": grp["true_iou"],  # the same centred, unscaled IoU as metrics.mesh_iou
+        "iou_scaled": mesh_iou(mesh, obj, scale_to_truth=True),
+        "colour_error": colour_error(mesh, obj),
+        "colour_basis": "named" if item.colour else "parts",
+        "true_iou": grp["true_iou"],
+        "best_other_iou": grp["best_other_iou"],
+        "best_noun": grp["best_noun"],
+        "sphere_iou": grp["sphere_iou"],
+        "hit": bool(grp["hit"]),
+        "vertices": int(len(mesh.vertices)),
+        "faces": int(len(mesh.faces)),
+    }
+
+
+def _value(row: dict, key: str):
+    return FAILED_SCORES[key] if row.get("status") != "ok" else row[key]
+
+
+def _mean(values) -> float | None:
+    values = [float(v) for v in values]
+    return float(np.mean(values)) if values else None
+
+
+def group_rows(rows: list[dict]) -> dict[str, list[dict]]:
+    return {
+        "all": rows,
+        "seen": [r for r in rows if not r["held_out"]],
+        "held-out": [r for r in rows if r["held_out"]],
+        "asymmetric": [r for r in rows if r["asymmetric"]],
+    }
+
+
+def summarize(rows: list[dict]) -> dict[str, dict]:
+    """Means per group (failed prompts count with :data:`FAILED_SCORES`)."""
+    out = {}
+    for name, group in group_rows(rows).items():
+        ok = [r for r in group if r["status"] == "ok"]
+        named = [r for r in group if r["colour_basis"] == "named"]
+        parts = [r for r in group if r["colour_basis"] == "parts"]
+        out[name] = {
+            "n": len(group),
+            "failed": len(group) - len(ok),
+            "iou": _mean(_value(r, "iou") for r in group),
+            "iou_scaled": _mean(_value(r, "iou_scaled") for r in group),
+            "r_precision": _mean(_value(r, "hit") for r in group),
+            "colour_error": _mean(_value(r, "colour_error") for r in named),
+            "colour_error_parts": _mean(_value(r, "colour_error") for r in parts),
+            "best_other_iou": _mean(r["best_other_iou"] for r in ok),
+            "sphere_iou": _mean(r["sphere_iou"] for r in ok),
+            "seconds": _mean(r["seconds"] for r in group if r.get("seconds") is not None),
+            "max_seconds": max((r["total_seconds"] for r in group if r.get("total_seconds") is not None), default=None),
+        }
+    return out
+
+
+def evaluate_targets(rows: list[dict]) -> list[dict]:
+    """The issue's four targets on all rows, each with its value and ``passed``."""
+    s = summarize(rows)["all"]
+    failed = [r for r in rows if r["status"] != "ok"]
+    slow = [r for r in rows if r["status"] != "ok" or r.get("total_seconds") is None or r["total_seconds"] > TARGET_SECONDS]
+
+    def target(name, value, op, threshold, fmt):
+        passed = bool(rows) and value is not None and (value >= threshold if op == ">=" else value <= threshold)
+        return {"target": name, "value": value, "op": op, "threshold": threshold, "passed": passed,
+                "text": f"{name}: {'n/a' if value is None else fmt.format(value)} (target {op} {fmt.format(threshold)})"}
+
+    targets = [
+        target("mean IoU", s["iou"], ">=", TARGET_IOU, "{:.3f}"),
+        target("geometric R-Precision", s["r_precision"], ">=", TARGET_R_PRECISION, "{:.0%}"),
+        target("mean colour error (named colours)", s["colour_error"], "<=", TARGET_COLOUR_ERROR, "{:.3f}"),
+        target("max minutes per prompt", None if s["max_seconds"] is None else s["max_seconds"] / 60.0, "<=", TARGET_SECONDS / 60.0, "{:.1f}"),
+    ]
+    if slow:  # a failed prompt cannot pass the time target
+        targets[3]["passed"] = False
+    for t in targets:
+        if failed:
+            t["text"] += f" [{len(failed)} failed prompt(s) counted as misses]"
+    return targets
+
+
+# ----------------------------------------------------------------------------- reports
+
+
+def _f(v, fmt="{:.3f}") -> str:
+    return "-" if v is None else fmt.format(v)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    head = ("| # | prompt | held-out | IoU | IoU scaled | best other | sphere | hit | colour err | s | it | status |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for r in rows:
+        if r["status"] == "ok":
+            star = "*" if r["colour_basis"] == "parts" else ""
+            lines.append(f"| {r['index']} | {r['prompt']} | {'yes' if r['held_out'] else ''} | {r['iou']:.3f} | {r['iou_scaled']:.3f} | "
+                         f"{r['best_other_iou']:.3f} ({r['best_noun'] if r['best_noun'] != r['noun'] else 'self'}) | {r['sphere_iou']:.3f} | "
+                         f"{'HIT' if r['hit'] else 'miss'} | {r['colour_error']:.3f}{star} | {_f(r['seconds'], '{:.0f}')} | {r['iterations']} | ok |")
+        else:
+            err = str(r.get("error", "")).replace("|", "/").replace("\n", " ")[:120]
+            lines.append(f"| {r['index']} | {r['prompt']} | {'yes' if r['held_out'] else ''} | - | - | - | - | miss | - | "
+                         f"{_f(r.get('seconds'), '{:.0f}')} | {r.get('iterations', 0)} | FAILED: {err} |")
+    return "\n".join(lines)
+
+
+def summary_table(summary: dict[str, dict]) -> str:
+    lines = ["| group | n | failed | mean IoU | mean IoU scaled | R-Precision | colour err (named) | colour err (parts*) | best other | sphere | mean s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, s in summary.items():
+        if not s["n"]:
+            continue
+        lines.append(f"| {name} | {s['n']} | {s['failed']} | {_f(s['iou'])} | {_f(s['iou_scaled'])} | {_f(s['r_precision'], '{:.0%}')} | "
+                     f"{_f(s['colour_error'])} | {_f(s['colour_error_parts'])} | {_f(s['best_other_iou'])} | {_f(s['sphere_iou'])} | {_f(s['seconds'], '{:.0f}')} |")
+    return "\n".join(lines)
+
+
+CSV_FIELDS = ("index", "prompt", "noun", "colour", "held_out", "asymmetric", "status", "iou", "iou_scaled", "colour_error", "colour_basis",
+              "true_iou", "best_other_iou", "best_noun", "sphere_iou", "hit", "seconds", "export_seconds", "total_seconds", "iterations",
+              "it_per_s", "vertices", "faces", "clip_r_precision", "clip_r_precision_textureless", "mesh", "notes", "error")
+
+
+def write_csv(rows: list[dict], path: Path) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("; ".join(r[k]) if isinstance(r.get(k), list) else r.get(k)) for k in CSV_FIELDS})
+    return path
+
+
+def _to_uint8(img) -> np.ndarray:
+    arr = img.detach().cpu().permute(1, 2, 0).numpy() if isinstance(img, torch.Tensor) else np.asarray(img)
+    return (np.clip(arr, 0, 1) * 255).round().astype(np.uint8) if arr.dtype != np.uint8 else arr
+
+
+def contact_sheet(entries: list[dict], path: Path, size: int = SHEET_SIZE) -> Path:
+    """Per entry one strip: label, then truth lit | truth textureless | result lit | result
+    textureless. ``entries``: dicts with ``label``, ``score`` (second label line) and the four
+    images (``truth_lit``, ``truth_textureless``, ``lit``, ``textureless``: (3, H, W) tensors in
+    [0, 1] or None, drawn as a grey panel)."""
+    from PIL import Image, ImageDraw
+
+    cols = ("truth_lit", "truth_textureless", "lit", "textureless")
+    titles = ("truth, lit", "truth, textureless", "result, lit", "result, textureless")
+    pad, label_h, head_h = 4, 26, 16
+    width = pad + len(cols) * (size + pad)
+    height = head_h + len(entries) * (label_h + size + pad) + pad
+    sheet = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for c, title in enumerate(titles):
+        draw.text((pad + c * (size + pad) + 2, 2), title, fill=(0, 0, 0))
+    y = head_h
+    for e in entries:
+        draw.text((pad, y + 1), str(e.get("label", "")), fill=(0, 0, 0))
+        draw.text((pad, y + 13), str(e.get("score", "")), fill=(160, 0, 0) if e.get("bad") else (0, 100, 0))
+        y += label_h
+        for c, key in enumerate(cols):
+            x = pad + c * (size + pad)
+            img = e.get(key)
+            if img is None:
+                draw.rectangle((x, y, x + size - 1, y + size - 1), fill=(200, 200, 200))
+                draw.text((x + 4, y + size // 2 - 6), "no render", fill=(120, 0, 0))
+            else:
+                tile = Image.fromarray(_to_uint8(img))
+                if tile.size != (size, size):
+                    tile = tile.resize((size, size), Image.BILINEAR)
+                sheet.paste(tile, (x, y))
+            draw.rectangle((x - 1, y - 1, x + size, y + size), outline=(180, 180, 180))
+        y += size + pad
+    tmp = path.with_name(path.name + ".tmp.png")
+    sheet.save(tmp)
+    tmp.replace(path)
+    return path
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "prompt"
+
+
+def build_config(args):
+    """The default TrainConfig with the command line's overrides."""
+    from dreamfusion.field import FieldConfig
+    from dreamfusion.guidance import GuidanceConfig
+    from dreamfusion.trainer import TrainConfig, validate_config
+
+    base = TrainConfig()
+    g = base.guidance
+    default_scale = 100.0 if args.guidance == "stable-diffusion" else g.guidance_scale  # as `dreamfusion generate`
+    guidance = GuidanceConfig(**{**dataclasses.asdict(g), "name": args.guidance, "model": args.model or g.model,
+                                 "guidance_scale": default_scale if args.cfg is None else args.cfg})
+    field = FieldConfig(**{**dataclasses.asdict(base.field), **({"resolution": args.grid_resolution} if args.grid_resolution else {})})
+    cfg = dataclasses.replace(base, steps=args.steps, seed=args.seed, device=args.device, guidance=guidance, field=field,
+                              **({"render_size": args.render_size} if args.render_size else {}),
+                              **({"views": args.views} if args.views else {}))
+    validate_config(cfg)
+    return cfg
+
+
+def render_truth(item: BenchmarkPrompt, cams, size: int) -> dict:
+    from dreamfusion.cameras import default_light
+    from dreamfusion.prior.data import render_object
+
+    obj = true_object(item)
+    return {f"truth_{m}": render_object(obj, cams, default_light(cams), [m] * len(cams), size)[0] for m in ("lit", "textureless")}
+
+
+def run_prompt(index: int, item: BenchmarkPrompt, cfg, mesh_resolution: int, out: Path, sheet_size: int = SHEET_SIZE,
+               clip_views=None, log=print) -> tuple[dict, dict, dict]:
+    """Generate, export and score one prompt. Returns (row, contact-sheet entry, CLIP renders).
+    Never raises for a failure of the prompt itself: the row says ``status`` 'error' and why."""
+    import trimesh
+
+    from dreamfusion.cameras import make_cameras
+    from dreamfusion.runs import ExportOptions, export_scene, validate_export
+    from dreamfusion.trainer import Trainer
+
+    row = {"index": index, "prompt": item.prompt, "noun": item.noun, "colour": item.colour or "-", "held_out": item.held_out,
+           "asymmetric": item.asymmetric, "status": "error", "colour_basis": "named" if item.colour else "parts", "iterations": 0,
+           "seconds": None, "export_seconds": None, "total_seconds": None, "notes": []}
+    entry = {"label": f"{index}. {item.prompt}" + (" (held-out)" if item.held_out else "")}
+    clip_renders: dict = {}
+    cams = make_cameras(30.0, 20.0, 1.9, 1.1)
+    try:
+        entry.update(render_truth(item, cams, sheet_size))
+    except Exception as exc:  # the reference picture is a nicety; never lose the row to it
+        row["notes"].append(f"truth render failed: {exc}")
+    folder = out / "meshes" / f"{index:02d}-{slug(item.prompt)}"
+    stage = "generation"
+    start = time.perf_counter()
+    try:
+        trainer = Trainer(cfg, item.prompt, on_message=row["notes"].append)
+        trainer.run()
+        row["seconds"] = time.perf_counter() - start
+        row["iterations"] = trainer.step_count
+        row["it_per_s"] = trainer.step_count / max(row["seconds"], 1e-9)
+        stage = "export"
+        t0 = time.perf_counter()
+        opts = ExportOptions(formats=("ply",), video="none", mesh_resolution=mesh_resolution)
+        validate_export(opts)
+        folder.mkdir(parents=True, exist_ok=True)
+        written = export_scene(trainer, folder, opts)
+        row["export_seconds"] = time.perf_counter() - t0
+        row["total_seconds"] = time.perf_counter() - start
+        row["mesh"] = str(written["ply"].relative_to(out))
+        stage = "rendering"
+        for mode in ("lit", "textureless"):
+            entry[mode] = trainer.render_views(cams, size=sheet_size, mode=mode)[0]
+        if clip_views is not None:
+            clip_renders = {mode: trainer.render_views(clip_views, size=sheet_size, mode=mode) for mode in ("lit", "textureless")}
+        stage = "scoring"
+        mesh = trimesh.load(written["ply"], process=False, force="mesh")
+        row.update(score_mesh(mesh, item))
+        row["status"] = "ok"
+    except Exception as exc:
+        if row["seconds"] is None:
+            row["seconds"] = time.perf_counter() - start
+        row["error"] = f"{stage} failed: {type(exc).__name__}: {exc}"
+        row["traceback"] = traceback.format_exc()
+        log(f"  FAILED ({stage}): {type(exc).__name__}: {exc}")
+    if row["status"] == "ok":
+        entry["score"] = (f"IoU {row['iou']:.2f} (scaled {row['iou_scaled']:.2f})  {'HIT' if row['hit'] else 'miss: ' + row['best_noun']}  "
+                          f"col {row['colour_error']:.2f}{'*' if row['colour_basis'] == 'parts' else ''}  {row['seconds']:.0f}s")
+        entry["bad"] = not row["hit"]
+    else:
+        entry["score"] = row["error"][:70]
+        entry["bad"] = True
+    return row, entry, clip_renders
+
+
+def add_clip_scores(rows: list[dict], clip_renders: list[dict], items: list[BenchmarkPrompt], clip) -> dict:
+    """CLIP R-Precision of each successful result among all the benchmark's captions."""
+    from clip_rprecision import clip_r_precision
+
+    captions = [it.prompt for it in items]
+    out = {}
+    for mode, key in (("lit", "clip_r_precision"), ("textureless", "clip_r_precision_textureless")):
+        pairs = [(r, c[mode]) for r, c in zip(rows, clip_renders) if r["status"] == "ok" and c]
+        if not pairs:
+            continue
+        res = clip_r_precision(clip, [c for _, c in pairs], [captions.index(r["prompt"]) for r, _ in pairs], captions)
+        for (r, _), p in zip(pairs, res["per_result"]):
+            r[key] = p
+        failed = len(rows) - len(pairs)  # a failed prompt retrieves nothing
+        out[mode] = res["r_precision"] * len(pairs) / max(len(rows), 1) if failed else res["r_precision"]
+    return out
+
+
+def parse_args(argv: list[str] | None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS, help="benchmark list (default: %(default)s)")
+    ap.add_argument("--only", default=None, help="comma-separated 1-based indices, nouns or prompts to run")
+    ap.add_argument("--limit", type=int, default=None, help="run only the first N (of the --only selection)")
+    ap.add_argument("--steps", type=int, default=1200)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--guidance", default="embedded", help="embedded or stable-diffusion")
+    ap.add_argument("--model", default="", help="prior folder (embedded: default assets/prior) or SD folder/hub id")
+    ap.add_argument("--cfg", type=float, default=None, help="classifier-free guidance weight (default: the config's)")
+    ap.add_argument("--grid-resolution", type=int, default=0, help="density grid per side (default: the config's)")
+    ap.add_argument("--render-size", type=int, default=0, help="training render size (default: the config's)")
+    ap.add_argument("--views", type=int, default=0, help="cameras per iteration (default: the config's)")
+    ap.add_argument("--mesh-resolution", type=int, default=128, help="marching-cubes grid of the export")
+    ap.add_argument("--sheet-size", type=int, default=SHEET_SIZE, help="pixels per contact-sheet frame")
+    ap.add_argument("--clip", default=None, help="optional: CLIP model folder (or hub id) for CLIP R-Precision")
+    ap.add_argument("--clip-views", type=int, default=4, help="views per result for CLIP R-Precision")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        items = parse_benchmark(args.prompts)
+        chosen = select(items, args.only, args.limit)
+        cfg = build_config(args)
+        if not 16 <= args.mesh_resolution <= 512:
+            raise ValueError(f"mesh resolution must be between 16 and 512, got {args.mesh_resolution}")
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    clip = clip_cams = None
+    if args.clip:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from clip_rprecision import ClipUnavailable, clip_views, load_clip
+
+        try:  # before any generation: a missing model must not cost a benchmark run
+            clip = load_clip(args.clip, args.device)
+        except ClipUnavailable as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        clip_cams = clip_views(args.clip_views)
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+
+    subset = len(chosen) < len(items)
+    print(f"quality benchmark: {len(chosen)} of {len(items)} prompts from {args.prompts}; steps {cfg.steps}, seed {cfg.seed}, "
+          f"guidance {cfg.guidance.name} {cfg.guidance.model or '(shipped prior)'}, grid {cfg.field.resolution}, render {cfg.render_size} px, "
+          f"mesh {args.mesh_resolution}, {torch.get_num_threads()} threads", flush=True)
+    rows, entries, renders = [], [], []
+    for n, (index, item) in enumerate(chosen, 1):
+        print(f"[{n}/{len(chosen)}] {item.prompt} ...", flush=True)
+        row, entry, clip_renders = run_prompt(index, item, cfg, args.mesh_resolution, out, args.sheet_size, clip_cams)
+        rows.append(row)
+        entries.append(entry)
+        renders.append(clip_renders)
+        if row["status"] == "ok":
+            print(f"  IoU {row['iou']:.3f} (scaled {row['iou_scaled']:.3f}), best {row['best_noun']} {'HIT' if row['hit'] else 'miss'}, "
+                  f"colour {row['colour_error']:.3f}, {row['seconds']:.0f} s + export {row['export_seconds']:.0f} s", flush=True)
+
+    clip_summary = add_clip_scores(rows, renders, items, clip) if clip is not None else {}
+    summary = summarize(rows)
+    targets = evaluate_targets(rows)
+
+    print("\n" + markdown_table(rows))
+    print("\n* colour error against the world's fixed part colours (not part of the colour target)")
+    print("\n" + summary_table(summary))
+    if clip_summary:
+        print("\nCLIP R-Precision among the %d benchmark captions: " % len(items)
+              + ", ".join(f"{mode} {v:.0%}" for mode, v in clip_summary.items()))
+    print("\ntargets" + (" (SUBSET of the benchmark: not a full result)" if subset else "") + ":")
+    for t in targets:
+        print(f"  {'PASS  ' if t['passed'] else 'MISSED'} {t['text']}")
+
+    write_csv(rows, out / "results.csv")
+    meta = {"prompts": str(args.prompts), "selected": [i for i, _ in chosen], "subset": subset, "steps": cfg.steps, "seed": cfg.seed,
+            "threads": torch.get_num_threads(), "mesh_resolution": args.mesh_resolution,
+            "config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str))}
+    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "summary": summary, "targets": targets,
+                                                  "clip_r_precision": clip_summary}, indent=2, default=str))
+    contact_sheet(entries, out / "contact_sheet.png", args.sheet_size)
+    print(f"\nwrote {out / 'results.csv'}, {out / 'results.json'}, {out / 'contact_sheet.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

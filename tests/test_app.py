@@ -1,0 +1,258 @@
+"""The interactive app: the Gradio page through gradio_client and a headless Chromium, and the
+live viser viewer. Servers start on free ports on 127.0.0.1 and use the tiny random prior."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("gradio")
+pytest.importorskip("viser")
+
+from gradio_client import Client  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def non_loopback_ip() -> str | None:
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("10.255.255.255", 1))  # UDP: nothing is sent
+            ip = s.getsockname()[0]
+    except OSError:
+        return None
+    return None if ip.startswith("127.") else ip
+
+
+@pytest.fixture(scope="module")
+def app(tiny_prior_dir, tmp_path_factory):
+    from app import create_app
+
+    overrides = {"render_size": 32, "views": 1, "preview_every": 2, "field": {"resolution": 24},
+                 "guidance": {"model": str(tiny_prior_dir)}}
+    handle = create_app(tmp_path_factory.mktemp("runs"), overrides, viewer_port=free_port(),
+                        viewer_kwargs={"full_size": 96, "low_size": 32}, export_defaults={"mesh_resolution": 32, "video_frames": 8, "video_size": 64})
+    handle.launch(port=free_port())
+    yield handle
+    handle.close()
+
+
+def wait_for(fn, timeout=60.0, every=0.1):
+    end = time.time() + timeout
+    while time.time() < end:
+        value = fn()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError("timed out waiting")
+
+
+def info(client: Client) -> dict:
+    return client.predict(0, api_name="/poll")[1]
+
+
+def generate(client: Client, prompt: str, steps: int, tiny_prior_dir, **kw):
+    args = dict(n_steps=steps, s=0, gname="embedded", gmodel=str(tiny_prior_dir), gscale=20, res=32)
+    args.update(kw)
+    return client.predict(prompt, args["n_steps"], args["s"], args["gname"], args["gmodel"], args["gscale"], args["res"], api_name="/generate")
+
+
+@pytest.fixture(scope="module")
+def clients(app):
+    a, b = Client(app.url, verbose=False), Client(app.url, verbose=False)
+    assert a.session_hash != b.session_hash
+    return a, b
+
+
+def test_servers_bind_loopback(app):
+    assert app.viewer.host == "127.0.0.1"
+    assert app.demo.server_name == "127.0.0.1"
+    ip = non_loopback_ip()
+    if ip is None:
+        pytest.skip("this machine has no non-loopback address")
+    for port in (app.demo.server_port, app.viewer.port):
+        with socket.socket() as s:
+            s.settimeout(2)
+            with pytest.raises(OSError):
+                s.connect((ip, port))
+
+
+def test_generate_refine_export(app, clients, tiny_prior_dir):
+    import trimesh
+
+    a, _ = clients
+    status, run_id = generate(a, "a red cube", 30, tiny_prior_dir)
+    assert run_id and "a red cube" in status
+    wait_for(lambda: info(a)["step"] >= 3)
+    a.predict("a blue cube", 6, api_name="/refine")
+    i = wait_for(lambda: (lambda i: i if i["status"] == "done" else None)(info(a)), timeout=90)
+    assert i["total_steps"] == 36 and i["step"] == 36
+    assert [p for _, p in i["prompts"]] == ["a red cube", "a blue cube"]
+    assert 0 < i["prompts"][1][0] < 30  # refined mid-run, on the same scene
+    run = app.manager.get(run_id)
+    assert run.trainer.prompt == "a blue cube" and (run.folder / "checkpoint.safetensors").is_file()
+    files, mesh, video = a.predict(["glb", "obj", "video"], api_name="/export")
+    names = sorted(Path(f).name for f in files)
+    assert names == ["mesh.glb", "mesh.obj", "turntable.mp4"]
+    glb = trimesh.load(next(f for f in files if f.endswith(".glb")), force="mesh")
+    assert len(glb.vertices) > 0 and len(glb.faces) > 0
+    assert mesh.endswith(".glb")
+
+
+def test_ownership_and_bad_input(app, clients, tiny_prior_dir):
+    from gradio_client.exceptions import AppError
+
+    a, b = clients
+    run_a = info(a)["run"]
+    assert run_a is not None
+    for action in ("/pause", "/stop"):
+        with pytest.raises(AppError, match="another session"):
+            b.predict(run_a, api_name=action)
+    with pytest.raises(AppError, match="no run yet"):
+        b.predict(["glb"], api_name="/export")
+    with pytest.raises(AppError, match="no run yet"):
+        b.predict("a hat", 0, api_name="/refine")
+    with pytest.raises(AppError, match="prompt is empty"):
+        generate(b, "   ", 10, tiny_prior_dir)
+    with pytest.raises(AppError, match="steps must be positive|less than minimum"):
+        generate(b, "a cube", -5, tiny_prior_dir)
+    with pytest.raises(AppError, match="resolution must be at most"):
+        generate(b, "a cube", 10, tiny_prior_dir, res=100000)
+    with pytest.raises(AppError, match="guidance weight must be at most"):
+        generate(b, "a cube", 10, tiny_prior_dir, gscale=1e9)
+    with pytest.raises(AppError, match="not in the list of choices"):
+        generate(b, "a cube", 10, tiny_prior_dir, gname="imagen")
+    # one optimisation at a time: A runs, B queues and sees its position, a second Generate fails
+    generate(a, "a green sphere", 2000, tiny_prior_dir)
+    with pytest.raises(AppError, match="still running"):
+        generate(a, "a green sphere", 10, tiny_prior_dir)
+    generate(b, "a yellow cone", 10, tiny_prior_dir)
+    ib = info(b)
+    assert ib["status"] == "queued" and ib["queue_position"] == 1
+    assert "position **1**" in b.predict(0, api_name="/poll")[0]
+    b.predict("", api_name="/stop")
+    assert info(b)["status"] == "stopped"
+    with pytest.raises(AppError, match="not running|is done|already"):
+        b.predict("", api_name="/pause")
+    assert info(a)["status"] == "running"  # the server kept going
+
+
+def _centre(png: bytes) -> np.ndarray:
+    import io
+
+    from PIL import Image
+
+    img = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(np.float32)
+    h, w = img.shape[:2]
+    return img[h // 2 - h // 6:h // 2 + h // 6, w // 2 - w // 6:w // 2 + w // 6]
+
+
+def _its(run, seconds=3.0) -> float:
+    s0, t0 = run.trainer.step_count, time.perf_counter()
+    time.sleep(seconds)
+    return (run.trainer.step_count - s0) / (time.perf_counter() - t0)
+
+
+def test_viewer_and_page_in_browser(app, clients, tiny_prior_dir):
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("no chromium")
+    a, _ = clients
+    run = app.manager.get(info(a)["run"])  # the long run started by the previous test
+    if run.status != "running":
+        generate(a, "a green sphere", 2000, tiny_prior_dir)
+        run = app.manager.get(info(a)["run"])
+    wait_for(lambda: run.trainer is not None and run.trainer.step_count > 5)
+    DOCS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            its_alone = _its(run)
+            page = browser.new_page(viewport={"width": 900, "height": 640})
+            page.goto(app.viewer.url)
+            view = wait_for(lambda: next(iter(app.viewer.clients.values()), None), timeout=30)
+            wait_for(lambda: view.renders >= 2, timeout=30)
+            its_viewer = _its(run)
+            print(f"\ntraining it/s: {its_alone:.2f} without a viewer client, {its_viewer:.2f} with one "
+                  f"({view.renders} viewer renders so far)")
+            assert its_viewer > 0.3 * its_alone
+            time.sleep(0.5)
+            shot1 = page.screenshot(path=str(DOCS / "app_viewer.png"))
+            c1 = _centre(shot1)
+            assert np.abs(c1 - 255).mean() > 5 and c1.std() > 3, "the viewer's centre is blank"
+            # the render follows training
+            n = view.renders
+            wait_for(lambda: view.renders >= n + 2, timeout=30)
+            time.sleep(0.5)
+            c2 = _centre(page.screenshot())
+            assert np.abs(c2 - c1).mean() > 0.2, "the viewer did not change while training"
+            # relighting changes what the viewer shows, not training
+            a.predict("", api_name="/pause")
+            time.sleep(1.0)
+            n = view.renders
+            c3 = _centre(page.screenshot())
+            step = run.trainer.step_count
+            view.controls["ambient"].value = 1.0
+            view.controls["light_intensity"].value = 0.0
+            wait_for(lambda: view.renders > n, timeout=30)
+            time.sleep(0.7)
+            c4 = _centre(page.screenshot())
+            assert np.abs(c4 - c3).mean() > 1.0, "relighting did not change the viewer"
+            view.controls["mode"].value = "normals"
+            n = view.renders
+            wait_for(lambda: view.renders > n, timeout=30)
+            time.sleep(0.7)
+            c5 = _centre(page.screenshot())
+            assert np.abs(c5 - c4).mean() > 1.0, "the shading mode did not change the viewer"
+            assert run.trainer.step_count == step and run.status == "paused"
+            a.predict("", api_name="/stop")
+            wait_for(lambda: run.status == "stopped", timeout=30)
+            assert (run.folder / "checkpoint.safetensors").is_file()  # a stopped run keeps its checkpoint
+            page.close()
+            wait_for(lambda: not app.viewer.clients, timeout=10)  # the disconnect is handled
+
+            # the page: a browser session generates through the UI and sees progress
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(app.url)
+            page.get_by_label("Prompt", exact=True).fill("a red cube")
+            page.get_by_role("button", name="Generate").click()
+            page.get_by_text("Running").first.wait_for(timeout=30000)
+            page.get_by_text("it/s").first.wait_for(timeout=30000)
+            # the embedded viewer (an iframe; Chromium does not run off-screen iframes' frames)
+            page.locator("iframe").first.scroll_into_view_if_needed()
+            view = wait_for(lambda: next(iter(app.viewer.clients.values()), None), timeout=30)
+            wait_for(lambda: view.renders >= 1, timeout=30)
+            time.sleep(2)
+            page.screenshot(path=str(DOCS / "app_page.png"), full_page=True)
+            assert page.get_by_text("Iteration").count() > 0
+            page.get_by_role("button", name="Stop").click()
+            page.get_by_text("Stopped").first.wait_for(timeout=30000)
+        finally:
+            browser.close()
+
+
+def test_crashed_run_reports_and_server_keeps_running(app, clients, tiny_prior_dir):
+    a, _ = clients
+    wait_for(lambda: not any(r.status in ("running", "paused") for r in app.manager.runs.values()), timeout=30)
+    generate(a, "a red cube", 10, tiny_prior_dir, gmodel="/nonexistent/prior")
+    i = wait_for(lambda: (lambda i: i if i["status"] == "failed" else None)(info(a)), timeout=30)
+    assert i["message"]
+    status = a.predict(0, api_name="/poll")[0]
+    assert "Failed" in status
+    generate(a, "a red cube", 3, tiny_prior_dir)  # the server still takes runs
+    wait_for(lambda: info(a)["status"] == "done", timeout=30)
