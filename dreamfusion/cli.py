@@ -17,23 +17,12 @@ import tyro
 
 from .cameras import Lights, make_cameras, spherical_to_position
 from .guidance import GUIDANCE_NAMES, GuidanceError
+from .prior.train import TrainPriorConfig
+from .runs import ExportOptions
 from .shading import SHADING_MODES
 from .trainer import CheckpointError, TrainConfig, Trainer
 
 DEFAULT_PROMPT = "a red cube"
-
-
-@dataclass
-class ExportArgs:
-    """Mesh and turntable export."""
-
-    formats: tuple[str, ...] = ("glb", "obj", "ply")
-    mesh_resolution: int = 128
-    threshold: float | None = None
-    video: str = "mp4"
-    video_mode: str = "lit"
-    video_frames: int = 36
-    video_size: int = 128
 
 
 @dataclass
@@ -61,7 +50,7 @@ class Generate:
     """CPU threads for torch (0: torch's default)"""
     quiet: bool = False
     """no progress bar"""
-    export: ExportArgs = field(default_factory=ExportArgs)
+    export: ExportOptions = field(default_factory=ExportOptions)
     advanced: TrainConfig = field(default_factory=TrainConfig)
     """every setting of the run (the options above take precedence)"""
 
@@ -73,7 +62,7 @@ class Export:
     checkpoint: Annotated[Path, tyro.conf.Positional]
     out: Path = Path("outputs/export")
     overwrite: bool = False
-    export: ExportArgs = field(default_factory=ExportArgs)
+    export: ExportOptions = field(default_factory=ExportOptions)
 
 
 @dataclass
@@ -98,19 +87,6 @@ class Render:
     frames: int = 36
 
 
-@dataclass
-class TrainPrior:
-    """Train (or resume training) the embedded prior on renders of the procedural world."""
-
-    out: Path = Path("assets/prior")
-    steps: int = 20000
-    batch: int = 64
-    threads: int = 1
-    max_minutes: float = 0.0
-    checkpoint_every: int = 250
-    device: str = "cpu"
-
-
 def _train_config(args: Generate) -> TrainConfig:
     from .guidance import GuidanceConfig
 
@@ -122,16 +98,8 @@ def _train_config(args: Generate) -> TrainConfig:
     return dataclasses.replace(args.advanced, steps=args.steps, seed=args.seed, render_size=args.resolution, device=args.device, guidance=guidance)
 
 
-def _export_options(e: ExportArgs):
-    from .runs import ExportOptions, validate_export
-
-    opts = ExportOptions(**dataclasses.asdict(e))
-    validate_export(opts)
-    return opts
-
-
 def run_generate(args: Generate) -> Path:
-    from .runs import finish_output, prepare_output, write_run
+    from .runs import staged_output, validate_export, write_run
     from .trainer import validate_config, validate_prompt
 
     import torch
@@ -141,9 +109,9 @@ def run_generate(args: Generate) -> Path:
     prompt = validate_prompt(args.prompt)
     cfg = _train_config(args)
     validate_config(cfg)
-    opts = _export_options(args.export)
-    staging = prepare_output(args.out, args.overwrite)
-    try:
+    validate_export(args.export)
+    opts = args.export
+    with staged_output(args.out, args.overwrite) as staging:
         messages: list[str] = []
         trainer = Trainer(cfg, prompt, on_message=lambda m: (messages.append(m), print(f"note: {m}", file=sys.stderr)))
         start = time.perf_counter()
@@ -158,32 +126,21 @@ def run_generate(args: Generate) -> Path:
         seconds = time.perf_counter() - start
         timing = {"seconds": seconds, "iterations": trainer.step_count, "it_per_s": trainer.step_count / max(seconds, 1e-9), "notes": messages}
         write_run(trainer, staging, opts, timing)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    out = finish_output(staging, args.out)
+    out = args.out
     print(f"wrote {out} ({trainer.step_count} iterations in {seconds:.0f} s, {timing['it_per_s']:.1f} it/s)")
     return out
 
 
 def run_export(args: Export) -> Path:
-    from .runs import export_scene, finish_output, prepare_output
+    from .runs import export_scene, staged_output, validate_export
 
     # every check that can fail on bad input comes before anything is loaded or created
-    opts = _export_options(args.export)
+    validate_export(args.export)
+    opts = args.export
     Trainer.read_checkpoint(args.checkpoint)
-    staging = prepare_output(args.out, args.overwrite)
-    try:
-        trainer = Trainer.from_checkpoint(args.checkpoint)
-        export_scene(trainer, staging, opts)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    out = finish_output(staging, args.out)
+    with staged_output(args.out, args.overwrite) as staging:
+        export_scene(Trainer.from_checkpoint(args.checkpoint), staging, opts)
+    out = args.out
     print(f"wrote {out}")
     return out
 
@@ -227,16 +184,14 @@ def run_render(args: Render) -> Path:
     return args.out
 
 
-def run_train_prior(args: TrainPrior) -> Path:
-    from .prior.train import TrainPriorConfig, train_prior
+def run_train_prior(cfg: TrainPriorConfig) -> Path:
+    from .prior.train import train_prior
 
-    cfg = TrainPriorConfig(out=args.out, steps=args.steps, batch=args.batch, threads=args.threads, max_minutes=args.max_minutes,
-                           checkpoint_every=args.checkpoint_every, device=args.device)
     return train_prior(cfg)
 
 
 COMMANDS = {"generate": (Generate, run_generate), "export": (Export, run_export), "render": (Render, run_render),
-            "train-prior": (TrainPrior, run_train_prior)}
+            "train-prior": (TrainPriorConfig, run_train_prior)}
 
 
 def _quiet_libraries() -> None:

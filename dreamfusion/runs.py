@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +71,19 @@ def finish_output(staging: Path, out: Path) -> Path:
         shutil.rmtree(out)
     staging.rename(out)
     return out
+
+
+@contextmanager
+def staged_output(out: Path, overwrite: bool):
+    """Write a run into a staging folder, moved into place only if the block succeeds; on any
+    failure (or Ctrl-C) the staging folder is removed and ``out`` is untouched."""
+    staging = prepare_output(out, overwrite)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finish_output(staging, out)
 
 
 def export_scene(trainer: Trainer, folder: Path, opts: ExportOptions) -> dict[str, Path]:
