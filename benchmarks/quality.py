@@ -349,7 +349,7 @@ def render_truth(item: BenchmarkPrompt, cams, size: int) -> dict:
 
 
 def run_prompt(index: int, item: BenchmarkPrompt, cfg, mesh_resolution: int, out: Path, sheet_size: int = SHEET_SIZE,
-               clip_views=None, log=print) -> tuple[dict, dict, dict]:
+               clip_views=None, log=print, turntables: bool = False) -> tuple[dict, dict, dict]:
     """Generate, export and score one prompt. Returns (row, contact-sheet entry, CLIP renders).
     Never raises for a failure of the prompt itself: the row says ``status`` 'error' and why."""
     import trimesh
@@ -384,6 +384,9 @@ def run_prompt(index: int, item: BenchmarkPrompt, cfg, mesh_resolution: int, out
         folder.mkdir(parents=True, exist_ok=True)
         written = export_scene(trainer, folder, opts)
         row["export_seconds"] = time.perf_counter() - t0
+        if turntables:  # for the README; not timed as part of the export
+            trainer.save_checkpoint(folder / "checkpoint.safetensors")
+            export_scene(trainer, folder, ExportOptions(formats=(), video="gif", video_frames=24, video_size=96, mesh_resolution=32))
         row["total_seconds"] = time.perf_counter() - start
         row["mesh"] = str(written["ply"].relative_to(out))
         stage = "rendering"
@@ -446,6 +449,7 @@ def parse_args(argv: list[str] | None):
     ap.add_argument("--render-size", type=int, default=0, help="training render size (default: the config's)")
     ap.add_argument("--views", type=int, default=0, help="cameras per iteration (default: the config's)")
     ap.add_argument("--mesh-resolution", type=int, default=128, help="marching-cubes grid of the export")
+    ap.add_argument("--turntables", action="store_true", help="also save each scene's checkpoint and a GIF turntable")
     ap.add_argument("--sheet-size", type=int, default=SHEET_SIZE, help="pixels per contact-sheet frame")
     ap.add_argument("--clip", default=None, help="optional: CLIP model folder (or hub id) for CLIP R-Precision")
     ap.add_argument("--clip-views", type=int, default=4, help="views per result for CLIP R-Precision")
@@ -486,7 +490,8 @@ def main(argv: list[str] | None = None) -> int:
     rows, entries, renders = [], [], []
     for n, (index, item) in enumerate(chosen, 1):
         print(f"[{n}/{len(chosen)}] {item.prompt} ...", flush=True)
-        row, entry, clip_renders = run_prompt(index, item, cfg, args.mesh_resolution, out, args.sheet_size, clip_cams)
+        row, entry, clip_renders = run_prompt(index, item, cfg, args.mesh_resolution, out, args.sheet_size, clip_cams,
+                                               turntables=args.turntables)
         rows.append(row)
         entries.append(entry)
         renders.append(clip_renders)
