@@ -42,7 +42,7 @@ class Generate:
     model: str = ""
     """stable-diffusion: local folder or hub id"""
     cfg: float | None = None
-    """classifier-free guidance weight (default: the prior's own: 20 embedded, 100 stable-diffusion)"""
+    """classifier-free guidance weight (default: the prior's own: 10 embedded, 100 stable-diffusion)"""
     resolution: int = 64
     """training render size in pixels"""
     device: str = "cpu"

@@ -25,7 +25,7 @@ class FieldConfig:
     """voxels per side of the density/albedo grid"""
     bound: float = 1.0
     """the scene is [-bound, bound]^3"""
-    blob_density: float = 12.0
+    blob_density: float = 20.0
     """lambda of the initial density bias lambda * (1 - |x| / c)"""
     blob_radius: float = 0.5
     """c of the density bias (world units)"""

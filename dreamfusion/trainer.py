@@ -37,15 +37,16 @@ class CheckpointError(ValueError):
 class OptimConfig:
     """Adam on the grid, regularisers, and the guard against bad steps."""
 
-    lr: float = 0.03
+    lr: float = 0.05
     lr_background: float = 1e-3
     grad_clip: float = 10.0
     orientation_weight: float = 0.01
     """final weight of the Ref-NeRF orientation loss (ramped up from 0)"""
     orientation_ramp: float = 0.5
     """fraction of the run over which the orientation weight ramps up"""
-    opacity_weight: float = 0.5
-    """weight of the mean-opacity (sparsity) regulariser against fog"""
+    opacity_weight: float = 50.0
+    """weight of the mean-opacity (sparsity) regulariser against fog (the SDS gradient is summed
+    over pixels and this mean is not, hence the size)"""
 
 
 @dataclass

@@ -26,8 +26,9 @@ class GuidanceConfig:
     """which prior: embedded (shipped, offline) or stable-diffusion"""
     model: str = ""
     """stable-diffusion: a local folder or a hub id; embedded: a folder other than assets/prior"""
-    guidance_scale: float = 20.0
-    """classifier-free guidance weight w (DreamFusion: 100 with Imagen)"""
+    guidance_scale: float = 10.0
+    """classifier-free guidance weight w (DreamFusion: 100 with Imagen; the embedded prior's
+    weaker unconditional branch does best near 10)"""
     t_min: float = 0.02
     t_max: float = 0.98
     t_max_end: float | None = 0.5
