@@ -22,7 +22,7 @@ def main(argv=None) -> None:
     p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)), help="Gradio port")
     p.add_argument("--viewer-port", type=int, default=8080, help="viser viewer port")
     p.add_argument("--no-viewer", action="store_true", help="do not start the viser viewer")
-    p.add_argument("--viewer-url", default=None, help="URL the page's iframe uses for the viewer (default: http://HOST:VIEWER_PORT)")
+    p.add_argument("--viewer-url", default=None, help="URL the page's iframe uses for the viewer (default: viewer/ on the page's own port)")
     p.add_argument("--runs-dir", default="runs/app", help="where runs, checkpoints and exports are written")
     p.add_argument("--max-concurrent", type=int, default=1, help="optimisations running at once (others queue)")
     p.add_argument("--max-runs-kept", type=int, default=20, help="run folders kept on disk (oldest deleted)")
@@ -35,10 +35,15 @@ def main(argv=None) -> None:
     overrides = {"device": a.device} if a.device else None
     handle = create_app(a.runs_dir, overrides, host=a.host, viewer_port=None if a.no_viewer else a.viewer_port,
                         max_concurrent=a.max_concurrent, max_runs_kept=a.max_runs_kept, threads=a.threads, viewer_public_url=a.viewer_url)
-    url = handle.launch(port=a.port)
+    try:
+        url = handle.launch(port=a.port)
+    except RuntimeError as exc:
+        handle.close()
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(f"DreamFusion app:   {url}", flush=True)
     if handle.viewer is not None:
-        print(f"Live 3D viewer:    {handle.viewer.url}", flush=True)
+        print(f"Live 3D viewer:    {handle.viewer.url.replace('0.0.0.0', '127.0.0.1')}  (also {handle.viewer_proxy_url})", flush=True)
     try:
         while True:
             time.sleep(3600)

@@ -10,6 +10,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import html  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -19,6 +21,7 @@ import pandas as pd  # noqa: E402
 from dreamfusion.guidance import GUIDANCE_NAMES  # noqa: E402
 
 from .jobs import RunError, RunManager  # noqa: E402
+from .proxy import VIEWER_PATH, add_viewer_proxy  # noqa: E402
 from .viewer import Viewer  # noqa: E402
 
 EXPORT_CHOICES = ["glb", "obj", "ply", "video"]
@@ -100,7 +103,8 @@ def build_blocks(manager: RunManager, viewer_url: str | None = None) -> gr.Block
             video = gr.Video(label="Turntable", interactive=False, height=360)
         if viewer_url:
             with gr.Accordion("Live 3D viewer (viser)", open=True):
-                gr.Markdown(f"Drag to orbit; relight and change the shading in the viewer's panel. Open it in its own tab: [{viewer_url}]({viewer_url})")
+                gr.Markdown("Drag to orbit; relight and change the shading in the viewer's panel (this changes what you see, not the "
+                            f"training). Open it in its own tab: [{viewer_url}]({viewer_url})")
                 gr.HTML(f'<iframe src="{html.escape(viewer_url)}" style="width:100%;height:520px;border:0" allow="fullscreen"></iframe>')
         gallery = gr.Gallery(label="Finished runs on this server", columns=6, height=200, object_fit="contain")
         with gr.Accordion("Details", open=False):
@@ -188,18 +192,58 @@ class AppHandle:
     viewer: Viewer | None
     host: str
     url: str | None = None
+    port: int | None = None
+    server: object = None
+    thread: threading.Thread | None = None
 
     def launch(self, port: int = 7860, quiet: bool = True) -> str:
+        """Serve the page and, under ``/viewer/``, the live viewer (one port, as a Space needs)
+        from a uvicorn server in a background thread. Returns the page's URL."""
+        import fastapi
+        import uvicorn
+
+        app = fastapi.FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+        if self.viewer is not None:
+            add_viewer_proxy(app, self.viewer.port)
         self.demo.queue(default_concurrency_limit=None)
-        _, local_url, _ = self.demo.launch(server_name=self.host, server_port=port, prevent_thread_lock=True, quiet=quiet,
-                                           allowed_paths=[str(self.manager.runs_dir)], share=False, ssr_mode=False)
-        self.url = local_url
-        return local_url
+        gr.mount_gradio_app(app, self.demo, path="", server_name=self.host, server_port=port,
+                            allowed_paths=[str(self.manager.runs_dir)], ssr_mode=False)
+        config = uvicorn.Config(app, host=self.host, port=port, log_level="warning" if quiet else "info", ws="websockets-sansio",
+                                ws_max_size=50 * 1024 * 1024)
+        server = uvicorn.Server(config)
+        server.install_signal_handlers = lambda: None  # not the main thread: the caller handles Ctrl-C
+        errors: list[BaseException] = []
+
+        def serve():
+            try:
+                server.run()
+            except BaseException as exc:  # noqa: BLE001 - reported to launch() below
+                errors.append(exc)
+
+        self.thread = threading.Thread(target=serve, name="app-server", daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not server.started:
+            if errors or not self.thread.is_alive() or time.time() > deadline:
+                raise RuntimeError(f"could not start the app on {self.host}:{port} (is the port in use?)")
+            time.sleep(0.05)
+        self.server, self.port = server, port
+        shown = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        self.url = f"http://{shown}:{port}/"
+        return self.url
+
+    @property
+    def viewer_proxy_url(self) -> str | None:
+        """The viewer through the page's own port."""
+        return None if self.viewer is None or self.url is None else self.url + VIEWER_PATH.lstrip("/") + "/"
 
     def close(self) -> None:
         self.manager.shutdown()
         if self.viewer is not None:
             self.viewer.stop()
+        if self.server is not None:
+            self.server.should_exit = True
+            self.thread.join(10)
         self.demo.close()
 
 
@@ -210,6 +254,8 @@ def create_app(runs_dir: str | Path = "runs/app", config_overrides: dict | None 
     manager = RunManager(runs_dir, config_overrides, max_concurrent=max_concurrent, max_runs_kept=max_runs_kept, threads=threads,
                          export_defaults=export_defaults)
     viewer = Viewer(manager, host=host, port=viewer_port, **(viewer_kwargs or {})) if viewer_port is not None else None
-    url = viewer_public_url or (viewer.url.replace("0.0.0.0", "127.0.0.1") if viewer else None)
+    # the page embeds the viewer through its own port (relative to the page: works behind a
+    # Space's single port and any reverse proxy); it is also on its own port locally
+    url = viewer_public_url or (VIEWER_PATH.lstrip("/") + "/" if viewer else None)
     demo = build_blocks(manager, url)
     return AppHandle(demo, manager, viewer, host)

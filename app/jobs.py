@@ -108,7 +108,6 @@ class RunManager:
         self.queue: list[str] = []
         self.lock = threading.RLock()
         self.version = 0  # bumped whenever a run finishes (the gallery changes)
-        self.listeners: list = []  # fn(run) called when a run starts (the viewer follows it)
 
     # ------------------------------------------------------------------ settings
     def defaults(self) -> dict:
@@ -366,11 +365,6 @@ class RunManager:
                 run.trainer = trainer
                 run.total_steps = trainer.total_steps
                 run.preview = (trainer.preview().permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-                for fn in list(self.listeners):
-                    try:
-                        fn(run)
-                    except Exception:  # noqa: BLE001
-                        pass
             while trainer.step_count < trainer.total_steps and not run.stop_requested.is_set():
                 if not run.resume_event.is_set():
                     run.resume_event.wait()

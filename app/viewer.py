@@ -20,7 +20,7 @@ import torch
 
 import viser
 import viser.transforms as tf
-from dreamfusion.cameras import Cameras, Lights, sample_cameras, spherical_to_position
+from dreamfusion.cameras import Cameras, Lights, spherical_to_position
 from dreamfusion.shading import SHADING_MODES
 
 from .jobs import Run, RunManager
@@ -81,20 +81,23 @@ class ClientView:
 
 class Viewer:
     def __init__(self, manager: RunManager, host: str = "127.0.0.1", port: int = 8080, full_size: int = 128, low_size: int = 48,
-                 min_interval: float = 0.2, scene_interval: float = 1.0, settle: float = 0.3, n_frustums: int = 12):
+                 min_interval: float = 0.2, scene_interval: float = 1.0, settle: float = 0.3, frustum_interval: float = 0.5):
         self.manager = manager
         self.full_size, self.low_size = full_size, low_size
         self.min_interval, self.scene_interval, self.settle = min_interval, scene_interval, settle
-        self.n_frustums = n_frustums
+        self.frustum_interval = frustum_interval
+        self.frustums_visible = True
+        self.frustum_poses: list = []  # (position, wxyz) of the frustums shown: what the viewer draws
         self.server = viser.ViserServer(host=host, port=port, label="DreamFusion live viewer", verbose=False)
         self.server.scene.set_up_direction("+z")
         self.clients: dict[int, ClientView] = {}
         self.lock = threading.Lock()
-        self._frustum_run: str | None = None
         self._frustums: list = []
+        self._stopping = threading.Event()
         self.server.on_client_connect(self._connect)
         self.server.on_client_disconnect(self._disconnect)
-        manager.listeners.append(self._run_started)
+        self._frustum_thread = threading.Thread(target=self._frustum_loop, name="viewer-frustums", daemon=True)
+        self._frustum_thread.start()
 
     @property
     def host(self) -> str:
@@ -109,25 +112,40 @@ class Viewer:
         return f"http://{self.host}:{self.port}"
 
     # ------------------------------------------------------------------ scene
-    def _run_started(self, run: Run) -> None:
-        """Show the new run's camera distribution as frustums (a fixed sample of it: the engine
-        does not expose the cameras it drew for each step)."""
-        if self._frustum_run == run.id:
-            return
-        self._frustum_run = run.id
-        for h in self._frustums:
+    def _frustum_loop(self) -> None:
+        """Show the cameras the current run trained with in its last steps as frustums, moved
+        as training draws new ones (``frustum_interval`` seconds apart at most)."""
+        shown = None
+        while not self._stopping.wait(self.frustum_interval):
             try:
-                h.remove()
-            except Exception:  # noqa: BLE001
-                pass
-        gen = torch.Generator().manual_seed(run.cfg.seed)
-        cams = sample_cameras(run.cfg.camera, self.n_frustums, gen)
-        self._frustums = []
-        for i in range(len(cams)):
-            wxyz, pos = cameras_to_viser(cams.c2w[i])
-            fov = 2 * math.atan(0.5 / float(cams.focal[i]))
-            self._frustums.append(self.server.scene.add_camera_frustum(
-                f"/training_cameras/{i}", fov=fov, aspect=1.0, scale=0.08, thickness=0.003, color=(230, 120, 30), wxyz=wxyz, position=pos))
+                run = self.manager.current()
+                if run is None or run.trainer is None:
+                    continue
+                key = (run.id, run.trainer.step_count)
+                if key == shown:
+                    continue
+                shown = key
+                self.show_training_cameras(run.trainer.training_cameras())
+            except Exception as exc:  # noqa: BLE001 - the viewer must outlive a bad update
+                print(f"viewer: training cameras not shown: {type(exc).__name__}: {exc}")
+
+    def show_training_cameras(self, poses: list) -> None:
+        """Place one frustum per (c2w, focal) in ``poses``; unused frustums are hidden."""
+        with self.lock:
+            for i, (c2w, focal) in enumerate(poses):
+                wxyz, pos = cameras_to_viser(c2w)
+                fov = 2 * math.atan(0.5 / focal)
+                if i < len(self._frustums):
+                    h = self._frustums[i]
+                    h.wxyz, h.position, h.fov = wxyz, pos, fov
+                    h.visible = self.frustums_visible
+                else:
+                    self._frustums.append(self.server.scene.add_camera_frustum(
+                        f"/training_cameras/{i}", fov=fov, aspect=1.0, scale=0.08, thickness=0.003, color=(230, 120, 30),
+                        wxyz=wxyz, position=pos, visible=self.frustums_visible))
+            for h in self._frustums[len(poses):]:
+                h.visible = False
+            self.frustum_poses = [(np.asarray(h.position), np.asarray(h.wxyz)) for h in self._frustums[:len(poses)]]
 
     # ------------------------------------------------------------------ clients
     def _connect(self, client: viser.ClientHandle) -> None:
@@ -152,8 +170,10 @@ class Viewer:
 
         @view.controls["frustums"].on_update
         def _(event):
-            for h in self._frustums:
-                h.visible = bool(event.target.value)
+            self.frustums_visible = bool(event.target.value)
+            with self.lock:
+                for h in self._frustums[:len(self.frustum_poses)]:
+                    h.visible = self.frustums_visible
 
         @client.camera.on_update
         def _(camera):
@@ -231,4 +251,5 @@ class Viewer:
             self.clients.clear()
         for v in views:
             v.stop.set()
+        self._stopping.set()
         self.server.stop()

@@ -8,6 +8,7 @@ import json
 import math
 import threading
 import time
+from collections import deque
 from dataclasses import asdict, dataclass
 from dataclasses import field as dataclass_field
 from pathlib import Path
@@ -27,6 +28,8 @@ from .shading import TRAINING_SHADING_MODES
 
 CHECKPOINT_VERSION = 1
 MAX_RENDER_SIZE = 512
+#: training cameras remembered for viewers (steps, each with ``views`` cameras)
+CAMERA_HISTORY = 8
 
 
 class CheckpointError(ValueError):
@@ -137,6 +140,7 @@ class Trainer:
         self.step_count = 0
         self.total_steps = cfg.steps
         self.history: list[dict] = []
+        self.recent_cameras: deque[tuple[torch.Tensor, torch.Tensor]] = deque(maxlen=CAMERA_HISTORY)
         self.prompt = ""
         self.set_prompt(prompt)
         self._resume = threading.Event()
@@ -224,7 +228,9 @@ class Trainer:
             t0 = time.perf_counter()
             cfg = self.cfg
             self.field.train()
-            cams = sample_cameras(cfg.camera, cfg.views, self.generator).to(self.device)
+            cams = sample_cameras(cfg.camera, cfg.views, self.generator)
+            self.recent_cameras.append((cams.c2w.clone(), cams.focal.clone()))
+            cams = cams.to(self.device)
             lights = sample_lights(cfg.camera, cams.to("cpu"), self.generator).to(self.device)
             mode = self._sample_mode()
             out = self.renderer.render(cams, lights, cfg.render_size, cfg.render_size, mode, stratified=True, generator=self.generator)
@@ -259,6 +265,13 @@ class Trainer:
         return metrics
 
     # ------------------------------------------------------------------ viewing
+    def training_cameras(self) -> list[tuple[torch.Tensor, float]]:
+        """The cameras of the last :data:`CAMERA_HISTORY` steps, newest last: (c2w (3, 4) on the
+        CPU, focal as a multiple of the image width) each."""
+        with self.lock:
+            steps = list(self.recent_cameras)
+        return [(c2w[i], float(focal[i])) for c2w, focal in steps for i in range(c2w.shape[0])]
+
     @torch.no_grad()
     def render_views(self, cameras: Cameras, lights: Lights | None = None, size: int = 64, mode: str = "lit") -> torch.Tensor:
         """Images (B, 3, size, size) in [0, 1] of the current scene, without touching training."""

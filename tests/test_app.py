@@ -17,7 +17,8 @@ pytest.importorskip("viser")
 from gradio_client import Client  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = ROOT / "docs"
+#: screenshots for the README are refreshed only when asked: DREAMFUSION_UPDATE_DOCS=1 pytest tests/test_app.py
+UPDATE_DOCS = os.environ.get("DREAMFUSION_UPDATE_DOCS") == "1"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run"]
@@ -81,11 +82,11 @@ def clients(app):
 
 def test_servers_bind_loopback(app):
     assert app.viewer.host == "127.0.0.1"
-    assert app.demo.server_name == "127.0.0.1"
+    assert app.host == "127.0.0.1" and app.url.startswith("http://127.0.0.1:")
     ip = non_loopback_ip()
     if ip is None:
         pytest.skip("this machine has no non-loopback address")
-    for port in (app.demo.server_port, app.viewer.port):
+    for port in (app.port, app.viewer.port):
         with socket.socket() as s:
             s.settimeout(2)
             with pytest.raises(OSError):
@@ -168,17 +169,54 @@ def _its(run, seconds=3.0) -> float:
     return (run.trainer.step_count - s0) / (time.perf_counter() - t0)
 
 
-def test_viewer_and_page_in_browser(app, clients, tiny_prior_dir):
+def save_screenshot(png: bytes, tmp_path: Path, name: str) -> None:
+    (tmp_path / name).write_bytes(png)
+    if UPDATE_DOCS:
+        (ROOT / "docs" / name).write_bytes(png)
+
+
+def test_viewer_through_the_page_port(app):
+    """One port: viser's client and its websocket are served under /viewer/ of the page's port."""
+    import httpx
+
+    r = httpx.get(app.url + "viewer", follow_redirects=False)
+    assert r.status_code == 307 and r.headers["location"].endswith("/viewer/")
+    r = httpx.get(app.viewer_proxy_url)
+    direct = httpx.get(app.viewer.url + "/", headers={"accept-encoding": "identity"})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert r.content == direct.content and b"<html" in r.content[:200]
+    assert httpx.get(app.url + "viewer/no-such-file.js").status_code == 404
+
+
+def test_viewer_proxy_reports_an_unreachable_viewer():
+    import fastapi
+    from fastapi.testclient import TestClient
+    from starlette.websockets import WebSocketDisconnect
+
+    from app.proxy import add_viewer_proxy
+
+    server = fastapi.FastAPI()
+    add_viewer_proxy(server, free_port())  # nothing listens there
+    client = TestClient(server)
+    r = client.get("/viewer/")
+    assert r.status_code == 502 and "not reachable" in r.text
+    with pytest.raises(WebSocketDisconnect) as exc:
+        with client.websocket_connect("/viewer") as ws:
+            ws.receive_bytes()
+    assert exc.value.code == 1011
+
+
+def test_viewer_and_page_in_browser(app, clients, tiny_prior_dir, tmp_path):
     sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
     if not os.path.exists(CHROMIUM):
         pytest.skip("no chromium")
     a, _ = clients
-    run = app.manager.get(info(a)["run"])  # the long run started by the previous test
-    if run.status != "running":
+    current = info(a)["run"]  # the long run started by the previous test, if it ran
+    run = app.manager.get(current) if current else None
+    if run is None or run.status != "running":
         generate(a, "a green sphere", 2000, tiny_prior_dir)
         run = app.manager.get(info(a)["run"])
     wait_for(lambda: run.trainer is not None and run.trainer.step_count > 5)
-    DOCS.mkdir(exist_ok=True)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
@@ -192,9 +230,19 @@ def test_viewer_and_page_in_browser(app, clients, tiny_prior_dir):
                   f"({view.renders} viewer renders so far)")
             assert its_viewer > 0.3 * its_alone
             time.sleep(0.5)
-            shot1 = page.screenshot(path=str(DOCS / "app_viewer.png"))
+            shot1 = page.screenshot()
+            save_screenshot(shot1, tmp_path, "app_viewer.png")
             c1 = _centre(shot1)
             assert np.abs(c1 - 255).mean() > 5 and c1.std() > 3, "the viewer's centre is blank"
+            # the frustums are the cameras training actually drew, and move with it
+            poses = wait_for(lambda: app.viewer.frustum_poses, timeout=10)
+            trained = run.trainer.training_cameras()
+            assert len(poses) == len(trained) > 0
+            radii = [float(np.linalg.norm(p)) for p, _ in poses]
+            cam = run.cfg.camera
+            assert all(cam.distance_range[0] - 1e-4 <= r <= cam.distance_range[1] + 1e-4 for r in radii)
+            first = [p.copy() for p, _ in poses]
+            wait_for(lambda: any(not np.allclose(p, q) for (p, _), q in zip(app.viewer.frustum_poses, first)), timeout=10)
             # the render follows training
             n = view.renders
             wait_for(lambda: view.renders >= n + 2, timeout=30)
@@ -226,6 +274,13 @@ def test_viewer_and_page_in_browser(app, clients, tiny_prior_dir):
             page.close()
             wait_for(lambda: not app.viewer.clients, timeout=10)  # the disconnect is handled
 
+            # viewer clients that open and close at once leave nothing behind
+            for _ in range(3):
+                quick = browser.new_page()
+                quick.goto(app.viewer_proxy_url, wait_until="commit")
+                quick.close()
+            wait_for(lambda: not app.viewer.clients, timeout=15)
+
             # the page: a browser session generates through the UI and sees progress
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             page.goto(app.url)
@@ -233,12 +288,17 @@ def test_viewer_and_page_in_browser(app, clients, tiny_prior_dir):
             page.get_by_role("button", name="Generate").click()
             page.get_by_text("Running").first.wait_for(timeout=30000)
             page.get_by_text("it/s").first.wait_for(timeout=30000)
-            # the embedded viewer (an iframe; Chromium does not run off-screen iframes' frames)
-            page.locator("iframe").first.scroll_into_view_if_needed()
+            # the embedded viewer: an iframe on the page's own port (/viewer/, proxied to viser);
+            # Chromium does not run off-screen iframes' frames
+            frame = page.locator("iframe").first
+            assert frame.get_attribute("src") == "viewer/"
+            frame.scroll_into_view_if_needed()
             view = wait_for(lambda: next(iter(app.viewer.clients.values()), None), timeout=30)
-            wait_for(lambda: view.renders >= 1, timeout=30)
-            time.sleep(2)
-            page.screenshot(path=str(DOCS / "app_page.png"), full_page=True)
+            wait_for(lambda: view.renders >= 2, timeout=30)
+            time.sleep(1.5)
+            c = _centre(frame.screenshot())
+            assert np.abs(c - 255).mean() > 5 and c.std() > 3, "the viewer embedded through the page's port is blank"
+            save_screenshot(page.screenshot(full_page=True), tmp_path, "app_page.png")
             assert page.get_by_text("Iteration").count() > 0
             page.get_by_role("button", name="Stop").click()
             page.get_by_text("Stopped").first.wait_for(timeout=30000)

@@ -65,6 +65,27 @@ def test_steps_metrics_callbacks_and_preview(fast_config, guidance):
     assert trainer.step_count == 4
 
 
+def test_training_cameras_are_the_cameras_drawn(fast_config, guidance, monkeypatch):
+    import dreamfusion.trainer as trainer_module
+    from dreamfusion.trainer import CAMERA_HISTORY
+
+    drawn = []
+    real = trainer_module.sample_cameras
+    monkeypatch.setattr(trainer_module, "sample_cameras", lambda *a, **k: drawn.append(real(*a, **k)) or drawn[-1])
+    cfg = dataclasses.replace(fast_config, steps=CAMERA_HISTORY + 3, views=2)
+    trainer = Trainer(cfg, PROMPT, guidance=guidance)
+    assert trainer.training_cameras() == []
+    trainer.step()
+    poses = trainer.training_cameras()
+    assert len(poses) == 2
+    for i, (c2w, focal) in enumerate(poses):
+        assert torch.equal(c2w, drawn[0].c2w[i]) and focal == pytest.approx(float(drawn[0].focal[i]))
+    trainer.run()
+    poses = trainer.training_cameras()
+    assert len(poses) == 2 * CAMERA_HISTORY  # only the newest steps, newest last
+    assert torch.equal(poses[-1][0], drawn[-1].c2w[1]) and torch.equal(poses[0][0], drawn[3].c2w[0])
+
+
 def test_no_preview_when_disabled(fast_config, guidance):
     trainer = Trainer(dataclasses.replace(fast_config, steps=2), PROMPT, guidance=guidance)
     assert fast_config.preview_every == 0
