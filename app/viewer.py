@@ -10,6 +10,7 @@ The relighting and shading controls change only what this client sees, never tra
 
 from __future__ import annotations
 
+import copy
 import math
 import threading
 import time
@@ -21,6 +22,7 @@ import torch
 import viser
 import viser.transforms as tf
 from dreamfusion.cameras import Cameras, Lights, spherical_to_position
+from dreamfusion.render import Renderer
 from dreamfusion.shading import SHADING_MODES
 
 from .jobs import Run, RunManager
@@ -77,6 +79,8 @@ class ClientView:
     last_image: np.ndarray | None = None
     last_size: int = 0
     thread: threading.Thread | None = None
+    shadow: Renderer | None = None  # this client's copy of the scene it renders
+    shadow_run: str | None = None
 
 
 class Viewer:
@@ -221,7 +225,10 @@ class Viewer:
                 scene_due = run_step != last_run_step and now - view.last_render >= self.scene_interval
                 if key == last_key and not scene_due:
                     continue
-                image = self.render(run, cam.position, cam.wxyz, cam.fov, cam.aspect, size, view.settings)
+                if view.shadow_run != run.id:
+                    view.shadow, view.shadow_run = None, run.id
+                view.shadow = self.snapshot(run, view.shadow)
+                image = self.render(view.shadow, cam.position, cam.wxyz, cam.fov, cam.aspect, size, view.settings)
                 view.client.scene.set_background_image(image, format="jpeg", jpeg_quality=90)
                 view.last_image, view.last_size = image, size
                 view.renders += 1
@@ -235,14 +242,26 @@ class Viewer:
 
     @staticmethod
     @torch.no_grad()
-    def render(run: Run, position, wxyz, fov, aspect, size: int, settings: ViewSettings) -> np.ndarray:
-        """(H, W, 3) uint8 image of ``run``'s scene from a viser camera (the engine's
-        ``render_views`` is square only, so this calls its renderer directly, under its lock)."""
+    def snapshot(run: Run, shadow: Renderer | None = None) -> Renderer:
+        """A copy of ``run``'s scene to render from: taken under the trainer's lock (a copy of
+        the grid, about a millisecond), so a viewer's render never holds training up."""
         trainer = run.trainer
-        cams, h, w = viser_to_cameras(position, wxyz, fov, aspect, size)
         with trainer.lock:
-            out = trainer.renderer.render(cams.to(trainer.device), settings.lights().to(trainer.device), h, w, settings.mode)
-            img = out["image"][0].clamp(0, 1).permute(1, 2, 0).cpu().numpy()
+            if shadow is None:
+                shadow = copy.deepcopy(trainer.renderer)
+            else:
+                shadow.load_state_dict(trainer.renderer.state_dict())
+        return shadow
+
+    @staticmethod
+    @torch.no_grad()
+    def render(scene: Renderer, position, wxyz, fov, aspect, size: int, settings: ViewSettings) -> np.ndarray:
+        """(H, W, 3) uint8 image of a scene (a :meth:`snapshot`) from a viser camera (the
+        engine's ``render_views`` is square only, so this calls the renderer directly)."""
+        device = scene.field.grid.device
+        cams, h, w = viser_to_cameras(position, wxyz, fov, aspect, size)
+        out = scene.render(cams.to(device), settings.lights().to(device), h, w, settings.mode)
+        img = out["image"][0].clamp(0, 1).permute(1, 2, 0).cpu().numpy()
         return (img * 255).round().astype(np.uint8)
 
     def stop(self) -> None:

@@ -2,8 +2,8 @@
 
     python benchmarks/speed.py [--warmup 150 --iters 30 --threads 1 2 --sizes 32 64 128]
 
-Prints a table (markdown) of: render forward (sampling + field + shading + compositing),
-guidance (the prior's noise prediction inside SDS), backward, optimiser, whole iteration and
+Prints a table (markdown) of: render forward (and, split by the renderer's profiler ranges,
+its sampling, field, shading, compositing and background stages), guidance (the prior's noise prediction inside SDS), backward, optimiser, whole iteration and
 it/s, peak memory; the occupancy grid's speed-up over dense sampling once an object has formed;
 and the prior's own costs (one SDS call, sampling one image).
 """
@@ -27,6 +27,23 @@ def timed(fn, n):
     for _ in range(n):
         out = fn()
     return (time.perf_counter() - t0) / n, out
+
+
+RENDER_STAGES = ("sampling", "field", "shading", "compositing", "background")
+
+
+def render_stage_times(trainer: Trainer, size: int, iters: int) -> dict:
+    """Mean milliseconds of the renderer's own stages (its ``render.*`` profiler ranges) in a
+    forward pass at ``size``: sampling, field, shading, compositing, background."""
+    cfg = trainer.cfg
+    g = torch.Generator().manual_seed(2)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(iters):
+            cams = sample_cameras(cfg.camera, cfg.views, g)
+            lights = sample_lights(cfg.camera, cams, g)
+            trainer.renderer.render(cams, lights, size, size, "lit", stratified=True, generator=g)
+    totals = {e.key: e.cpu_time_total for e in prof.key_averages() if e.key.startswith("render.")}
+    return {k: totals.get(f"render.{k}", 0.0) / 1e3 / iters for k in RENDER_STAGES}
 
 
 def stage_times(trainer: Trainer, size: int, iters: int) -> dict:
@@ -72,12 +89,20 @@ def main() -> None:
 
     print("| threads | render px | render fwd ms | guidance ms | backward ms | optimiser ms | iteration ms | it/s |")
     print("|---|---|---|---|---|---|---|---|")
+    rows = []
     for threads in args.threads:
         torch.set_num_threads(threads)
         for size in args.sizes:
             t = stage_times(trainer, size, args.iters)
+            parts = render_stage_times(trainer, size, max(3, args.iters // 2))
+            rows.append((threads, size, parts))
             print(f"| {threads} | {size} | {t['render'] * 1e3:.0f} | {t['guidance'] * 1e3:.0f} | {t['backward'] * 1e3:.0f} | "
-                  f"{t['optimiser'] * 1e3:.1f} | {t['iteration'] * 1e3:.0f} | {1 / t['iteration']:.1f} |")
+                  f"{t['optimiser'] * 1e3:.1f} | {t['iteration'] * 1e3:.0f} | {1 / t['iteration']:.1f} |", flush=True)
+    print("\nthe render forward by stage (torch profiler ranges `render.*`, ms; the profiler adds a little):\n")
+    print("| threads | render px | " + " | ".join(RENDER_STAGES) + " |")
+    print("|---|---|" + "---|" * len(RENDER_STAGES))
+    for threads, size, parts in rows:
+        print(f"| {threads} | {size} | " + " | ".join(f"{parts[k]:.1f}" for k in RENDER_STAGES) + " |")
     torch.set_num_threads(max(args.threads))
 
     cams = sample_cameras(trainer.cfg.camera, 2, torch.Generator().manual_seed(3))

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import nerfacc
 import torch
+from torch.profiler import record_function
 
 from .cameras import Cameras, Lights, camera_rays
 from .field import Background, GridField
@@ -135,38 +136,43 @@ class Renderer(torch.nn.Module):
             raise ValueError(f"unknown shading mode {mode!r}; expected one of {', '.join(SHADING_MODES)}")
         n = origins.shape[0]
         sampler = self._sampler(origins.device)
-        if sampler == "nerfacc":  # pragma: no cover - needs CUDA
-            ray_idx, t_starts, t_ends = self._sample_nerfacc(origins, dirs, stratified)
-        else:
-            ray_idx, t_starts, t_ends = self._sample_torch(origins, dirs, stratified, generator, dense=sampler == "dense")
-        pts = origins[ray_idx] + dirs[ray_idx] * ((t_starts + t_ends) * 0.5)[:, None]
-        out = self.field(pts, with_normals=mode != "albedo")
+        with record_function("render.sampling"):
+            if sampler == "nerfacc":  # pragma: no cover - needs CUDA
+                ray_idx, t_starts, t_ends = self._sample_nerfacc(origins, dirs, stratified)
+            else:
+                ray_idx, t_starts, t_ends = self._sample_torch(origins, dirs, stratified, generator, dense=sampler == "dense")
+            pts = origins[ray_idx] + dirs[ray_idx] * ((t_starts + t_ends) * 0.5)[:, None]
+        with record_function("render.field"):
+            out = self.field(pts, with_normals=mode != "albedo")
         sigmas = out["density"]
-        weights = self._weights(t_starts, t_ends, sigmas, ray_idx, n)
-        if mode in ("lit", "textureless", "albedo"):
-            normals = out.get("normals", torch.zeros_like(pts))
-            colours = shade(mode, out["albedo"], normals, pts, light_pos[ray_idx], light_intensity[ray_idx], ambient[ray_idx])
-        elif mode == "normals":
-            colours = normals_to_rgb(out["normals"])
-        else:  # depth: shaded after compositing
-            colours = torch.zeros_like(pts)
-        accumulate = lambda values: torch.zeros(n, values.shape[-1], device=values.device, dtype=values.dtype).index_add_(0, ray_idx, values * weights[:, None])  # noqa: E731
-        opacity = torch.zeros(n, device=origins.device).index_add_(0, ray_idx, weights)
-        depth = accumulate(((t_starts + t_ends) * 0.5)[:, None])[:, 0]
-        rgb = accumulate(colours)
-        normal = accumulate(out["normals"]) if "normals" in out else torch.zeros(n, 3, device=origins.device)
-        if "normals" in out:
-            facing = (out["normals"] * dirs[ray_idx]).sum(-1).clamp_min(0) ** 2
-            orientation = torch.zeros(n, device=origins.device).index_add_(0, ray_idx, weights.detach() * facing)
-        else:
-            orientation = torch.zeros(n, device=origins.device)
-        if mode == "depth":
-            rgb = (depth / (opacity + 1e-6))[:, None].expand(n, 3)
-            rgb = (rgb - rgb[opacity > 0.5].min()) / (rgb[opacity > 0.5].max() - rgb[opacity > 0.5].min() + 1e-6) if (opacity > 0.5).any() else rgb * 0
-            rgb = 1 - rgb * opacity[:, None]  # near = dark
-            rgb = rgb * opacity[:, None] + (1 - opacity[:, None])
-        else:
-            rgb = rgb + (1 - opacity[:, None]) * self.background(dirs)
+        with record_function("render.shading"):
+            if mode in ("lit", "textureless", "albedo"):
+                normals = out.get("normals", torch.zeros_like(pts))
+                colours = shade(mode, out["albedo"], normals, pts, light_pos[ray_idx], light_intensity[ray_idx], ambient[ray_idx])
+            elif mode == "normals":
+                colours = normals_to_rgb(out["normals"])
+            else:  # depth: shaded after compositing
+                colours = torch.zeros_like(pts)
+        with record_function("render.compositing"):
+            weights = self._weights(t_starts, t_ends, sigmas, ray_idx, n)
+            accumulate = lambda values: torch.zeros(n, values.shape[-1], device=values.device, dtype=values.dtype).index_add_(0, ray_idx, values * weights[:, None])  # noqa: E731
+            opacity = torch.zeros(n, device=origins.device).index_add_(0, ray_idx, weights)
+            depth = accumulate(((t_starts + t_ends) * 0.5)[:, None])[:, 0]
+            rgb = accumulate(colours)
+            normal = accumulate(out["normals"]) if "normals" in out else torch.zeros(n, 3, device=origins.device)
+            if "normals" in out:
+                facing = (out["normals"] * dirs[ray_idx]).sum(-1).clamp_min(0) ** 2
+                orientation = torch.zeros(n, device=origins.device).index_add_(0, ray_idx, weights.detach() * facing)
+            else:
+                orientation = torch.zeros(n, device=origins.device)
+        with record_function("render.background"):
+            if mode == "depth":
+                rgb = (depth / (opacity + 1e-6))[:, None].expand(n, 3)
+                rgb = (rgb - rgb[opacity > 0.5].min()) / (rgb[opacity > 0.5].max() - rgb[opacity > 0.5].min() + 1e-6) if (opacity > 0.5).any() else rgb * 0
+                rgb = 1 - rgb * opacity[:, None]  # near = dark
+                rgb = rgb * opacity[:, None] + (1 - opacity[:, None])
+            else:
+                rgb = rgb + (1 - opacity[:, None]) * self.background(dirs)
         return {"rgb": rgb, "opacity": opacity, "depth": depth, "normal": normal, "orientation": orientation,
                 "n_samples": int(t_starts.shape[0])}
 

@@ -316,3 +316,39 @@ def test_crashed_run_reports_and_server_keeps_running(app, clients, tiny_prior_d
     assert "Failed" in status
     generate(a, "a red cube", 3, tiny_prior_dir)  # the server still takes runs
     wait_for(lambda: info(a)["status"] == "done", timeout=30)
+
+
+def test_viewer_renders_a_snapshot_not_the_live_scene(fast_config):
+    """The viewer renders a copy of the scene taken under the trainer's lock, so its renders do
+    not hold training up; the copy is refreshed in place and then matches the live scene."""
+    import math as m
+
+    import viser.transforms as tf
+
+    from app.jobs import Run
+    from app.viewer import Viewer, ViewSettings
+    from dreamfusion.cameras import make_cameras
+    from dreamfusion.trainer import Trainer
+
+    trainer = Trainer(fast_config, "a red cube")
+    trainer.run(3)
+    run = Run("r", "owner", "a red cube", fast_config, Path("."), trainer=trainer)
+    cams = make_cameras(30.0, 20.0, 1.9, 1.1)
+    c2w = cams.c2w[0].numpy().astype(np.float64)
+    wxyz = tf.SO3.from_matrix(np.stack([c2w[:, 0], -c2w[:, 1], -c2w[:, 2]], axis=1)).wxyz
+    fov = 2 * m.atan(0.5 / float(cams.focal[0]))
+    settings = ViewSettings()
+
+    def live():
+        img = trainer.render_views(cams, settings.lights(), size=32)[0]
+        return (img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+    shadow = Viewer.snapshot(run)
+    before = Viewer.render(shadow, c2w[:, 3], wxyz, fov, 1.0, 32, settings)
+    assert np.abs(before.astype(int) - live().astype(int)).max() <= 1
+    trainer.field.grid.data.add_(0.5)  # the live scene changes; the snapshot does not
+    assert np.array_equal(Viewer.render(shadow, c2w[:, 3], wxyz, fov, 1.0, 32, settings), before)
+    again = Viewer.snapshot(run, shadow)
+    assert again is shadow
+    after = Viewer.render(shadow, c2w[:, 3], wxyz, fov, 1.0, 32, settings)
+    assert np.abs(after.astype(int) - live().astype(int)).max() <= 1 and not np.array_equal(after, before)

@@ -267,3 +267,26 @@ def test_clip_cli_scores_the_truth(tmp_path, tiny_clip_dir, capsys):
     assert "CLIP R-Precision of the TRUE objects (lit, 2 views each, 2 captions)" in out and "textureless" in out
     assert clip_rprecision.main(["--clip", str(tmp_path / "none"), "--prompts", str(prompts)]) == 2
     assert capsys.readouterr().err.startswith("error: CLIP model folder")
+
+
+# ----------------------------------------------------------------------------- speed
+
+
+def test_speed_splits_the_render_into_its_stages(fast_config):
+    """Every stage of the renderer is measured, and the stages account for the forward pass."""
+    import time
+
+    import speed
+
+    from dreamfusion.trainer import Trainer
+
+    trainer = Trainer(fast_config, "a red cube")
+    trainer.run(2)
+    parts = speed.render_stage_times(trainer, 32, 3)
+    assert set(parts) == set(speed.RENDER_STAGES)
+    assert all(parts[k] > 0 for k in ("sampling", "field", "shading", "compositing", "background")), parts
+    t0 = time.perf_counter()
+    for _ in range(3):
+        speed.stage_times(trainer, 32, 1)
+    whole_ms = (time.perf_counter() - t0) / 3 * 1e3
+    assert sum(parts.values()) < whole_ms  # a part of the iteration, not more
