@@ -10,6 +10,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import html  # noqa: E402
+import re  # noqa: E402
+import secrets  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
@@ -27,10 +29,22 @@ from .viewer import Viewer  # noqa: E402
 EXPORT_CHOICES = ["glb", "obj", "ply", "video"]
 
 
-def _owner(request: gr.Request | None) -> str:
+#: what a browser keeps in its localStorage to stay the owner of its runs across reloads
+OWNER_TOKEN = re.compile(r"[A-Za-z0-9_-]{16,64}")
+
+
+def new_owner_token() -> str:
+    return secrets.token_urlsafe(24)
+
+
+def _owner(token, request: gr.Request | None) -> str:
+    """Who is asking: the browser's owner token (kept in its localStorage, so a reload keeps
+    control of its run), else the Gradio session (an API client that sends no token)."""
+    if isinstance(token, str) and OWNER_TOKEN.fullmatch(token):
+        return "browser:" + token
     if request is None or not getattr(request, "session_hash", None):
         raise gr.Error("no session: reload the page")
-    return request.session_hash
+    return "session:" + request.session_hash
 
 
 def _fmt_eta(seconds) -> str:
@@ -110,11 +124,12 @@ def build_blocks(manager: RunManager, viewer_url: str | None = None) -> gr.Block
         with gr.Accordion("Details", open=False):
             info_json = gr.JSON(label="Run")
         gallery_version = gr.State(-1)
+        owner_token = gr.BrowserState(None, storage_key="dreamfusion-owner")
         timer = gr.Timer(1.0)
 
         # ---------------------------------------------------------------- handlers
-        def generate(p, n_steps, s, gname, gmodel, gscale, res, request: gr.Request):
-            owner = _owner(request)
+        def generate(p, n_steps, s, gname, gmodel, gscale, res, token, request: gr.Request):
+            owner = _owner(token, request)
             try:
                 run = manager.submit(owner, p, steps=n_steps, seed=s, guidance_name=gname, guidance_model=gmodel,
                                      guidance_scale=gscale, render_size=res)
@@ -123,8 +138,8 @@ def build_blocks(manager: RunManager, viewer_url: str | None = None) -> gr.Block
             return status_markdown(run_info(manager, owner)), run.id
 
         def control(action):
-            def fn(run_id, request: gr.Request):
-                owner = _owner(request)
+            def fn(run_id, token, request: gr.Request):
+                owner = _owner(token, request)
                 try:
                     getattr(manager, action)(owner, run_id or None)
                 except RunError as exc:
@@ -132,8 +147,8 @@ def build_blocks(manager: RunManager, viewer_url: str | None = None) -> gr.Block
                 return status_markdown(run_info(manager, owner))
             return fn
 
-        def refine(p, extra, request: gr.Request):
-            owner = _owner(request)
+        def refine(p, extra, token, request: gr.Request):
+            owner = _owner(token, request)
             try:
                 manager.refine(owner, p, extra or 0)
             except RunError as exc:
@@ -141,8 +156,8 @@ def build_blocks(manager: RunManager, viewer_url: str | None = None) -> gr.Block
             gr.Info("prompt changed: optimisation continues from the current scene")
             return status_markdown(run_info(manager, owner))
 
-        def export(formats, request: gr.Request):
-            owner = _owner(request)
+        def export(formats, token, request: gr.Request):
+            owner = _owner(token, request)
             try:
                 written = manager.export(owner, formats)
             except RunError as exc:
@@ -152,8 +167,8 @@ def build_blocks(manager: RunManager, viewer_url: str | None = None) -> gr.Block
             vid = str(written["video"]) if "video" in written else None
             return paths, mesh, vid
 
-        def poll(version, request: gr.Request):
-            owner = _owner(request)
+        def poll(version, token, request: gr.Request):
+            owner = _owner(token, request)
             info = run_info(manager, owner)
             run = manager.latest_of(owner)
             plot = pd.DataFrame({"step": [], "loss": []})
@@ -173,15 +188,20 @@ def build_blocks(manager: RunManager, viewer_url: str | None = None) -> gr.Block
             return status_markdown(info), info, plot, img, gal, version
 
         run_id_box = gr.Textbox(visible=False, label="run id")
-        generate_btn.click(generate, [prompt, steps, seed, guidance_name, guidance_model, guidance_scale, render_size], [status, run_id_box],
+        generate_btn.click(generate, [prompt, steps, seed, guidance_name, guidance_model, guidance_scale, render_size, owner_token], [status, run_id_box],
                            api_name="generate", concurrency_limit=None)
         for btn, action in ((pause_btn, "pause"), (resume_btn, "resume"), (stop_btn, "stop")):
-            btn.click(control(action), [run_id_box], [status], api_name=action, concurrency_limit=None)
-        refine_btn.click(refine, [refine_prompt, refine_steps], [status], api_name="refine", concurrency_limit=None)
-        export_btn.click(export, [export_formats], [files, model3d, video], api_name="export", concurrency_limit=2)
+            btn.click(control(action), [run_id_box, owner_token], [status], api_name=action, concurrency_limit=None)
+        refine_btn.click(refine, [refine_prompt, refine_steps, owner_token], [status], api_name="refine", concurrency_limit=None)
+        export_btn.click(export, [export_formats, owner_token], [files, model3d, video], api_name="export", concurrency_limit=2)
         outs = [status, info_json, loss_plot, preview, gallery, gallery_version]
-        timer.tick(poll, [gallery_version], outs, api_name="poll", concurrency_limit=None, show_progress="hidden")
-        demo.load(poll, [gallery_version], outs, api_name=False, concurrency_limit=None)
+        timer.tick(poll, [gallery_version, owner_token], outs, api_name="poll", concurrency_limit=None, show_progress="hidden")
+
+        def init_owner(token):
+            return token if isinstance(token, str) and OWNER_TOKEN.fullmatch(token) else new_owner_token()
+
+        demo.load(init_owner, [owner_token], [owner_token], api_name=False, concurrency_limit=None).then(
+            poll, [gallery_version, owner_token], outs, api_name=False, concurrency_limit=None)
     return demo
 
 

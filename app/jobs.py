@@ -1,5 +1,5 @@
 """Runs of the app: a registry of optimisations, a FIFO queue with a bounded number running at
-once, one background thread per running optimisation, ownership by session, and a bounded number
+once, one background thread per running optimisation, ownership by browser (or API session), and a bounded number
 of run folders on disk.
 
 The request handlers of the web page only call the cheap methods here (submit, pause, refine, a

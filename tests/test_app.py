@@ -63,11 +63,24 @@ def wait_for(fn, timeout=60.0, every=0.1):
     raise AssertionError("timed out waiting")
 
 
-def info(client: Client) -> dict:
-    return client.predict(0, api_name="/poll")[1]
+class User:
+    """One browser (or API user) of the page: a gradio_client session that sends ``token`` as
+    its owner token (what a browser keeps in localStorage; None: an API client without one,
+    owned by its session)."""
+
+    def __init__(self, url: str, token: str | None):
+        self.client = Client(url, verbose=False)
+        self.token = token
+
+    def predict(self, *args, api_name: str):
+        return self.client.predict(*args, self.token, api_name=api_name)
 
 
-def generate(client: Client, prompt: str, steps: int, tiny_prior_dir, **kw):
+def info(user: User) -> dict:
+    return user.predict(api_name="/poll")[1]
+
+
+def generate(client: User, prompt: str, steps: int, tiny_prior_dir, **kw):
     args = dict(n_steps=steps, s=0, gname="embedded", gmodel=str(tiny_prior_dir), gscale=20, res=32)
     args.update(kw)
     return client.predict(prompt, args["n_steps"], args["s"], args["gname"], args["gmodel"], args["gscale"], args["res"], api_name="/generate")
@@ -75,8 +88,8 @@ def generate(client: Client, prompt: str, steps: int, tiny_prior_dir, **kw):
 
 @pytest.fixture(scope="module")
 def clients(app):
-    a, b = Client(app.url, verbose=False), Client(app.url, verbose=False)
-    assert a.session_hash != b.session_hash
+    a, b = User(app.url, "browser-a-" + "x" * 16), User(app.url, None)
+    assert a.client.session_hash != b.client.session_hash
     return a, b
 
 
@@ -145,12 +158,25 @@ def test_ownership_and_bad_input(app, clients, tiny_prior_dir):
     generate(b, "a yellow cone", 10, tiny_prior_dir)
     ib = info(b)
     assert ib["status"] == "queued" and ib["queue_position"] == 1
-    assert "position **1**" in b.predict(0, api_name="/poll")[0]
+    assert "position **1**" in b.predict(api_name="/poll")[0]
     b.predict("", api_name="/stop")
     assert info(b)["status"] == "stopped"
     with pytest.raises(AppError, match="not running|is done|already"):
         b.predict("", api_name="/pause")
     assert info(a)["status"] == "running"  # the server kept going
+    # a reload of A's page is a new session with the same browser token: it keeps control
+    reloaded = User(app.url, a.token)
+    assert reloaded.client.session_hash != a.client.session_hash
+    assert info(reloaded)["run"] == info(a)["run"]
+    reloaded.predict("", api_name="/pause")
+    assert info(a)["status"] == "paused"
+    reloaded.predict("", api_name="/resume")
+    assert info(a)["status"] == "running"
+    # another browser's token, or none, controls nothing of A's
+    other = User(app.url, "browser-c-" + "y" * 16)
+    assert info(other)["run"] is None
+    with pytest.raises(AppError, match="another session"):
+        other.predict(info(a)["run"], api_name="/stop")
 
 
 def _centre(png: bytes) -> np.ndarray:
@@ -300,6 +326,10 @@ def test_viewer_and_page_in_browser(app, clients, tiny_prior_dir, tmp_path):
             assert np.abs(c - 255).mean() > 5 and c.std() > 3, "the viewer embedded through the page's port is blank"
             save_screenshot(page.screenshot(full_page=True), tmp_path, "app_page.png")
             assert page.get_by_text("Iteration").count() > 0
+            # a reload keeps control of the run (the owner token lives in the browser's storage)
+            page.reload()
+            page.get_by_text("Running").first.wait_for(timeout=30000)
+            page.get_by_text("a red cube").first.wait_for(timeout=30000)
             page.get_by_role("button", name="Stop").click()
             page.get_by_text("Stopped").first.wait_for(timeout=30000)
         finally:
@@ -312,7 +342,7 @@ def test_crashed_run_reports_and_server_keeps_running(app, clients, tiny_prior_d
     generate(a, "a red cube", 10, tiny_prior_dir, gmodel="/nonexistent/prior")
     i = wait_for(lambda: (lambda i: i if i["status"] == "failed" else None)(info(a)), timeout=30)
     assert i["message"]
-    status = a.predict(0, api_name="/poll")[0]
+    status = a.predict(api_name="/poll")[0]
     assert "Failed" in status
     generate(a, "a red cube", 3, tiny_prior_dir)  # the server still takes runs
     wait_for(lambda: info(a)["status"] == "done", timeout=30)
