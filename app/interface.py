@@ -54,6 +54,15 @@ def _fmt_eta(seconds) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
 
 
+def upscale(image, size: int = 256):
+    """A small (H, W, 3) render enlarged by whole pixels (nearest) to about ``size``: the page
+    shows the render the prior saw, not a blur of it."""
+    if image is None or image.shape[0] >= size:
+        return image
+    k = max(1, size // image.shape[0])
+    return image.repeat(k, axis=0).repeat(k, axis=1)
+
+
 def run_info(manager: RunManager, owner: str) -> dict:
     run = manager.latest_of(owner)
     if run is None:
@@ -179,7 +188,7 @@ def build_blocks(manager: RunManager, viewer_url: str | None = None) -> gr.Block
                     stride = len(pts) // 600 + 1
                     pts = pts[::stride] + [pts[-1]]
                 plot = pd.DataFrame(pts, columns=["step", "loss"]) if pts else plot
-                img = run.preview
+                img = upscale(run.preview)
             if manager.version != version:
                 items = [(m["preview_path"], f"{m['prompt']} ({m['status']}, {m['step']} steps)") for m in manager.finished()[:30]]
                 gal, version = items, manager.version

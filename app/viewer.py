@@ -156,7 +156,7 @@ class Viewer:
         view = ClientView(client)
         with self.lock:
             self.clients[client.client_id] = view
-        client.camera.position = (2.6, 1.0, 1.1)
+        client.camera.position = (1.75, 0.65, 0.75)  # about the training cameras' distance
         client.camera.look_at = (0.0, 0.0, 0.0)
         client.camera.up_direction = (0.0, 0.0, 1.0)
 

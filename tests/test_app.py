@@ -379,3 +379,13 @@ def test_viewer_renders_a_snapshot_not_the_live_scene(fast_config):
     assert again is shadow
     after = Viewer.render(shadow, c2w[:, 3], wxyz, fov, 1.0, 32, settings)
     assert np.abs(after.astype(int) - live().astype(int)).max() <= 1 and not np.array_equal(after, before)
+
+
+def test_preview_is_enlarged_by_whole_pixels():
+    from app.interface import upscale
+
+    img = np.arange(64 * 64 * 3, dtype=np.uint8).reshape(64, 64, 3)
+    big = upscale(img)
+    assert big.shape == (256, 256, 3)
+    assert np.array_equal(big[::4, ::4], img) and np.array_equal(big[3::4, 3::4], img)
+    assert upscale(None) is None and upscale(big) is big
