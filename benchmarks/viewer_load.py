@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import math
 import platform
-import socket
 import sys
 import tempfile
 import time
@@ -23,18 +22,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from app.headless import CHROMIUM, CHROMIUM_ARGS, free_port  # noqa: E402
 from app.jobs import RunManager  # noqa: E402
 from app.viewer import Viewer  # noqa: E402
 
 BUDGET = 0.7
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def its(run, seconds: float, during=None) -> float:
@@ -52,7 +44,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=20.0, help="length of each measurement")
     ap.add_argument("--warmup", type=int, default=150, help="iterations before measuring (an object has formed)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the training thread (the app's default is 1)")
-    ap.add_argument("--chromium", default="/usr/bin/chromium")
+    ap.add_argument("--chromium", default=CHROMIUM)
     args = ap.parse_args()
     from playwright.sync_api import sync_playwright
 

@@ -16,15 +16,7 @@ pytest.importorskip("viser")
 
 from gradio_client import Client  # noqa: E402
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from app.headless import CHROMIUM, CHROMIUM_ARGS, free_port  # noqa: E402
 
 
 def non_loopback_ip() -> str | None:
