@@ -7,7 +7,7 @@ import torch
 
 from dreamfusion.cameras import default_light, make_cameras
 from dreamfusion.field import Background, FieldConfig, GridField, blob_bias, blob_bias_gradient
-from dreamfusion.render import RenderConfig, Renderer, march, occupied_cells, ray_aabb
+from dreamfusion.render import RenderConfig, Renderer, march, occupied_box, occupied_cells, ray_aabb, ray_box
 
 
 def test_ray_aabb_by_hand():
@@ -24,6 +24,63 @@ def test_march_places_samples_at_fixed_steps_and_masks_past_far():
     assert torch.allclose(t0[0], torch.tensor([1.0, 1.1, 1.2, 1.3, 1.4, 1.5]))
     assert torch.allclose(t1 - t0, torch.full_like(t0, 0.1))
     assert valid[0].tolist() == [True, True, True, False, False, False]  # midpoints 1.05, 1.15, 1.25 < 1.33
+
+
+def test_ray_box_by_hand():
+    o = torch.tensor([[2.0, 0.25, 0], [2.0, -0.5, 0]])
+    d = torch.tensor([[-1.0, 0, 0], [-1.0, 0, 0]])
+    near, far, hit = ray_box(o, d, torch.tensor([-0.5, 0.0, -1.0]), torch.tensor([0.5, 1.0, 1.0]))
+    assert torch.allclose(near[0], torch.tensor(1.5)) and torch.allclose(far[0], torch.tensor(2.5)) and hit[0]
+    assert not hit[1]  # below the box in y
+
+
+def test_march_of_a_window_gives_the_full_march_samples():
+    near, far = torch.tensor([1.0, 0.5]), torch.tensor([2.0, 1.2])
+    jitter = torch.tensor([[0.3], [0.7]])
+    full = march(near, far, 0.1, 12, jitter)
+    part = march(near, far, 0.1, 12, jitter, first=torch.tensor([3.0, 9.0]), count=5)
+    assert torch.equal(part[0][0], full[0][0, 3:8]) and torch.equal(part[1][0], full[1][0, 3:8])
+    assert torch.equal(part[0][1, :3], full[0][1, 9:12])  # bit for bit
+    assert torch.equal(part[2][0], full[2][0, 3:8])
+    assert part[2][1].tolist() == full[2][1, 9:12].tolist() + [False, False]  # steps past n_steps are not samples
+
+
+def test_occupied_box_by_hand():
+    binaries = torch.zeros(4, 4, 4, dtype=torch.bool)
+    assert occupied_box(binaries, 1.0) is None
+    binaries[3, 0, 1] = True
+    binaries[1, 2, 1] = True
+    lo, hi = occupied_box(binaries, 1.0)
+    assert lo.tolist() == [-0.5, -1.0, -0.5] and hi.tolist() == [1.0, 0.5, 0.0]
+
+
+def test_sampler_finds_exactly_the_samples_of_a_full_march():
+    """The windowed march looks at fewer steps but finds the very samples (same positions, same
+    order) that marching every step and looking each up in the occupancy grid finds."""
+    field = _ball_field(radius=0.25)
+    with torch.no_grad():
+        field.grid[0, 0, 20:24, 4:7, 25:28] = 8.0  # a second, off-centre lump
+    occ = Renderer(field, Background("white"), RenderConfig(sampler="torch", occupancy_warmup=1000))
+    torch.manual_seed(0)
+    for _ in range(30):
+        occ.update_occupancy(0, force=True)
+    cams = make_cameras([0.0, 120.0, 250.0], [10.0, 40.0, -5.0], 2.0, 1.0)
+    from dreamfusion.cameras import camera_rays
+
+    o, d = (v.reshape(-1, 3) for v in camera_rays(cams, 24, 24))
+    for stratified in (False, True):
+        ray_idx, t0, t1 = occ._sample_torch(o, d, stratified, torch.Generator().manual_seed(3), dense=False)
+        near, far, hit = ray_aabb(o, d, 1.0)
+        jitter = torch.rand(o.shape[0], 1, generator=torch.Generator().manual_seed(3)) if stratified else None
+        ts, te, valid = march(near, far, occ.step_size, occ.cfg.samples_per_ray + 1, jitter)
+        mids = o[:, None] + d[:, None] * ((ts + te) * 0.5)[..., None]
+        valid &= hit[:, None] & occupied_cells(mids, occ.estimator.binaries[0], 1.0)
+        r, k = valid.nonzero(as_tuple=True)
+        assert r.numel() > 100
+        assert torch.equal(ray_idx, r) and torch.equal(t0, ts[r, k]) and torch.equal(t1, te[r, k])
+    occ.estimator.binaries.fill_(False)  # nothing occupied: no samples, only the background
+    out = occ.render(cams, default_light(cams), 24, 24, "lit")
+    assert out["n_samples"] == 0 and torch.allclose(out["image"], torch.ones_like(out["image"]))
 
 
 def test_occupied_cells_indexes_x_y_z():
