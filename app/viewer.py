@@ -10,7 +10,6 @@ The relighting and shading controls change only what this client sees, never tra
 
 from __future__ import annotations
 
-import copy
 import math
 import threading
 import time
@@ -241,17 +240,10 @@ class Viewer:
                 view.stop.wait(1.0)
 
     @staticmethod
-    @torch.no_grad()
     def snapshot(run: Run, shadow: Renderer | None = None) -> Renderer:
-        """A copy of ``run``'s scene to render from: taken under the trainer's lock (a copy of
-        the grid, about a millisecond), so a viewer's render never holds training up."""
-        trainer = run.trainer
-        with trainer.lock:
-            if shadow is None:
-                shadow = copy.deepcopy(trainer.renderer)
-            else:
-                shadow.load_state_dict(trainer.renderer.state_dict())
-        return shadow
+        """A copy of ``run``'s scene to render from (:meth:`Trainer.snapshot`): taken under the
+        trainer's lock in about a millisecond, so a viewer's render never holds training up."""
+        return run.trainer.snapshot(shadow)
 
     @staticmethod
     @torch.no_grad()

@@ -333,7 +333,8 @@ def build_config(args):
     guidance = GuidanceConfig(**{**dataclasses.asdict(g), "name": args.guidance, "model": args.model or g.model,
                                  "guidance_scale": default_scale if args.cfg is None else args.cfg})
     field = FieldConfig(**{**dataclasses.asdict(base.field), **({"resolution": args.grid_resolution} if args.grid_resolution else {})})
-    cfg = dataclasses.replace(base, steps=args.steps, seed=args.seed, device=args.device, guidance=guidance, field=field,
+    optim = dataclasses.replace(base.optim, **({"opacity_weight": args.opacity_weight} if args.opacity_weight is not None else {}))
+    cfg = dataclasses.replace(base, steps=args.steps, seed=args.seed, device=args.device, guidance=guidance, field=field, optim=optim,
                               **({"render_size": args.render_size} if args.render_size else {}),
                               **({"views": args.views} if args.views else {}))
     validate_config(cfg)
@@ -448,6 +449,7 @@ def parse_args(argv: list[str] | None):
     ap.add_argument("--grid-resolution", type=int, default=0, help="density grid per side (default: the config's)")
     ap.add_argument("--render-size", type=int, default=0, help="training render size (default: the config's)")
     ap.add_argument("--views", type=int, default=0, help="cameras per iteration (default: the config's)")
+    ap.add_argument("--opacity-weight", type=float, default=None, help="weight of the opacity regulariser (default: the config's)")
     ap.add_argument("--mesh-resolution", type=int, default=128, help="marching-cubes grid of the export")
     ap.add_argument("--turntables", action="store_true", help="also save each scene's checkpoint and a GIF turntable")
     ap.add_argument("--sheet-size", type=int, default=SHEET_SIZE, help="pixels per contact-sheet frame")

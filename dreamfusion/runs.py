@@ -87,12 +87,14 @@ def staged_output(out: Path, overwrite: bool):
 
 
 def export_scene(trainer: Trainer, folder: Path, opts: ExportOptions) -> dict[str, Path]:
-    """Write meshes and the turntable of the trainer's current scene into ``folder``."""
+    """Write meshes and the turntable of the trainer's current scene into ``folder``: both from
+    one snapshot, taken at once, so training may go on meanwhile."""
     folder = Path(folder)
     written: dict[str, Path] = {}
-    with trainer.lock, warnings.catch_warnings(record=True) as caught:
+    scene = trainer.snapshot()  # one consistent state, even while training goes on
+    with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        mesh = extract_mesh(trainer.field.density, trainer.field.albedo, resolution=opts.mesh_resolution,
+        mesh = extract_mesh(scene.field.density, scene.field.albedo, resolution=opts.mesh_resolution,
                             bound=trainer.cfg.field.bound, threshold=opts.threshold, device=trainer.device)
     for w in caught:  # e.g. a surface level lowered for a faint scene: a note for the user, not a traceback
         trainer.on_message(str(w.message))
@@ -101,7 +103,7 @@ def export_scene(trainer: Trainer, folder: Path, opts: ExportOptions) -> dict[st
         save_mesh(mesh, written[fmt])
     if opts.video != "none":
         written["video"] = folder / f"turntable.{opts.video}"
-        save_turntable(lambda cams: trainer.render_views(cams, size=opts.video_size, mode=opts.video_mode), written["video"],
+        save_turntable(lambda cams: trainer.render_views(cams, size=opts.video_size, mode=opts.video_mode, scene=scene), written["video"],
                        frames=opts.video_frames, size=opts.video_size)
     return written
 

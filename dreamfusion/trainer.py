@@ -4,6 +4,8 @@ can render, pause, refine the prompt or save while it trains."""
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import math
 import threading
@@ -273,11 +275,24 @@ class Trainer:
         return [(c2w[i], float(focal[i])) for c2w, focal in steps for i in range(c2w.shape[0])]
 
     @torch.no_grad()
-    def render_views(self, cameras: Cameras, lights: Lights | None = None, size: int = 64, mode: str = "lit") -> torch.Tensor:
-        """Images (B, 3, size, size) in [0, 1] of the current scene, without touching training."""
+    def snapshot(self, into: Renderer | None = None) -> Renderer:
+        """A copy of the current scene (field, background, occupancy grid) to render or export
+        from while training goes on: taken under the lock (a copy of the grid), so everything
+        made from it shows one step of the run. ``into``: an earlier snapshot to refresh in place."""
         with self.lock:
-            lights = lights if lights is not None else default_light(cameras)
-            out = self.renderer.render(cameras.to(self.device), lights.to(self.device), size, size, mode)
+            if into is None:
+                return copy.deepcopy(self.renderer)
+            into.load_state_dict(self.renderer.state_dict())
+            return into
+
+    @torch.no_grad()
+    def render_views(self, cameras: Cameras, lights: Lights | None = None, size: int = 64, mode: str = "lit",
+                     scene: Renderer | None = None) -> torch.Tensor:
+        """Images (B, 3, size, size) in [0, 1] of the current scene (or of ``scene``, a
+        :meth:`snapshot`), without touching training."""
+        lights = lights if lights is not None else default_light(cameras)
+        with self.lock if scene is None else contextlib.nullcontext():
+            out = (scene or self.renderer).render(cameras.to(self.device), lights.to(self.device), size, size, mode)
             return out["image"].clamp(0, 1).cpu()
 
     def preview(self, size: int = 64) -> torch.Tensor:

@@ -488,3 +488,42 @@ def test_validate_config_cuda_without_gpu(fast_config):
 
 def test_validate_config_accepts_the_fast_config(fast_config):
     validate_config(fast_config)
+
+
+def test_snapshot_is_a_copy_and_an_export_comes_from_one(fast_config, guidance, tmp_path, monkeypatch):
+    import dreamfusion.runs as runs
+
+    trainer = Trainer(fast_config, PROMPT, guidance=guidance)
+    trainer.run(3)
+    cams = make_cameras([30.0, 200.0], [20.0, 5.0], 1.9, 1.1)
+    snap = trainer.snapshot()
+    before = trainer.render_views(cams, size=16, scene=snap)
+    assert torch.equal(before, trainer.render_views(cams, size=16))
+    with torch.no_grad():
+        trainer.field.grid.add_(1.0)
+    assert torch.equal(trainer.render_views(cams, size=16, scene=snap), before)  # a copy, not a view
+    assert trainer.snapshot(snap) is snap and torch.equal(trainer.render_views(cams, size=16, scene=snap), trainer.render_views(cams, size=16))
+
+    # a training step lands while the mesh is being extracted: the turntable still shows the
+    # state the mesh came from, not the newer one
+    state = trainer.snapshot()
+    real_extract = runs.extract_mesh
+    seen = {}
+
+    def extract_then_train(*args, **kwargs):
+        mesh = real_extract(*args, **kwargs)
+        trainer.step()
+        return mesh
+
+    def capture_turntable(render_fn, path, **kwargs):
+        seen["frames"] = render_fn(cams)
+        return path
+
+    monkeypatch.setattr(runs, "extract_mesh", extract_then_train)
+    monkeypatch.setattr(runs, "save_turntable", capture_turntable)
+    step = trainer.step_count
+    runs.export_scene(trainer, tmp_path, runs.ExportOptions(formats=("ply",), video="gif", video_size=16, mesh_resolution=32))
+    assert trainer.step_count == step + 1
+    live = trainer.render_views(cams, size=16)
+    assert torch.equal(seen["frames"], trainer.render_views(cams, size=16, scene=state))
+    assert not torch.equal(seen["frames"], live)
