@@ -415,6 +415,20 @@ def run_prompt(index: int, item: BenchmarkPrompt, cfg, mesh_resolution: int, out
     return row, entry, clip_renders
 
 
+def _init_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _run_job(index, item, cfg, mesh_resolution, out, sheet_size, clip_cams, turntables):
+    """One prompt, with its progress lines (in a worker process under ``--jobs``)."""
+    print(f"[{index}] {item.prompt} ...", flush=True)
+    row, entry, clip_renders = run_prompt(index, item, cfg, mesh_resolution, out, sheet_size, clip_cams, turntables=turntables)
+    if row["status"] == "ok":
+        print(f"[{index}]  IoU {row['iou']:.3f} (scaled {row['iou_scaled']:.3f}), best {row['best_noun']} {'HIT' if row['hit'] else 'miss'}, "
+              f"colour {row['colour_error']:.3f}, {row['seconds']:.0f} s + export {row['export_seconds']:.0f} s", flush=True)
+    return row, entry, clip_renders
+
+
 def add_clip_scores(rows: list[dict], clip_renders: list[dict], items: list[BenchmarkPrompt], clip) -> dict:
     """CLIP R-Precision of each successful result among all the benchmark's captions."""
     from clip_rprecision import clip_r_precision
@@ -441,7 +455,8 @@ def parse_args(argv: list[str] | None):
     ap.add_argument("--steps", type=int, default=1200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default; 1 per worker under --jobs)")
+    ap.add_argument("--jobs", type=int, default=1, help="prompts run at once, each in its own process (times are then shared-machine times)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--guidance", default="embedded", help="embedded or stable-diffusion")
     ap.add_argument("--model", default="", help="prior folder (embedded: default assets/prior) or SD folder/hub id")
@@ -466,6 +481,8 @@ def main(argv: list[str] | None = None) -> int:
         items = parse_benchmark(args.prompts)
         chosen = select(items, args.only, args.limit)
         cfg = build_config(args)
+        if args.jobs < 1:
+            raise ValueError(f"jobs must be at least 1, got {args.jobs}")
         if not 16 <= args.mesh_resolution <= 512:
             raise ValueError(f"mesh resolution must be between 16 and 512, got {args.mesh_resolution}")
     except (ValueError, FileNotFoundError) as exc:
@@ -490,16 +507,19 @@ def main(argv: list[str] | None = None) -> int:
           f"guidance {cfg.guidance.name} {cfg.guidance.model or '(shipped prior)'}, grid {cfg.field.resolution}, render {cfg.render_size} px, "
           f"mesh {args.mesh_resolution}, {torch.get_num_threads()} threads", flush=True)
     rows, entries, renders = [], [], []
-    for n, (index, item) in enumerate(chosen, 1):
-        print(f"[{n}/{len(chosen)}] {item.prompt} ...", flush=True)
-        row, entry, clip_renders = run_prompt(index, item, cfg, args.mesh_resolution, out, args.sheet_size, clip_cams,
-                                               turntables=args.turntables)
+    jobs = [(index, item, cfg, args.mesh_resolution, out, args.sheet_size, clip_cams, args.turntables) for index, item in chosen]
+    if args.jobs > 1:  # prompts in parallel worker processes, one torch thread each; results in list order
+        import multiprocessing
+
+        print(f"{args.jobs} worker processes, {args.threads or 1} thread(s) each", flush=True)
+        with multiprocessing.get_context("spawn").Pool(args.jobs, initializer=_init_worker, initargs=(args.threads or 1,)) as pool:
+            results = pool.starmap(_run_job, jobs, chunksize=1)
+    else:
+        results = (_run_job(*job) for job in jobs)
+    for (index, item), (row, entry, clip_renders) in zip(chosen, results):
         rows.append(row)
         entries.append(entry)
         renders.append(clip_renders)
-        if row["status"] == "ok":
-            print(f"  IoU {row['iou']:.3f} (scaled {row['iou_scaled']:.3f}), best {row['best_noun']} {'HIT' if row['hit'] else 'miss'}, "
-                  f"colour {row['colour_error']:.3f}, {row['seconds']:.0f} s + export {row['export_seconds']:.0f} s", flush=True)
 
     clip_summary = add_clip_scores(rows, renders, items, clip) if clip is not None else {}
     summary = summarize(rows)
@@ -517,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
 
     write_csv(rows, out / "results.csv")
     meta = {"prompts": str(args.prompts), "selected": [i for i, _ in chosen], "subset": subset, "steps": cfg.steps, "seed": cfg.seed,
-            "threads": torch.get_num_threads(), "mesh_resolution": args.mesh_resolution,
+            "threads": (args.threads or 1) if args.jobs > 1 else torch.get_num_threads(), "jobs": args.jobs, "mesh_resolution": args.mesh_resolution,
             "config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str))}
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "summary": summary, "targets": targets,
                                                   "clip_r_precision": clip_summary}, indent=2, default=str))

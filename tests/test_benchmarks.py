@@ -167,6 +167,18 @@ def test_end_to_end_tiny(tmp_path, tiny_prior_dir, tiny_clip_dir, capsys):
     assert sheet.std() > 10  # not blank: truth and result frames are drawn
 
 
+def test_jobs_run_prompts_in_worker_processes_in_order(tmp_path, tiny_prior_dir, capsys):
+    prompts = tmp_path / "two.txt"
+    prompts.write_text("a white mug\tmug\twhite\na red cube\tcube\tred\n")
+    rc, out, cap = _run(tmp_path, prompts, tiny_prior_dir, capsys, "--jobs", "2")
+    assert rc == 0, cap.err
+    data = json.loads((out / "results.json").read_text())
+    assert [r["prompt"] for r in data["rows"]] == ["a white mug", "a red cube"]
+    assert all(r["status"] == "ok" for r in data["rows"]) and data["meta"]["jobs"] == 2 and not data["meta"]["subset"]
+    assert cap.out.index("| 1 | a white mug |") < cap.out.index("| 2 | a red cube |")
+    assert quality.main(["--prompts", str(prompts), "--jobs", "0"]) == 2
+
+
 def test_failed_prompt_gets_a_row_and_misses(tmp_path, capsys):
     prompts = tmp_path / "one.txt"
     prompts.write_text("a red cube\tcube\tred\n")
