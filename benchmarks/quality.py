@@ -2,7 +2,7 @@
 mesh against the world's true object (``shared/world/SPEC.md``, "Benchmark prompts").
 
     python benchmarks/quality.py [--prompts FILE] [--only 1,9,mug | --limit N] [--steps 1200] [--seed 0]
-                                 [--out benchmarks/results] [--threads 1] [--clip CLIP_FOLDER]
+                                 [--out benchmarks/results] [--threads 1] [--jobs 2] [--clip CLIP_FOLDER]
 
 Per prompt, in-process: a ``Trainer`` with the default ``TrainConfig`` (steps and seed overridden),
 ``trainer.run()``, then ``runs.export_scene`` writes ``OUT/meshes/NN-slug/mesh.ply``, which is read
