@@ -37,14 +37,20 @@ def new_owner_token() -> str:
     return secrets.token_urlsafe(24)
 
 
-def _owner(token, request: gr.Request | None) -> str:
+def _owner(manager: RunManager, token, request: gr.Request | None) -> str:
     """Who is asking: the browser's owner token (kept in its localStorage, so a reload keeps
-    control of its run), else the Gradio session (an API client that sends no token)."""
-    if isinstance(token, str) and OWNER_TOKEN.fullmatch(token):
-        return "browser:" + token
+    control of its run), else the Gradio session (an API client that sends no token).
+
+    A page can act before its token has reached it (a Generate right after loading): such runs
+    belong to the page's session until its first call with the token, which hands them over."""
     if request is None or not getattr(request, "session_hash", None):
         raise gr.Error("no session: reload the page")
-    return "session:" + request.session_hash
+    session = "session:" + request.session_hash
+    if isinstance(token, str) and OWNER_TOKEN.fullmatch(token):
+        owner = "browser:" + token
+        manager.adopt(session, owner)
+        return owner
+    return session
 
 
 def _fmt_eta(seconds) -> str:
@@ -138,7 +144,7 @@ def build_blocks(manager: RunManager, viewer_url: str | None = None) -> gr.Block
 
         # ---------------------------------------------------------------- handlers
         def generate(p, n_steps, s, gname, gmodel, gscale, res, token, request: gr.Request):
-            owner = _owner(token, request)
+            owner = _owner(manager, token, request)
             try:
                 run = manager.submit(owner, p, steps=n_steps, seed=s, guidance_name=gname, guidance_model=gmodel,
                                      guidance_scale=gscale, render_size=res)
@@ -148,7 +154,7 @@ def build_blocks(manager: RunManager, viewer_url: str | None = None) -> gr.Block
 
         def control(action):
             def fn(run_id, token, request: gr.Request):
-                owner = _owner(token, request)
+                owner = _owner(manager, token, request)
                 try:
                     getattr(manager, action)(owner, run_id or None)
                 except RunError as exc:
@@ -157,7 +163,7 @@ def build_blocks(manager: RunManager, viewer_url: str | None = None) -> gr.Block
             return fn
 
         def refine(p, extra, token, request: gr.Request):
-            owner = _owner(token, request)
+            owner = _owner(manager, token, request)
             try:
                 manager.refine(owner, p, extra or 0)
             except RunError as exc:
@@ -166,7 +172,7 @@ def build_blocks(manager: RunManager, viewer_url: str | None = None) -> gr.Block
             return status_markdown(run_info(manager, owner))
 
         def export(formats, token, request: gr.Request):
-            owner = _owner(token, request)
+            owner = _owner(manager, token, request)
             try:
                 written = manager.export(owner, formats)
             except RunError as exc:
@@ -177,7 +183,7 @@ def build_blocks(manager: RunManager, viewer_url: str | None = None) -> gr.Block
             return paths, mesh, vid
 
         def poll(version, token, request: gr.Request):
-            owner = _owner(token, request)
+            owner = _owner(manager, token, request)
             info = run_info(manager, owner)
             run = manager.latest_of(owner)
             plot = pd.DataFrame({"step": [], "loss": []})

@@ -179,6 +179,13 @@ class RunManager:
             raise RunError("you have no run yet: enter a prompt and press Generate first")
         return run
 
+    def adopt(self, old_owner: str, new_owner: str) -> None:
+        """Hand every run of ``old_owner`` to ``new_owner`` (a page's session to its browser)."""
+        with self.lock:
+            for r in self.runs.values():
+                if r.owner == old_owner:
+                    r.owner = new_owner
+
     def queue_position(self, run: Run) -> int | None:
         with self.lock:
             return self.queue.index(run.id) + 1 if run.id in self.queue else None

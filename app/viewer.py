@@ -24,7 +24,7 @@ from dreamfusion.cameras import Cameras, Lights, spherical_to_position
 from dreamfusion.render import Renderer
 from dreamfusion.shading import SHADING_MODES
 
-from .jobs import Run, RunManager
+from .jobs import RunManager
 
 
 def viser_to_cameras(position, wxyz, fov_y: float, aspect: float, height: int) -> tuple[Cameras, int, int]:
@@ -226,7 +226,7 @@ class Viewer:
                     continue
                 if view.shadow_run != run.id:
                     view.shadow, view.shadow_run = None, run.id
-                view.shadow = self.snapshot(run, view.shadow)
+                view.shadow = run.trainer.snapshot(view.shadow)  # a copy: the render never holds a training step up
                 image = self.render(view.shadow, cam.position, cam.wxyz, cam.fov, cam.aspect, size, view.settings)
                 view.client.scene.set_background_image(image, format="jpeg", jpeg_quality=90)
                 view.last_image, view.last_size = image, size
@@ -238,12 +238,6 @@ class Viewer:
                     break
                 print(f"viewer: render for client {view.client.client_id} failed: {type(exc).__name__}: {exc}")
                 view.stop.wait(1.0)
-
-    @staticmethod
-    def snapshot(run: Run, shadow: Renderer | None = None) -> Renderer:
-        """A copy of ``run``'s scene to render from (:meth:`Trainer.snapshot`): taken under the
-        trainer's lock in about a millisecond, so a viewer's render never holds training up."""
-        return run.trainer.snapshot(shadow)
 
     @staticmethod
     @torch.no_grad()

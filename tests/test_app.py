@@ -344,14 +344,12 @@ def test_viewer_renders_a_snapshot_not_the_live_scene(fast_config):
 
     import viser.transforms as tf
 
-    from app.jobs import Run
     from app.viewer import Viewer, ViewSettings
     from dreamfusion.cameras import make_cameras
     from dreamfusion.trainer import Trainer
 
     trainer = Trainer(fast_config, "a red cube")
     trainer.run(3)
-    run = Run("r", "owner", "a red cube", fast_config, Path("."), trainer=trainer)
     cams = make_cameras(30.0, 20.0, 1.9, 1.1)
     c2w = cams.c2w[0].numpy().astype(np.float64)
     wxyz = tf.SO3.from_matrix(np.stack([c2w[:, 0], -c2w[:, 1], -c2w[:, 2]], axis=1)).wxyz
@@ -362,12 +360,12 @@ def test_viewer_renders_a_snapshot_not_the_live_scene(fast_config):
         img = trainer.render_views(cams, settings.lights(), size=32)[0]
         return (img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
-    shadow = Viewer.snapshot(run)
+    shadow = trainer.snapshot()
     before = Viewer.render(shadow, c2w[:, 3], wxyz, fov, 1.0, 32, settings)
     assert np.abs(before.astype(int) - live().astype(int)).max() <= 1
     trainer.field.grid.data.add_(0.5)  # the live scene changes; the snapshot does not
     assert np.array_equal(Viewer.render(shadow, c2w[:, 3], wxyz, fov, 1.0, 32, settings), before)
-    again = Viewer.snapshot(run, shadow)
+    again = trainer.snapshot(shadow)
     assert again is shadow
     after = Viewer.render(shadow, c2w[:, 3], wxyz, fov, 1.0, 32, settings)
     assert np.abs(after.astype(int) - live().astype(int)).max() <= 1 and not np.array_equal(after, before)
@@ -381,3 +379,26 @@ def test_preview_is_enlarged_by_whole_pixels():
     assert big.shape == (256, 256, 3)
     assert np.array_equal(big[::4, ::4], img) and np.array_equal(big[3::4, 3::4], img)
     assert upscale(None) is None and upscale(big) is big
+
+
+def test_a_page_that_generated_before_its_token_arrived_keeps_its_run(tmp_path, tiny_prior_dir):
+    """Generate pressed before the page's token reached it: the run belongs to the page's session
+    until the page's first call with its token, which hands it to the browser."""
+    from types import SimpleNamespace
+
+    from app.interface import _owner
+    from app.jobs import RunManager
+
+    manager = RunManager(tmp_path, {"render_size": 32, "views": 1, "field": {"resolution": 24}, "guidance": {"model": str(tiny_prior_dir)}})
+    try:
+        page, other = SimpleNamespace(session_hash="page-session"), SimpleNamespace(session_hash="other-session")
+        early = _owner(manager, None, page)
+        run = manager.submit(early, "a red cube", steps=3)
+        assert manager.latest_of("browser:" + "t" * 20) is None
+        owner = _owner(manager, "t" * 20, page)  # the page's next poll, now with its token
+        assert owner == "browser:" + "t" * 20 and manager.latest_of(owner) is run and run.owner == owner
+        assert _owner(manager, "u" * 20, other) != owner and manager.latest_of(_owner(manager, None, other)) is None
+        with pytest.raises(Exception, match="another session"):
+            manager.stop(_owner(manager, "u" * 20, other), run.id)
+    finally:
+        manager.shutdown()
