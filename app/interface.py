@@ -23,7 +23,7 @@ import pandas as pd  # noqa: E402
 from dreamfusion.guidance import GUIDANCE_NAMES  # noqa: E402
 
 from .jobs import RunError, RunManager  # noqa: E402
-from .proxy import VIEWER_PATH, add_viewer_proxy  # noqa: E402
+from .proxy import VIEWER_PAGE, add_viewer_proxy  # noqa: E402
 from .viewer import Viewer  # noqa: E402
 
 EXPORT_CHOICES = ["glb", "obj", "ply", "video"]
@@ -37,6 +37,10 @@ def new_owner_token() -> str:
     return secrets.token_urlsafe(24)
 
 
+def valid_token(token) -> bool:
+    return isinstance(token, str) and OWNER_TOKEN.fullmatch(token) is not None
+
+
 def _owner(manager: RunManager, token, request: gr.Request | None) -> str:
     """Who is asking: the browser's owner token (kept in its localStorage, so a reload keeps
     control of its run), else the Gradio session (an API client that sends no token).
@@ -46,7 +50,7 @@ def _owner(manager: RunManager, token, request: gr.Request | None) -> str:
     if request is None or not getattr(request, "session_hash", None):
         raise gr.Error("no session: reload the page")
     session = "session:" + request.session_hash
-    if isinstance(token, str) and OWNER_TOKEN.fullmatch(token):
+    if valid_token(token):
         owner = "browser:" + token
         manager.adopt(session, owner)
         return owner
@@ -213,7 +217,7 @@ def build_blocks(manager: RunManager, viewer_url: str | None = None) -> gr.Block
         timer.tick(poll, [gallery_version, owner_token], outs, api_name="poll", concurrency_limit=None, show_progress="hidden")
 
         def init_owner(token):
-            return token if isinstance(token, str) and OWNER_TOKEN.fullmatch(token) else new_owner_token()
+            return token if valid_token(token) else new_owner_token()
 
         demo.load(init_owner, [owner_token], [owner_token], api_name=False, concurrency_limit=None).then(
             poll, [gallery_version, owner_token], outs, api_name=False, concurrency_limit=None)
@@ -270,7 +274,7 @@ class AppHandle:
     @property
     def viewer_proxy_url(self) -> str | None:
         """The viewer through the page's own port."""
-        return None if self.viewer is None or self.url is None else self.url + VIEWER_PATH.lstrip("/") + "/"
+        return None if self.viewer is None or self.url is None else self.url + VIEWER_PAGE
 
     def close(self) -> None:
         self.manager.shutdown()
@@ -291,6 +295,6 @@ def create_app(runs_dir: str | Path = "runs/app", config_overrides: dict | None 
     viewer = Viewer(manager, host=host, port=viewer_port, **(viewer_kwargs or {})) if viewer_port is not None else None
     # the page embeds the viewer through its own port (relative to the page: works behind a
     # Space's single port and any reverse proxy); it is also on its own port locally
-    url = viewer_public_url or (VIEWER_PATH.lstrip("/") + "/" if viewer else None)
+    url = viewer_public_url or (VIEWER_PAGE if viewer else None)
     demo = build_blocks(manager, url)
     return AppHandle(demo, manager, viewer, host)

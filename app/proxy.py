@@ -18,6 +18,8 @@ from fastapi import Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import RedirectResponse, Response
 
 VIEWER_PATH = "/viewer"
+#: the viewer's page relative to the app's root (what the page embeds)
+VIEWER_PAGE = VIEWER_PATH.lstrip("/") + "/"
 #: viser's own limit for one websocket message (a background image, a scene)
 MAX_MESSAGE = 50 * 1024 * 1024
 #: response headers passed through from viser's HTTP server (asked for uncompressed content)
