@@ -184,10 +184,10 @@ def clip_r_precision(clip: Clip, images: list[torch.Tensor], true_index: list[in
 
 def clip_views(views: int = 4, elevation: float = 20.0):
     """The evaluation cameras: ``views`` azimuths evenly spaced from the three-quarter front view."""
-    from dreamfusion.cameras import make_cameras
+    from dreamfusion.cameras import VIEW_DISTANCE, VIEW_FOCAL, make_cameras
 
     az = 30.0 + torch.arange(views, dtype=torch.float32) * (360.0 / views)
-    return make_cameras(az, elevation, 1.9, 1.1)
+    return make_cameras(az, elevation, VIEW_DISTANCE, VIEW_FOCAL)
 
 
 def render_truth(noun: str, colour: str | None, views: int = 4, size: int = 128, mode: str = "lit") -> torch.Tensor:

@@ -321,22 +321,53 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "prompt"
 
 
+def parse_override(text: str) -> tuple[list[str], object]:
+    """'section.key=value' (or 'key=value' for a top-level setting) -> (path, value), the value
+    read as JSON where it parses (numbers, true/false, null, lists) and as a string otherwise."""
+    if "=" not in text:
+        raise ValueError(f"--set expects key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(cfg, overrides: list[str]):
+    """``cfg`` (a TrainConfig) with '--set section.key=value' settings applied, each checked
+    against the typed config (an unknown key is an error)."""
+    from dreamfusion.config import config_from_dict, config_to_dict
+
+    data = config_to_dict(cfg)
+    for text in overrides or []:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise ValueError(f"--set {text!r}: no settings section {part!r}")
+            node = node[part]
+        if path[-1] not in node:
+            raise ValueError(f"--set {text!r}: no setting {path[-1]!r} there (known: {', '.join(node)})")
+        node[path[-1]] = value
+    return config_from_dict(data)
+
+
 def build_config(args):
-    """The default TrainConfig with the command line's overrides."""
-    from dreamfusion.field import FieldConfig
-    from dreamfusion.guidance import GuidanceConfig
-    from dreamfusion.trainer import TrainConfig, validate_config
+    """The default TrainConfig with the command line's overrides (the same defaults as
+    ``dreamfusion generate``: the guidance's own weight unless --cfg)."""
+    from dreamfusion.config import FieldConfig, GuidanceConfig, TrainConfig, guidance_spec, validate_config
 
     base = TrainConfig()
-    g = base.guidance
-    default_scale = 100.0 if args.guidance == "stable-diffusion" else g.guidance_scale  # as `dreamfusion generate`
-    guidance = GuidanceConfig(**{**dataclasses.asdict(g), "name": args.guidance, "model": args.model or g.model,
-                                 "guidance_scale": default_scale if args.cfg is None else args.cfg})
+    guidance_spec(args.guidance)  # an unknown name is one clear error
+    guidance = dataclasses.replace(base.guidance, name=args.guidance, model=args.model or base.guidance.model, guidance_scale=args.cfg)
     field = FieldConfig(**{**dataclasses.asdict(base.field), **({"resolution": args.grid_resolution} if args.grid_resolution else {})})
     optim = dataclasses.replace(base.optim, **({"opacity_weight": args.opacity_weight} if args.opacity_weight is not None else {}))
     cfg = dataclasses.replace(base, steps=args.steps, seed=args.seed, device=args.device, guidance=guidance, field=field, optim=optim,
                               **({"render_size": args.render_size} if args.render_size else {}),
                               **({"views": args.views} if args.views else {}))
+    cfg = apply_overrides(cfg, args.set)
+    assert isinstance(cfg.guidance, GuidanceConfig)
     validate_config(cfg)
     return cfg
 
@@ -350,12 +381,12 @@ def render_truth(item: BenchmarkPrompt, cams, size: int) -> dict:
 
 
 def run_prompt(index: int, item: BenchmarkPrompt, cfg, mesh_resolution: int, out: Path, sheet_size: int = SHEET_SIZE,
-               clip_views=None, log=print, turntables: bool = False) -> tuple[dict, dict, dict]:
+               clip_views=None, log=print, turntables: bool = False, level: str = "silhouette") -> tuple[dict, dict, dict]:
     """Generate, export and score one prompt. Returns (row, contact-sheet entry, CLIP renders).
     Never raises for a failure of the prompt itself: the row says ``status`` 'error' and why."""
     import trimesh
 
-    from dreamfusion.cameras import make_cameras
+    from dreamfusion.cameras import VIEW_DISTANCE, VIEW_FOCAL, make_cameras
     from dreamfusion.runs import ExportOptions, export_scene, validate_export
     from dreamfusion.trainer import Trainer
 
@@ -364,7 +395,7 @@ def run_prompt(index: int, item: BenchmarkPrompt, cfg, mesh_resolution: int, out
            "seconds": None, "export_seconds": None, "total_seconds": None, "notes": []}
     entry = {"label": f"{index}. {item.prompt}" + (" (held-out)" if item.held_out else "")}
     clip_renders: dict = {}
-    cams = make_cameras(30.0, 20.0, 1.9, 1.1)
+    cams = make_cameras(30.0, 20.0, VIEW_DISTANCE, VIEW_FOCAL)
     try:
         entry.update(render_truth(item, cams, sheet_size))
     except Exception as exc:  # the reference picture is a nicety; never lose the row to it
@@ -380,7 +411,7 @@ def run_prompt(index: int, item: BenchmarkPrompt, cfg, mesh_resolution: int, out
         row["it_per_s"] = trainer.step_count / max(row["seconds"], 1e-9)
         stage = "export"
         t0 = time.perf_counter()
-        opts = ExportOptions(formats=("ply",), video="none", mesh_resolution=mesh_resolution)
+        opts = ExportOptions(formats=("ply",), video="none", mesh_resolution=mesh_resolution, level=level)
         validate_export(opts)
         folder.mkdir(parents=True, exist_ok=True)
         written = export_scene(trainer, folder, opts)
@@ -419,10 +450,10 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _run_job(index, item, cfg, mesh_resolution, out, sheet_size, clip_cams, turntables):
+def _run_job(index, item, cfg, mesh_resolution, out, sheet_size, clip_cams, turntables, level="silhouette"):
     """One prompt, with its progress lines (in a worker process under ``--jobs``)."""
     print(f"[{index}] {item.prompt} ...", flush=True)
-    row, entry, clip_renders = run_prompt(index, item, cfg, mesh_resolution, out, sheet_size, clip_cams, turntables=turntables)
+    row, entry, clip_renders = run_prompt(index, item, cfg, mesh_resolution, out, sheet_size, clip_cams, turntables=turntables, level=level)
     if row["status"] == "ok":
         print(f"[{index}]  IoU {row['iou']:.3f} (scaled {row['iou_scaled']:.3f}), best {row['best_noun']} {'HIT' if row['hit'] else 'miss'}, "
               f"colour {row['colour_error']:.3f}, {row['seconds']:.0f} s + export {row['export_seconds']:.0f} s", flush=True)
@@ -458,14 +489,19 @@ def parse_args(argv: list[str] | None):
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default; 1 per worker under --jobs)")
     ap.add_argument("--jobs", type=int, default=1, help="prompts run at once, each in its own process (times are then shared-machine times)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--guidance", default="embedded", help="embedded or stable-diffusion")
+    ap.add_argument("--guidance", default="embedded", help="embedded, stable-diffusion, or reference (exact renders of the true "
+                    "object instead of a prior: the engine's ceiling)")
     ap.add_argument("--model", default="", help="prior folder (embedded: default assets/prior) or SD folder/hub id")
     ap.add_argument("--cfg", type=float, default=None, help="classifier-free guidance weight (default: the config's)")
     ap.add_argument("--grid-resolution", type=int, default=0, help="density grid per side (default: the config's)")
     ap.add_argument("--render-size", type=int, default=0, help="training render size (default: the config's)")
     ap.add_argument("--views", type=int, default=0, help="cameras per iteration (default: the config's)")
     ap.add_argument("--opacity-weight", type=float, default=None, help="weight of the opacity regulariser (default: the config's)")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="any other setting of the run, e.g. --set field.blob_density=5 --set optim.tv_weight=1 (repeatable)")
     ap.add_argument("--mesh-resolution", type=int, default=128, help="marching-cubes grid of the export")
+    ap.add_argument("--export-level", default="silhouette", choices=("silhouette", "fixed"),
+                    help="how the mesh's surface level is chosen (see ExportOptions.level)")
     ap.add_argument("--turntables", action="store_true", help="also save each scene's checkpoint and a GIF turntable")
     ap.add_argument("--sheet-size", type=int, default=SHEET_SIZE, help="pixels per contact-sheet frame")
     ap.add_argument("--clip", default=None, help="optional: CLIP model folder (or hub id) for CLIP R-Precision")
@@ -485,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"jobs must be at least 1, got {args.jobs}")
         if not 16 <= args.mesh_resolution <= 512:
             raise ValueError(f"mesh resolution must be between 16 and 512, got {args.mesh_resolution}")
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, TypeError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     clip = clip_cams = None
@@ -507,7 +543,8 @@ def main(argv: list[str] | None = None) -> int:
           f"guidance {cfg.guidance.name} {cfg.guidance.model or '(shipped prior)'}, grid {cfg.field.resolution}, render {cfg.render_size} px, "
           f"mesh {args.mesh_resolution}, {torch.get_num_threads()} threads", flush=True)
     rows, entries, renders = [], [], []
-    jobs = [(index, item, cfg, args.mesh_resolution, out, args.sheet_size, clip_cams, args.turntables) for index, item in chosen]
+    jobs = [(index, item, cfg, args.mesh_resolution, out, args.sheet_size, clip_cams, args.turntables, args.export_level)
+            for index, item in chosen]
     if args.jobs > 1:  # prompts in parallel worker processes, one torch thread each; results in list order
         import multiprocessing
 
@@ -538,6 +575,7 @@ def main(argv: list[str] | None = None) -> int:
     write_csv(rows, out / "results.csv")
     meta = {"prompts": str(args.prompts), "selected": [i for i, _ in chosen], "subset": subset, "steps": cfg.steps, "seed": cfg.seed,
             "threads": (args.threads or 1) if args.jobs > 1 else torch.get_num_threads(), "jobs": args.jobs, "mesh_resolution": args.mesh_resolution,
+            "export_level": args.export_level,
             "config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str))}
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "summary": summary, "targets": targets,
                                                   "clip_r_precision": clip_summary}, indent=2, default=str))

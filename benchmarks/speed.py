@@ -11,13 +11,14 @@ and the prior's own costs (one SDS call, sampling one image).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
 import resource
 import time
 
 import torch
 
-from dreamfusion.cameras import sample_cameras, sample_lights, view_label
+from dreamfusion.cameras import sample_cameras, sample_lights
 from dreamfusion.prior.sampling import sample_images
 from dreamfusion.trainer import TrainConfig, Trainer
 
@@ -39,36 +40,30 @@ def render_stage_times(trainer: Trainer, size: int, iters: int) -> dict:
     g = torch.Generator().manual_seed(2)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for _ in range(iters):
-            cams = sample_cameras(cfg.camera, cfg.views, g)
-            lights = sample_lights(cfg.camera, cams, g)
+            cams = sample_cameras(trainer.camera_cfg, cfg.views, g)
+            lights = sample_lights(trainer.camera_cfg, cams, g)
             trainer.renderer.render(cams, lights, size, size, "lit", stratified=True, generator=g)
     totals = {e.key: e.cpu_time_total for e in prof.key_averages() if e.key.startswith("render.")}
     return {k: totals.get(f"render.{k}", 0.0) / 1e3 / iters for k in RENDER_STAGES}
 
 
+#: the trainer's own profiler ranges of one iteration (dreamfusion/trainer.py)
+STEP_STAGES = ("render", "guidance", "backward", "optimiser")
+
+
 def stage_times(trainer: Trainer, size: int, iters: int) -> dict:
-    """Mean seconds per stage of a training iteration at render ``size``."""
-    cfg = trainer.cfg
-    g = torch.Generator().manual_seed(1)
-    acc = {"render": 0.0, "guidance": 0.0, "backward": 0.0, "optimiser": 0.0, "iteration": 0.0}
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        cams = sample_cameras(cfg.camera, cfg.views, g)
-        lights = sample_lights(cfg.camera, cams, g)
-        out = trainer.renderer.render(cams, lights, size, size, "lit", stratified=True, generator=g)
-        t1 = time.perf_counter()
-        texts = [f"{trainer.prompt}, {view_label(float(a), float(e))}" for a, e in zip(cams.azimuth, cams.elevation)]
-        sds = trainer.guidance.sds_loss(out["image"], texts, (0.02, 0.5), g)
-        loss = sds["loss"] + 0.5 * out["opacity"].mean() + 0.01 * out["orientation"].mean()
-        t2 = time.perf_counter()
-        trainer.optimizer.zero_grad()
-        loss.backward()
-        t3 = time.perf_counter()
-        trainer.optimizer.step()
-        t4 = time.perf_counter()
-        for k, v in zip(acc, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0)):
-            acc[k] += v / iters
-    return acc
+    """Mean seconds per stage of ``iters`` real training iterations (``Trainer.step``) at render
+    ``size``: the trainer's ``step.*`` profiler ranges, and the whole iteration by wall clock."""
+    trainer.cfg = dataclasses.replace(trainer.cfg, render_size=size, preview_every=0)
+    t0 = time.perf_counter()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(iters):
+            trainer.step()
+    wall = (time.perf_counter() - t0) / iters
+    totals = {e.key: e.cpu_time_total for e in prof.key_averages() if e.key.startswith("step.")}
+    out = {k: totals.get(f"step.{k}", 0.0) / 1e6 / iters for k in STEP_STAGES}
+    out["iteration"] = wall
+    return out
 
 
 def main() -> None:
@@ -105,8 +100,8 @@ def main() -> None:
         print(f"| {threads} | {size} | " + " | ".join(f"{parts[k]:.1f}" for k in RENDER_STAGES) + " |")
     torch.set_num_threads(max(args.threads))
 
-    cams = sample_cameras(trainer.cfg.camera, 2, torch.Generator().manual_seed(3))
-    lights = sample_lights(trainer.cfg.camera, cams, torch.Generator().manual_seed(3))
+    cams = sample_cameras(trainer.camera_cfg, 2, torch.Generator().manual_seed(3))
+    lights = sample_lights(trainer.camera_cfg, cams, torch.Generator().manual_seed(3))
     r = trainer.renderer
     sampler = r.cfg.sampler
 
@@ -124,8 +119,11 @@ def main() -> None:
           f"dense {t_dense * 1e3:.0f} ms ({n_dense} samples): speed-up {t_dense / t_occ:.1f}x")
 
     g = trainer.guidance
-    img = torch.rand(2, 3, 64, 64)
-    t_sds, _ = timed(lambda: g.sds_loss(img, ["a red cube, front view"] * 2, (0.02, 0.98)), 10)
+    from dreamfusion.guidance import RenderBatch
+
+    cams = sample_cameras(trainer.camera_cfg, 2, torch.Generator().manual_seed(0))
+    batch = RenderBatch(torch.rand(2, 3, 64, 64), torch.rand(2, 1, 64, 64), cams, sample_lights(trainer.camera_cfg, cams), ["lit", "lit"])
+    t_sds, _ = timed(lambda: g.sds_loss(batch, ["a red cube, front view"] * 2, (0.02, 0.98)), 10)
     print(f"one SDS guidance call (2 views): {t_sds * 1e3:.0f} ms")
     if hasattr(g, "unet") and hasattr(g, "prior_cfg"):
         t_sample, _ = timed(lambda: sample_images(g.unet, g.prior_cfg, g.encoder, ["a red cube, front view"], [0], steps=40), 2)

@@ -13,23 +13,14 @@ from dataclasses import dataclass
 
 import torch
 
+from .config import LEGACY_CAMERA, CameraConfig  # noqa: F401 - re-exported: the camera distribution lives with the other settings
+
 VIEW_LABELS = ("front view", "side view", "back view", "overhead view")
 
 
-@dataclass(frozen=True)
-class CameraConfig:
-    """Ranges of the random camera and light (degrees and world units)."""
-
-    elevation_range: tuple[float, float] = (-10.0, 90.0)
-    azimuth_range: tuple[float, float] = (0.0, 360.0)
-    distance_range: tuple[float, float] = (1.6, 2.1)
-    # focal length as a multiple of the image width: the paper's [0.7, 1.35] is for its scene
-    # scale; this range keeps the world's objects (about 0.8 units across) filling the frame.
-    focal_range: tuple[float, float] = (0.95, 1.25)
-    # point light: placed at the camera position plus Gaussian jitter of this std (world units)
-    light_jitter: float = 0.6
-    light_intensity_range: tuple[float, float] = (0.6, 0.9)
-    ambient_range: tuple[float, float] = (0.1, 0.3)
+#: the camera of previews, turntables and contact sheets: the middle of the training framing
+VIEW_DISTANCE = 1.9
+VIEW_FOCAL = 1.27
 
 
 @dataclass
@@ -122,7 +113,9 @@ def sample_cameras(cfg: CameraConfig, n: int, generator: torch.Generator | None 
     az = _uniform(cfg.azimuth_range, n, generator, device) % 360.0
     el = _uniform(cfg.elevation_range, n, generator, device)
     dist = _uniform(cfg.distance_range, n, generator, device)
-    f = _uniform(cfg.focal_range, n, generator, device)
+    f = _uniform(cfg.focal_range if cfg.zoom_range is None else cfg.zoom_range, n, generator, device)
+    if cfg.zoom_range is not None:
+        f = f * dist
     return Cameras(look_at(spherical_to_position(az, el, dist), az), f, az, el, dist)
 
 
@@ -160,7 +153,18 @@ def camera_rays(cameras: Cameras, height: int, width: int) -> tuple[torch.Tensor
     return origins, dirs
 
 
-def orbit_cameras(n: int, elevation: float = 20.0, distance: float = 1.9, focal: float = 1.1) -> Cameras:
+def ray_box(origins: torch.Tensor, dirs: torch.Tensor, lo, hi) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Entry and exit distances of rays through the box [lo, hi] (scalars or (3,) corners).
+    (N, 3), (N, 3) -> near (N,), far (N,), hit (N,) bool."""
+    inv = 1.0 / torch.where(dirs.abs() < 1e-9, torch.full_like(dirs, 1e-9), dirs)
+    t0 = (lo - origins) * inv
+    t1 = (hi - origins) * inv
+    near = torch.minimum(t0, t1).max(dim=-1).values.clamp_min(0.0)
+    far = torch.maximum(t0, t1).min(dim=-1).values
+    return near, far, far > near
+
+
+def orbit_cameras(n: int, elevation: float = 20.0, distance: float = VIEW_DISTANCE, focal: float = VIEW_FOCAL) -> Cameras:
     """``n`` cameras evenly spaced in azimuth, starting from the front: turntables and previews."""
     az = torch.arange(n, dtype=torch.float32) * (360.0 / n)
     return make_cameras(az, elevation, distance, focal)
@@ -169,3 +173,40 @@ def orbit_cameras(n: int, elevation: float = 20.0, distance: float = 1.9, focal:
 def fov_degrees(focal: float) -> float:
     """Horizontal field of view of a focal length given as a multiple of the image width."""
     return math.degrees(2 * math.atan(0.5 / focal))
+
+
+# ----------------------------------------------------------------------------- render conditions
+
+SHADING_MODE_CODES = ("lit", "textureless", "albedo")
+#: length of :func:`render_condition_features`
+RENDER_CONDITION_FEATURES = 17
+
+
+def render_condition_features(cameras: Cameras, lights: Lights, modes: list[str], present: torch.Tensor | None = None) -> torch.Tensor:
+    """What a camera-aware prior is told about each render: (B, 17) features.
+
+    ``[sin az, cos az, sin 2az, cos 2az, elevation / 90, sin el, (distance - 1.9) / 0.3,
+    (focal - 1.35) / 0.2, light direction in the camera's (right, up, back) frame (3),
+    (intensity - 0.7) / 0.2, (ambient - 0.15) / 0.1, one-hot shading mode (lit, textureless,
+    albedo), 1]``. The fixed offsets and scales (not the config's ranges) keep a feature's meaning
+    the same whatever distribution the cameras came from. ``present`` (B,) bool: rows where it is
+    False are all zeros, the last entry included (conditions dropped: the prior must guess)."""
+    az, el = torch.deg2rad(cameras.azimuth), torch.deg2rad(cameras.elevation)
+    to_light = lights.position / lights.position.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    light_cam = torch.einsum("bij,bi->bj", cameras.c2w[:, :, :3], to_light)  # components along right, up, back
+    unknown = [m for m in modes if m not in SHADING_MODE_CODES]
+    if unknown or len(modes) != len(cameras):
+        raise ValueError(f"need one shading mode of {SHADING_MODE_CODES} per camera, got {modes}")
+    onehot = torch.zeros(len(cameras), 3, device=az.device)
+    onehot[torch.arange(len(cameras)), torch.tensor([SHADING_MODE_CODES.index(m) for m in modes])] = 1.0
+    feats = torch.cat([
+        torch.stack([az.sin(), az.cos(), (2 * az).sin(), (2 * az).cos(), cameras.elevation / 90.0, el.sin(),
+                     (cameras.distance - 1.9) / 0.3, (cameras.focal - 1.35) / 0.2], dim=-1),
+        light_cam,
+        torch.stack([(lights.intensity - 0.7) / 0.2, (lights.ambient - 0.15) / 0.1], dim=-1),
+        onehot,
+        torch.ones(len(cameras), 1, device=az.device),
+    ], dim=-1)
+    if present is not None:
+        feats = feats * present.to(feats.dtype)[:, None]
+    return feats

@@ -1,6 +1,7 @@
-"""The ``dreamfusion`` command line: generate, export, render, train-prior.
+"""The ``dreamfusion`` command line: generate, export, render, app, train-prior.
 
-Options come from typed dataclasses (tyro), so ``--help`` documents every one. Bad input ends
+Options come from typed dataclasses (tyro), so ``--help`` documents every one. Only the torch-free
+:mod:`dreamfusion.config` is imported before a command runs, so help is instant. Bad input ends
 with one ``error:`` line on stderr and exit status 2; nothing already written is touched.
 """
 
@@ -15,12 +16,7 @@ from typing import Annotated
 
 import tyro
 
-from .cameras import Lights, make_cameras, spherical_to_position
-from .guidance import GUIDANCE_NAMES, GuidanceError
-from .prior.train import TrainPriorConfig
-from .runs import ExportOptions
-from .shading import SHADING_MODES
-from .trainer import CheckpointError, TrainConfig, Trainer
+from .config import ExportOptions, TrainConfig, TrainPriorConfig, guidance_spec
 
 DEFAULT_PROMPT = "a red cube"
 
@@ -35,29 +31,32 @@ class Generate:
     """output folder (must not exist or be empty unless --overwrite)"""
     overwrite: bool = False
     """replace the output folder (only once the new run has been written)"""
-    steps: int = 1200
-    seed: int = 0
-    guidance: str = "embedded"
-    """prior: embedded (shipped, offline) or stable-diffusion"""
-    model: str = ""
-    """stable-diffusion: local folder or hub id"""
+    steps: int | None = None
+    """iterations (default: --advanced.steps)"""
+    seed: int | None = None
+    """(default: --advanced.seed)"""
+    guidance: str | None = None
+    """prior: embedded or stable-diffusion (default: --advanced.guidance.name)"""
+    model: str | None = None
+    """stable-diffusion: local folder or hub id; embedded: another prior folder"""
     cfg: float | None = None
     """classifier-free guidance weight (default: the prior's own: 10 embedded, 100 stable-diffusion)"""
-    resolution: int = 64
-    """training render size in pixels"""
-    device: str = "cpu"
+    resolution: int | None = None
+    """training render size in pixels (default: --advanced.render-size)"""
+    device: str | None = None
+    """cpu or cuda (default: --advanced.device)"""
     threads: int = 0
     """CPU threads for torch (0: torch's default)"""
     quiet: bool = False
     """no progress bar"""
     export: ExportOptions = field(default_factory=ExportOptions)
     advanced: TrainConfig = field(default_factory=TrainConfig)
-    """every setting of the run (the options above take precedence)"""
+    """every setting of the run (an option above, when given, takes precedence)"""
 
 
 @dataclass
 class Export:
-    """Re-export the scene of a checkpoint as meshes and a turntable."""
+    """Re-export the scene of a checkpoint as meshes and a turntable (no prior is loaded)."""
 
     checkpoint: Annotated[Path, tyro.conf.Positional]
     out: Path = Path("outputs/export")
@@ -68,7 +67,7 @@ class Export:
 @dataclass
 class Render:
     """Render a checkpoint's scene to an image (.png) or a turntable (.mp4/.gif), with any shading
-    and light."""
+    and light (no prior is loaded)."""
 
     checkpoint: Annotated[Path, tyro.conf.Positional]
     out: Path = Path("render.png")
@@ -87,30 +86,50 @@ class Render:
     frames: int = 36
 
 
-def _train_config(args: Generate) -> TrainConfig:
-    from .guidance import GuidanceConfig
+@dataclass
+class App:
+    """Start the web page and the live 3D viewer (the same as ``python -m app``)."""
 
-    if args.guidance not in GUIDANCE_NAMES:
-        raise GuidanceError(f"unknown guidance {args.guidance!r}; valid names: {', '.join(GUIDANCE_NAMES)}")
-    g = args.advanced.guidance
-    scale = args.cfg if args.cfg is not None else (100.0 if args.guidance == "stable-diffusion" else g.guidance_scale)
-    guidance = GuidanceConfig(**{**dataclasses.asdict(g), "name": args.guidance, "model": args.model, "guidance_scale": scale})
-    return dataclasses.replace(args.advanced, steps=args.steps, seed=args.seed, render_size=args.resolution, device=args.device, guidance=guidance)
+    host: str = "127.0.0.1"
+    """address both servers bind (0.0.0.0 exposes them; GRADIO_SERVER_NAME sets the default)"""
+    port: int = 7860
+    viewer_port: int = 8080
+    no_viewer: bool = False
+    runs_dir: str = "runs/app"
+    max_concurrent: int = 1
+    max_runs_kept: int = 20
+    threads: int = 1
+    device: str | None = None
+
+
+def train_config(args: Generate) -> TrainConfig:
+    """``--advanced`` with the top-level options that were given (a setting left out keeps the
+    ``--advanced`` value, whether default or set by the user)."""
+    adv = args.advanced
+    guidance = adv.guidance
+    if args.guidance is not None:
+        guidance_spec(args.guidance)  # one clear error for an unknown name
+        guidance = dataclasses.replace(guidance, name=args.guidance)
+    if args.model is not None:
+        guidance = dataclasses.replace(guidance, model=args.model)
+    if args.cfg is not None:
+        guidance = dataclasses.replace(guidance, guidance_scale=args.cfg)
+    top = {"steps": args.steps, "seed": args.seed, "render_size": args.resolution, "device": args.device}
+    return dataclasses.replace(adv, guidance=guidance, **{k: v for k, v in top.items() if v is not None})
 
 
 def run_generate(args: Generate) -> Path:
-    from .runs import staged_output, validate_export, write_run
-    from .trainer import validate_config, validate_prompt
-
     import torch
+
+    from .runs import staged_output, validate_export, write_run
+    from .trainer import Trainer, validate_config, validate_prompt
 
     if args.threads:
         torch.set_num_threads(args.threads)
     prompt = validate_prompt(args.prompt)
-    cfg = _train_config(args)
+    cfg = train_config(args)
     validate_config(cfg)
     validate_export(args.export)
-    opts = args.export
     with staged_output(args.out, args.overwrite) as staging:
         messages: list[str] = []
         trainer = Trainer(cfg, prompt, on_message=lambda m: (messages.append(m), print(f"note: {m}", file=sys.stderr)))
@@ -125,31 +144,34 @@ def run_generate(args: Generate) -> Path:
                 trainer.run()
         seconds = time.perf_counter() - start
         timing = {"seconds": seconds, "iterations": trainer.step_count, "it_per_s": trainer.step_count / max(seconds, 1e-9), "notes": messages}
-        write_run(trainer, staging, opts, timing)
-    out = args.out
-    print(f"wrote {out} ({trainer.step_count} iterations in {seconds:.0f} s, {timing['it_per_s']:.1f} it/s)")
-    return out
+        write_run(trainer, staging, args.export, timing)
+    print(f"wrote {args.out} ({trainer.step_count} iterations in {seconds:.0f} s, {timing['it_per_s']:.1f} it/s)")
+    return args.out
 
 
 def run_export(args: Export) -> Path:
-    from .runs import export_scene, staged_output, validate_export
+    from .checkpoint import load_scene, read_checkpoint
+    from .runs import export_renderer, staged_output, validate_export
 
-    # every check that can fail on bad input comes before anything is loaded or created
+    # every check that can fail on bad input comes before anything is created
     validate_export(args.export)
-    opts = args.export
-    Trainer.read_checkpoint(args.checkpoint)
+    read_checkpoint(args.checkpoint)
     with staged_output(args.out, args.overwrite) as staging:
-        export_scene(Trainer.from_checkpoint(args.checkpoint), staging, opts)
-    out = args.out
-    print(f"wrote {out}")
-    return out
+        scene, _, _ = load_scene(args.checkpoint)
+        for note in export_renderer(scene, staging, args.export):
+            print(f"note: {note}", file=sys.stderr)
+    print(f"wrote {args.out}")
+    return args.out
 
 
 def run_render(args: Render) -> Path:
     import imageio.v3 as iio
     import torch
 
-    from .export import save_turntable
+    from .cameras import VIEW_FOCAL, Lights, make_cameras, spherical_to_position
+    from .checkpoint import load_scene
+    from .export import save_turntable, to_uint8
+    from .shading import SHADING_MODES
 
     if args.mode not in SHADING_MODES:
         raise ValueError(f"unknown shading mode {args.mode!r}; valid modes: {', '.join(SHADING_MODES)}")
@@ -160,7 +182,7 @@ def run_render(args: Render) -> Path:
         raise ValueError(f"output must end in .png, .mp4 or .gif, got {args.out.name!r}")
     if args.out.exists() and not args.overwrite:
         raise ValueError(f"{args.out} already exists; pass --overwrite to replace it")
-    trainer = Trainer.from_checkpoint(args.checkpoint)
+    scene, _, _ = load_scene(args.checkpoint)
 
     def lights_for(cams):
         n = len(cams)
@@ -170,18 +192,30 @@ def run_render(args: Render) -> Path:
             pos = spherical_to_position(torch.tensor([args.light_azimuth]), torch.tensor([args.light_elevation]), torch.tensor([3.0])).expand(n, 3)
         return Lights(pos, torch.full((n,), args.light_intensity), torch.full((n,), args.ambient))
 
+    def render(cams):
+        with torch.no_grad():
+            return scene.render(cams, lights_for(cams), args.size, args.size, args.mode)["image"].clamp(0, 1)
+
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".png":
-        cams = make_cameras(args.azimuth, args.elevation, args.distance, 1.1)
-        img = trainer.render_views(cams, lights_for(cams), size=args.size, mode=args.mode)[0]
+        img = render(make_cameras(args.azimuth, args.elevation, args.distance, VIEW_FOCAL))[0]
         tmp = args.out.with_name(args.out.name + ".tmp.png")
-        iio.imwrite(tmp, (img.permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
+        iio.imwrite(tmp, to_uint8(img))
         tmp.replace(args.out)
     else:
-        save_turntable(lambda cams: trainer.render_views(cams, lights_for(cams), size=args.size, mode=args.mode), args.out,
-                       frames=args.frames, size=args.size)
+        save_turntable(render, args.out, frames=args.frames, size=args.size)
     print(f"wrote {args.out}")
     return args.out
+
+
+def run_app(args: App) -> None:
+    from app.__main__ import main as app_main
+
+    argv = ["--host", args.host, "--port", str(args.port), "--viewer-port", str(args.viewer_port), "--runs-dir", args.runs_dir,
+            "--max-concurrent", str(args.max_concurrent), "--max-runs-kept", str(args.max_runs_kept), "--threads", str(args.threads)]
+    argv += ["--no-viewer"] if args.no_viewer else []
+    argv += ["--device", args.device] if args.device else []
+    app_main(argv)
 
 
 def run_train_prior(cfg: TrainPriorConfig) -> Path:
@@ -191,7 +225,7 @@ def run_train_prior(cfg: TrainPriorConfig) -> Path:
 
 
 COMMANDS = {"generate": (Generate, run_generate), "export": (Export, run_export), "render": (Render, run_render),
-            "train-prior": (TrainPriorConfig, run_train_prior)}
+            "app": (App, run_app), "train-prior": (TrainPriorConfig, run_train_prior)}
 
 
 def _quiet_libraries() -> None:
@@ -207,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = tyro.extras.subcommand_cli_from_dict({name: cls for name, (cls, _) in COMMANDS.items()}, args=argv, prog="dreamfusion")
     handler = next(fn for cls, fn in COMMANDS.values() if isinstance(args, cls))
+    from .checkpoint import CheckpointError
+    from .guidance import GuidanceError
+
     _quiet_libraries()
     try:
         handler(args)

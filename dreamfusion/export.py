@@ -81,6 +81,25 @@ def auto_threshold(grid: np.ndarray) -> float:
     return SURFACE_DENSITY
 
 
+def silhouette_level(opacity: torch.Tensor, max_density: torch.Tensor, levels: int = 64) -> float:
+    """The density level whose surface has the silhouettes the renders show: of ``levels``
+    candidates spaced evenly in log density over the range the views meet, the one whose
+    silhouettes ({pixels whose ray meets density > L}) best match the renders' opacity > 0.5
+    (highest IoU over all views; the middle of a tie). ``opacity``, ``max_density``: (V, H, W) from
+    :meth:`dreamfusion.render.Renderer.opacity_and_max_density`. ``ValueError`` when no view shows
+    anything solid."""
+    solid = opacity > 0.5
+    if not bool(solid.any()):
+        raise ValueError("no view of the scene shows an opaque pixel: nothing to export")
+    lo = float(max_density[solid].min().clamp_min(1e-6))
+    hi = float(max_density.max())
+    candidates = torch.logspace(math.log10(lo) - 1, math.log10(max(hi, lo * 1.0001)), levels, dtype=torch.float64)
+    peak = max_density.double()
+    scores = torch.stack([((peak > c) & solid).sum().double() / ((peak > c) | solid).sum().clamp_min(1) for c in candidates])
+    best = torch.nonzero(scores >= scores.max() - 1e-12).flatten()
+    return float(candidates[best[len(best) // 2]])
+
+
 def drop_small_components(mesh: trimesh.Trimesh, min_fraction: float = MIN_COMPONENT_FRACTION) -> trimesh.Trimesh:
     """Remove connected components (by shared edges) with fewer than ``min_fraction`` of the faces,
     in place; vertex colours follow. Returns the mesh."""
@@ -149,12 +168,40 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, ordinary_file_mode())  # mkstemp makes 0600; a finished file reads like any other
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return path
+
+
+def ordinary_file_mode() -> int:
+    """The permissions the user's umask gives a new ordinary file (0666 & ~umask). Read from
+    /proc where it can be (setting the umask to read it would race with other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def to_uint8(image) -> np.ndarray:
+    """An image (3, H, W) tensor or (H, W, 3) array in [0, 1] -> (H, W, 3) uint8 (value x 255,
+    rounded, clipped): the one conversion for every PNG, frame and sheet."""
+    if isinstance(image, torch.Tensor):
+        image = image.detach().float().cpu()
+        image = image.permute(1, 2, 0) if image.dim() == 3 and image.shape[0] in (1, 3, 4) else image
+        image = image.numpy()
+    image = np.asarray(image)
+    if image.dtype == np.uint8:
+        return image
+    return (np.clip(image, 0.0, 1.0) * 255.0).round().astype(np.uint8)
 
 
 def save_mesh(mesh: trimesh.Trimesh, path: str | Path) -> Path:

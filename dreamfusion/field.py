@@ -8,29 +8,13 @@ embedded prior works at, a 48^3 grid has detail to spare (see benchmarks/speed.p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import FieldConfig
+
 BACKGROUNDS = ("white", "black", "mlp")
-
-
-@dataclass
-class FieldConfig:
-    """The density/albedo grid and its initial blob."""
-
-    resolution: int = 48
-    """voxels per side of the density/albedo grid"""
-    bound: float = 1.0
-    """the scene is [-bound, bound]^3"""
-    blob_density: float = 20.0
-    """lambda of the initial density bias lambda * (1 - |x| / c)"""
-    blob_radius: float = 0.5
-    """c of the density bias (world units)"""
-    background: str = "white"
-    """white or black (fixed, as the embedded prior was trained), or mlp (learned from the ray direction, as in the paper)"""
 
 
 def blob_bias(points: torch.Tensor, strength: float, radius: float) -> torch.Tensor:
@@ -43,23 +27,55 @@ def blob_bias_gradient(points: torch.Tensor, strength: float, radius: float) -> 
     return -strength / radius * points / points.norm(dim=-1, keepdim=True).clamp_min(1e-6)
 
 
-def density_activation(raw: torch.Tensor) -> torch.Tensor:
+def density_activation(raw: torch.Tensor, kind: str = "softplus") -> torch.Tensor:
+    """Raw density -> density >= 0: ``softplus`` or ``exp`` (truncated at e^15, where a voxel is
+    opaque many times over, so one bad step cannot overflow)."""
+    if kind == "exp":
+        return torch.exp(raw.clamp(max=15.0))
     return F.softplus(raw)
 
 
-class GridField(nn.Module):
-    """Raw density (1 channel) and albedo logits (3 channels) on a (R, R, R) grid, laid out as
-    ``grid_sample`` expects: (1, C, z, y, x)."""
+def upsample_grid(grid: torch.Tensor, resolution: int) -> torch.Tensor:
+    """Trilinear resampling of a (1, C, R, R, R) grid whose nodes span the same box at both
+    resolutions (``align_corners``): the field it interpolates stays the same where it was smooth."""
+    return F.interpolate(grid, size=(resolution,) * 3, mode="trilinear", align_corners=True)
 
-    def __init__(self, cfg: FieldConfig = FieldConfig()):
+
+class GridField(nn.Module):
+    """Raw density (1 channel) and albedo logits (3 channels) on (R, R, R) grids, laid out as
+    ``grid_sample`` expects: (1, C, z, y, x). Two parameters, so each can have its own learning
+    rate."""
+
+    def __init__(self, cfg: FieldConfig = FieldConfig(), resolution: int | None = None):
         super().__init__()
         self.cfg = cfg
-        r = cfg.resolution
-        self.grid = nn.Parameter(torch.zeros(1, 4, r, r, r))
+        r = resolution or cfg.resolution
+        self.density_grid = nn.Parameter(torch.zeros(1, 1, r, r, r))
+        self.albedo_grid = nn.Parameter(torch.zeros(1, 3, r, r, r))
+
+    @property
+    def resolution(self) -> int:
+        return self.density_grid.shape[-1]
 
     @property
     def voxel_size(self) -> float:
-        return 2 * self.cfg.bound / (self.cfg.resolution - 1)
+        return 2 * self.cfg.bound / (self.resolution - 1)
+
+    @torch.no_grad()
+    def grow(self, resolution: int) -> None:
+        """Resample both grids to ``resolution`` per side (coarse-to-fine training); the parameters
+        are replaced, so an optimiser over the old ones must be rebuilt."""
+        self.density_grid = nn.Parameter(upsample_grid(self.density_grid.data, resolution))
+        self.albedo_grid = nn.Parameter(upsample_grid(self.albedo_grid.data, resolution))
+
+    def load_grids(self, density: torch.Tensor, albedo: torch.Tensor) -> None:
+        """Take grids of any resolution (a checkpoint of a run that grew its grid)."""
+        if density.shape != self.density_grid.shape:
+            self.density_grid = nn.Parameter(torch.zeros_like(density, device=self.density_grid.device))
+            self.albedo_grid = nn.Parameter(torch.zeros_like(albedo, device=self.albedo_grid.device))
+        with torch.no_grad():
+            self.density_grid.copy_(density)
+            self.albedo_grid.copy_(albedo)
 
     def _sample(self, volume: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
         """Trilinear lookup: (1, C, R, R, R) volume at (N, 3) points -> (N, C)."""
@@ -69,17 +85,21 @@ class GridField(nn.Module):
 
     def _raw_gradient_volume(self) -> torch.Tensor:
         """Central differences of the raw density grid: (1, 3, R, R, R) with channels (d/dx, d/dy, d/dz)."""
-        raw = self.grid[0, 0]
+        raw = self.density_grid[0, 0]
         gz, gy, gx = torch.gradient(raw, spacing=self.voxel_size, dim=(0, 1, 2))
         return torch.stack([gx, gy, gz])[None]
+
+    def raw_density(self, points: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Interpolated raw density (N,) plus the blob and the shift."""
+        return values + blob_bias(points, self.cfg.blob_density, self.cfg.blob_radius) + self.cfg.density_shift
 
     def forward(self, points: torch.Tensor, with_normals: bool = True) -> dict[str, torch.Tensor]:
         """(N, 3) points -> ``density`` (N,), ``albedo`` (N, 3) in [0, 1] and, if asked,
         ``normals`` (N, 3): unit vectors along -grad(density), differentiable w.r.t. the grid."""
-        volume = torch.cat([self.grid, self._raw_gradient_volume()], dim=1) if with_normals else self.grid
-        values = self._sample(volume, points)
-        raw = values[:, 0] + blob_bias(points, self.cfg.blob_density, self.cfg.blob_radius)
-        out = {"density": density_activation(raw), "albedo": torch.sigmoid(values[:, 1:4])}
+        parts = [self.density_grid, self.albedo_grid] + ([self._raw_gradient_volume()] if with_normals else [])
+        values = self._sample(torch.cat(parts, dim=1), points)
+        raw = self.raw_density(points, values[:, 0])
+        out = {"density": density_activation(raw, self.cfg.density_activation), "albedo": torch.sigmoid(values[:, 1:4])}
         if with_normals:
             grad = values[:, 4:7] + blob_bias_gradient(points, self.cfg.blob_density, self.cfg.blob_radius)
             out["normals"] = -grad / grad.norm(dim=-1, keepdim=True).clamp_min(1e-6)

@@ -13,44 +13,17 @@ Shading happens per sample (``dreamfusion.shading``) and is composited over the 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import nerfacc
 import torch
 from torch.profiler import record_function
 
-from .cameras import Cameras, Lights, camera_rays
+from .cameras import Cameras, Lights, camera_rays, ray_box
+from .config import RenderConfig
 from .field import Background, GridField
 from .shading import SHADING_MODES, normals_to_rgb, shade
 
 
-@dataclass
-class RenderConfig:
-    """Ray marching and the occupancy grid."""
-
-    samples_per_ray: int = 96
-    """march step = box diagonal / this"""
-    occupancy_resolution: int = 32
-    occupancy_threshold: float = 0.01
-    """a cell is occupied when density x step exceeds this (nerfacc's occ_thre)"""
-    occupancy_update_every: int = 8
-    occupancy_warmup: int = 64
-    sampler: str = "auto"
-    """auto (nerfacc's CUDA kernel where available, else the PyTorch sampler), torch, or dense"""
-
-
 SAMPLERS = ("auto", "torch", "dense")
-
-
-def ray_box(origins: torch.Tensor, dirs: torch.Tensor, lo, hi) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Entry and exit distances of rays through the box [lo, hi] (scalars or (3,) corners).
-    (N, 3), (N, 3) -> near (N,), far (N,), hit (N,) bool."""
-    inv = 1.0 / torch.where(dirs.abs() < 1e-9, torch.full_like(dirs, 1e-9), dirs)
-    t0 = (lo - origins) * inv
-    t1 = (hi - origins) * inv
-    near = torch.minimum(t0, t1).max(dim=-1).values.clamp_min(0.0)
-    far = torch.maximum(t0, t1).min(dim=-1).values
-    return near, far, far > near
 
 
 def ray_aabb(origins: torch.Tensor, dirs: torch.Tensor, bound: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -100,6 +73,19 @@ def occupied_cells(points: torch.Tensor, binaries: torch.Tensor, bound: float) -
     inside = ((idx >= 0) & (idx < res)).all(dim=-1)
     idx = idx.clamp(0, res - 1)
     return inside & binaries[idx[..., 0], idx[..., 1], idx[..., 2]]
+
+
+def depth_image(depth: torch.Tensor, opacity: torch.Tensor) -> torch.Tensor:
+    """Depth maps (B, H, W) -> grey images (B, 3, H, W): near dark, far light, each image
+    normalised over its own pixels with opacity > 0.5; white where nothing is."""
+    out = torch.ones(depth.shape[0], 3, *depth.shape[1:], device=depth.device, dtype=depth.dtype)
+    for i in range(depth.shape[0]):
+        solid = opacity[i] > 0.5
+        d = depth[i]
+        norm = (d - d[solid].min()) / (d[solid].max() - d[solid].min() + 1e-6) if solid.any() else torch.zeros_like(d)
+        grey = 1 - norm * opacity[i]
+        out[i] = (grey * opacity[i] + (1 - opacity[i]))[None]
+    return out
 
 
 def cuda_sampler_available(device: torch.device) -> bool:
@@ -193,11 +179,8 @@ class Renderer(torch.nn.Module):
             else:
                 orientation = torch.zeros(n, device=origins.device)
         with record_function("render.background"):
-            if mode == "depth":
+            if mode == "depth":  # grey levels are assigned per image by render()
                 rgb = (depth / (opacity + 1e-6))[:, None].expand(n, 3)
-                rgb = (rgb - rgb[opacity > 0.5].min()) / (rgb[opacity > 0.5].max() - rgb[opacity > 0.5].min() + 1e-6) if (opacity > 0.5).any() else rgb * 0
-                rgb = 1 - rgb * opacity[:, None]  # near = dark
-                rgb = rgb * opacity[:, None] + (1 - opacity[:, None])
             else:
                 rgb = rgb + (1 - opacity[:, None]) * self.background(dirs)
         return {"rgb": rgb, "opacity": opacity, "depth": depth, "normal": normal, "orientation": orientation,
@@ -263,6 +246,23 @@ class Renderer(torch.nn.Module):
         w, _, _ = nerfacc.render_weight_from_density(ts, te, sg)
         return w[ray_idx, slot]
 
+    @torch.no_grad()
+    def opacity_and_max_density(self, cameras: Cameras, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """For each pixel of ``size`` x ``size`` views: the rendered opacity and the largest density
+        met along its ray (every step of a dense march), each (B, size, size). A level set
+        {density > L} covers exactly the pixels whose maximum exceeds L: its silhouette."""
+        origins, dirs = camera_rays(cameras, size, size)
+        o, d = origins.reshape(-1, 3), dirs.reshape(-1, 3)
+        ray_idx, t_starts, t_ends = self._sample_torch(o, d, False, None, dense=True)
+        pts = o[ray_idx] + d[ray_idx] * ((t_starts + t_ends) * 0.5)[:, None]
+        sigmas = self.field.density(pts)
+        n = o.shape[0]
+        weights = self._weights(t_starts, t_ends, sigmas, ray_idx, n)
+        opacity = torch.zeros(n, device=o.device).index_add_(0, ray_idx, weights)
+        peak = torch.zeros(n, device=o.device).scatter_reduce_(0, ray_idx, sigmas, reduce="amax")
+        shape = (len(cameras), size, size)
+        return opacity.reshape(shape), peak.reshape(shape)
+
     def render(self, cameras: Cameras, lights: Lights, height: int, width: int, mode: str = "lit", stratified: bool = False,
                generator: torch.Generator | None = None) -> dict:
         """Render images. Returns ``image`` (B, 3, H, W), ``opacity`` (B, 1, H, W), ``depth`` and
@@ -273,8 +273,11 @@ class Renderer(torch.nn.Module):
         out = self.render_rays(origins.reshape(-1, 3), dirs.reshape(-1, 3), per_ray(lights.position), per_ray(lights.intensity),
                                per_ray(lights.ambient), mode, stratified, generator)
         img = lambda v, c: v.reshape(b, height, width, c).permute(0, 3, 1, 2)  # noqa: E731
+        image = img(out["rgb"], 3)
+        if mode == "depth":
+            image = depth_image(image[:, 0], img(out["opacity"][:, None], 1)[:, 0])
         return {
-            "image": img(out["rgb"], 3),
+            "image": image,
             "opacity": img(out["opacity"][:, None], 1),
             "depth": out["depth"].reshape(b, height, width),
             "normal": img(out["normal"], 3),

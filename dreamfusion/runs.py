@@ -8,37 +8,21 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import asdict
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
-from .export import extract_mesh, save_mesh, save_turntable
+from .config import MESH_FORMATS, VIDEO_FORMATS, ExportOptions
+from .cameras import default_light
+from .export import extract_mesh, save_mesh, save_turntable, silhouette_level, to_uint8
 from .trainer import Trainer, config_to_dict
 
-MESH_FORMATS = ("glb", "obj", "ply")
-VIDEO_FORMATS = ("mp4", "gif", "none")
-
-
-@dataclass
-class ExportOptions:
-    """What to write at the end of a run."""
-
-    formats: tuple[str, ...] = MESH_FORMATS
-    """mesh formats to write (glb, obj, ply)"""
-    mesh_resolution: int = 128
-    """marching-cubes grid per side"""
-    threshold: float | None = None
-    """density level of the surface (default: chosen from the density, see export.extract_mesh)"""
-    video: str = "mp4"
-    """turntable format: mp4, gif or none"""
-    video_mode: str = "lit"
-    """shading of the turntable: lit, textureless, albedo, normals, depth"""
-    video_frames: int = 36
-    video_size: int = 128
-
-
 def validate_export(opts: ExportOptions) -> None:
+    if opts.level not in ("silhouette", "fixed"):
+        raise ValueError(f"unknown surface level rule {opts.level!r}; use silhouette or fixed")
+    if opts.threshold is not None and not opts.threshold > 0:
+        raise ValueError(f"the surface threshold must be a positive density, got {opts.threshold}")
     bad = [f for f in opts.formats if f not in MESH_FORMATS]
     if bad:
         raise ValueError(f"unknown mesh format {bad[0]!r}; valid formats: {', '.join(MESH_FORMATS)}")
@@ -86,37 +70,80 @@ def staged_output(out: Path, overwrite: bool):
     finish_output(staging, out)
 
 
+#: the views whose silhouettes decide the surface level: 8 azimuths at 25 degrees below and above
+#: the horizon, and straight down and up
+SILHOUETTE_SIZE = 64
+
+
+def silhouette_cameras():
+    import torch
+
+    from .cameras import VIEW_DISTANCE, VIEW_FOCAL, make_cameras
+
+    az = torch.arange(8.0) * 45.0
+    azimuths = torch.cat([az, az, torch.tensor([0.0, 0.0])])
+    elevations = torch.cat([torch.full((8,), -25.0), torch.full((8,), 25.0), torch.tensor([89.0, -89.0])])
+    return make_cameras(azimuths, elevations, VIEW_DISTANCE, VIEW_FOCAL)
+
+
+def surface_level(scene) -> float:
+    """The density level of a scene's surface: the one whose silhouettes match its renders
+    (:func:`dreamfusion.export.silhouette_level`)."""
+    cams = silhouette_cameras().to(scene.field.density_grid.device)
+    opacity, peak = scene.opacity_and_max_density(cams, SILHOUETTE_SIZE)
+    return silhouette_level(opacity.cpu(), peak.cpu())
+
+
+def export_renderer(scene, folder: Path, opts: ExportOptions) -> list[str]:
+    """Write meshes and the turntable of a scene (a :class:`~dreamfusion.render.Renderer`, e.g. a
+    snapshot or :func:`~dreamfusion.checkpoint.load_scene`'s) into ``folder``. Returns the notes
+    for the user (such as a surface level lowered for a faint scene)."""
+    import torch
+
+    folder = Path(folder)
+    device = scene.field.density_grid.device
+    threshold = opts.threshold
+    if threshold is None and opts.level == "silhouette":
+        threshold = surface_level(scene)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mesh = extract_mesh(scene.field.density, scene.field.albedo, resolution=opts.mesh_resolution,
+                            bound=scene.field.cfg.bound, threshold=threshold, device=device)
+    for fmt in opts.formats:
+        save_mesh(mesh, folder / f"mesh.{fmt}")
+    if opts.video != "none":
+        def render(cams):
+            with torch.no_grad():
+                return scene.render(cams.to(device), default_light(cams).to(device), opts.video_size, opts.video_size,
+                                    opts.video_mode)["image"].clamp(0, 1).cpu()
+
+        save_turntable(render, folder / f"turntable.{opts.video}", frames=opts.video_frames, size=opts.video_size)
+    return [str(w.message) for w in caught]
+
+
 def export_scene(trainer: Trainer, folder: Path, opts: ExportOptions) -> dict[str, Path]:
     """Write meshes and the turntable of the trainer's current scene into ``folder``: both from
     one snapshot, taken at once, so training may go on meanwhile."""
     folder = Path(folder)
-    written: dict[str, Path] = {}
     scene = trainer.snapshot()  # one consistent state, even while training goes on
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        mesh = extract_mesh(scene.field.density, scene.field.albedo, resolution=opts.mesh_resolution,
-                            bound=trainer.cfg.field.bound, threshold=opts.threshold, device=trainer.device)
-    for w in caught:  # e.g. a surface level lowered for a faint scene: a note for the user, not a traceback
-        trainer.on_message(str(w.message))
-    for fmt in opts.formats:
-        written[fmt] = folder / f"mesh.{fmt}"
-        save_mesh(mesh, written[fmt])
+    for note in export_renderer(scene, folder, opts):
+        trainer.on_message(note)
+    written = {fmt: folder / f"mesh.{fmt}" for fmt in opts.formats}
     if opts.video != "none":
         written["video"] = folder / f"turntable.{opts.video}"
-        save_turntable(lambda cams: trainer.render_views(cams, size=opts.video_size, mode=opts.video_mode, scene=scene), written["video"],
-                       frames=opts.video_frames, size=opts.video_size)
     return written
 
 
 def write_run(trainer: Trainer, folder: Path, opts: ExportOptions, timing: dict | None = None) -> dict[str, Path]:
-    """Everything a run leaves behind: meshes, turntable, checkpoint, config, log and preview."""
+    """Everything a run leaves behind: meshes, turntable, checkpoint, config, log and preview.
+    The one writer of a run folder, for the command line and the app alike."""
     import imageio.v3 as iio
 
     folder = Path(folder)
     written = export_scene(trainer, folder, opts)
     written["checkpoint"] = trainer.save_checkpoint(folder / "checkpoint.safetensors")
     written["config"] = folder / "config.json"
-    written["config"].write_text(json.dumps({"prompt": trainer.prompt, "train": config_to_dict(trainer.cfg), "export": opts.__dict__},
+    written["config"].write_text(json.dumps({"prompt": trainer.prompt, "train": config_to_dict(trainer.cfg), "export": asdict(opts)},
                                             indent=2, default=str))
     written["log"] = folder / "log.jsonl"
     with open(written["log"], "w") as f:
@@ -124,8 +151,6 @@ def write_run(trainer: Trainer, folder: Path, opts: ExportOptions, timing: dict 
             f.write(json.dumps(row) + "\n")
         if timing:
             f.write(json.dumps({"summary": timing}) + "\n")
-    preview = trainer.preview(size=128)
     written["preview"] = folder / "preview.png"
-    iio.imwrite(written["preview"], (preview.permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
+    iio.imwrite(written["preview"], to_uint8(trainer.preview(size=128)))
     return written
-

@@ -1,76 +1,49 @@
 """The Trainer: owns the scene, the optimiser, the step count and the prompt, and runs
 DreamFusion's loop one iteration at a time under a lock, so another thread (the app, a viewer)
-can render, pause, refine the prompt or save while it trains."""
+can render, pause, refine the prompt or save while it trains.
+
+One iteration: draw cameras, lights and a shading mode from the prior's own distribution, render,
+hand the renders and their conditions to the guidance (:meth:`Guidance.loss`: SDS, or the
+reference's photometric loss), add the named regularisers of :mod:`dreamfusion.losses`, step Adam.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import json
-import math
+import dataclasses
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
-from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from torch.profiler import record_function
 
-from .cameras import CameraConfig, Cameras, Lights, default_light, make_cameras, sample_cameras, sample_lights, view_label
-from .field import Background, FieldConfig, GridField
-from .guidance import Guidance, GuidanceConfig, load_guidance
-from .prior.data import SHADING_PROBS
-from .render import RenderConfig, Renderer
+from .cameras import VIEW_DISTANCE, VIEW_FOCAL, Cameras, Lights, default_light, make_cameras, sample_cameras, sample_lights, view_label
+from .checkpoint import (
+    CHECKPOINT_VERSION,
+    CheckpointError,
+    build_scene,
+    checkpoint_config,
+    load_scene_tensors,
+    read_checkpoint,
+    scene_tensors,
+    write_checkpoint,
+)
+from .config import MAX_RENDER_SIZE, OptimConfig, TrainConfig, config_from_dict, config_to_dict, resolve_guidance, validate_config
+from .guidance import Guidance, RenderBatch, load_guidance
+from .losses import loss_terms
+from .render import Renderer
 from .sds import timestep_bounds
 from .shading import TRAINING_SHADING_MODES
 
-CHECKPOINT_VERSION = 1
-MAX_RENDER_SIZE = 512
 #: training cameras remembered for viewers (steps, each with ``views`` cameras)
 CAMERA_HISTORY = 8
 
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read: corrupt, not ours, or from another version."""
-
-
-@dataclass
-class OptimConfig:
-    """Adam on the grid, regularisers, and the guard against bad steps."""
-
-    lr: float = 0.05
-    lr_background: float = 1e-3
-    grad_clip: float = 10.0
-    orientation_weight: float = 0.01
-    """final weight of the Ref-NeRF orientation loss (ramped up from 0)"""
-    orientation_ramp: float = 0.5
-    """fraction of the run over which the orientation weight ramps up"""
-    opacity_weight: float = 50.0
-    """weight of the mean-opacity (sparsity) regulariser against fog (the SDS gradient is summed
-    over pixels and this mean is not, hence the size)"""
-
-
-@dataclass
-class TrainConfig:
-    """One text-to-3D run."""
-
-    steps: int = 1200
-    seed: int = 0
-    render_size: int = 64
-    """training render resolution (the prior sees it resized to its own size)"""
-    views: int = 2
-    """cameras per iteration"""
-    device: str = "cpu"
-    preview_every: int = 25
-    camera: CameraConfig = dataclass_field(default_factory=CameraConfig)
-    field: FieldConfig = dataclass_field(default_factory=FieldConfig)
-    render: RenderConfig = dataclass_field(default_factory=RenderConfig)
-    guidance: GuidanceConfig = dataclass_field(default_factory=GuidanceConfig)
-    optim: OptimConfig = dataclass_field(default_factory=OptimConfig)
+__all__ = ["CAMERA_HISTORY", "CHECKPOINT_VERSION", "MAX_RENDER_SIZE", "CheckpointError", "OptimConfig", "TrainConfig", "Trainer",
+           "config_from_dict", "config_to_dict", "lr_factor", "validate_config", "validate_prompt"]
 
 
 def validate_prompt(prompt: str) -> str:
@@ -79,66 +52,42 @@ def validate_prompt(prompt: str) -> str:
     return " ".join(prompt.split())
 
 
-def validate_config(cfg: TrainConfig) -> None:
-    """Reject settings that cannot work, each with one clear sentence."""
-    if cfg.steps <= 0:
-        raise ValueError(f"steps must be positive, got {cfg.steps}")
-    if not 8 <= cfg.render_size <= MAX_RENDER_SIZE:
-        raise ValueError(f"render size must be between 8 and {MAX_RENDER_SIZE} pixels, got {cfg.render_size}")
-    if not 8 <= cfg.field.resolution <= 256:
-        raise ValueError(f"grid resolution must be between 8 and 256, got {cfg.field.resolution}")
-    if cfg.views <= 0 or cfg.views > 16:
-        raise ValueError(f"views per step must be between 1 and 16, got {cfg.views}")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {cfg.device!r} was asked for but this machine has no CUDA GPU; use --device cpu")
-    if cfg.device not in ("cpu",) and not cfg.device.startswith("cuda") and cfg.device != "mps":
-        raise ValueError(f"unknown device {cfg.device!r}; use cpu or cuda")
-    g = cfg.guidance
-    if not 0 <= g.t_min < g.t_max <= 1:
-        raise ValueError(f"need 0 <= t_min < t_max <= 1, got {g.t_min}, {g.t_max}")
-    if g.guidance_scale < 0 or not math.isfinite(g.guidance_scale):
-        raise ValueError(f"guidance scale must be a non-negative number, got {g.guidance_scale}")
-
-
-def config_to_dict(cfg: TrainConfig) -> dict:
-    return asdict(cfg)
-
-
-def config_from_dict(data: dict) -> TrainConfig:
-    def tup(d: dict, *keys):
-        for k in keys:
-            if k in d and isinstance(d[k], list):
-                d[k] = tuple(d[k])
-        return d
-
-    cam = tup(dict(data.get("camera", {})), *CameraConfig.__dataclass_fields__)
-    top = {k: v for k, v in data.items() if k not in ("camera", "field", "render", "guidance", "optim")}
-    return TrainConfig(**top, camera=CameraConfig(**cam), field=FieldConfig(**data.get("field", {})),
-                       render=RenderConfig(**data.get("render", {})), guidance=GuidanceConfig(**data.get("guidance", {})),
-                       optim=OptimConfig(**data.get("optim", {})))
+def lr_factor(fraction_done: float, decay_start: float, final_factor: float) -> float:
+    """Learning-rate multiplier: 1 until ``decay_start`` (a fraction of the run), then exponential
+    decay to ``final_factor`` at the end."""
+    if decay_start >= 1 or fraction_done <= decay_start:
+        return 1.0
+    span = (min(fraction_done, 1.0) - decay_start) / (1.0 - decay_start)
+    return final_factor ** span
 
 
 class Trainer:
     """DreamFusion's optimisation, steppable and thread-safe.
 
     Progress goes to ``callbacks`` (each called with a dict of metrics after every step) and
-    ``on_message`` (human-readable notes such as a skipped step), never to stdout."""
+    ``on_message`` (human-readable notes such as a skipped step), never to stdout. Nothing here
+    touches torch's global random generator: every draw comes from the trainer's own."""
 
     def __init__(self, cfg: TrainConfig, prompt: str, guidance: Guidance | None = None,
                  callbacks: list[Callable[[dict], None]] | None = None, on_message: Callable[[str], None] | None = None):
         validate_config(cfg)
+        cfg = dataclasses.replace(cfg, guidance=resolve_guidance(cfg.guidance))  # the prior's own defaults, recorded
         self.cfg = cfg
         self.device = torch.device(cfg.device)
         self.lock = threading.RLock()
         self.callbacks = list(callbacks or [])
         self.on_message = on_message or (lambda msg: None)
-        torch.manual_seed(cfg.seed)
         self.generator = torch.Generator().manual_seed(cfg.seed)
-        self.field = GridField(cfg.field).to(self.device)
-        self.background = Background(cfg.field.background).to(self.device)
-        self.renderer = Renderer(self.field, self.background, cfg.render).to(self.device)
+        with torch.random.fork_rng(devices=[]):  # a learned background's initial weights, from the seed
+            torch.manual_seed(cfg.seed)
+            self.renderer: Renderer = build_scene(cfg, self.device)
+        self.field = self.renderer.field
+        self.background = self.renderer.background
+        self.guidance: Guidance | None = guidance if guidance is not None else load_guidance(cfg.guidance, self.device)
+        prior_camera = self.guidance.camera_config() if cfg.camera_from_prior else None
+        self.camera_cfg = prior_camera or cfg.camera
+        self.terms = loss_terms(cfg.optim)
         self.optimizer = self._make_optimizer()
-        self.guidance = guidance if guidance is not None else load_guidance(cfg.guidance, self.device)
         self.step_count = 0
         self.total_steps = cfg.steps
         self.history: list[dict] = []
@@ -148,20 +97,23 @@ class Trainer:
         self._resume = threading.Event()
         self._resume.set()
         self._stop = threading.Event()
-        self._last_time: float | None = None
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
-        groups = [{"params": [self.field.grid], "lr": self.cfg.optim.lr}]
+        o = self.cfg.optim
+        groups = [{"params": [self.field.density_grid], "lr": o.lr_density or o.lr, "base_lr": o.lr_density or o.lr},
+                  {"params": [self.field.albedo_grid], "lr": o.lr, "base_lr": o.lr}]
         bg = list(self.background.parameters())
         if bg:
-            groups.append({"params": bg, "lr": self.cfg.optim.lr_background})
+            groups.append({"params": bg, "lr": o.lr_background, "base_lr": o.lr_background})
         return torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-15)
 
     # ------------------------------------------------------------------ control
     def set_prompt(self, prompt: str) -> None:
         """Change the prompt; optimisation continues from the current scene (Figure 4)."""
         prompt = validate_prompt(prompt)
-        note = self.guidance.truncation_note(f"{prompt}, overhead view")
+        guidance = self._require_guidance()
+        guidance.check_prompt(prompt)
+        note = guidance.truncation_note(f"{prompt}, overhead view")
         if note:
             self.on_message(note)
         with self.lock:
@@ -191,6 +143,10 @@ class Trainer:
         return not self._resume.is_set()
 
     @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+    @property
     def done(self) -> bool:
         return self.step_count >= self.total_steps
 
@@ -204,9 +160,27 @@ class Trainer:
                 break
             self.step()
 
+    # ------------------------------------------------------------------ the prior
+    def release_guidance(self) -> None:
+        """Drop this run's reference to its prior (a finished run keeps only its scene); a later
+        :meth:`attach_guidance` (or any step) takes the shared prior again."""
+        with self.lock:
+            self.guidance = None
+
+    def attach_guidance(self, guidance: Guidance | None = None) -> Guidance:
+        with self.lock:
+            if guidance is not None:
+                self.guidance = guidance
+            return self._require_guidance()
+
+    def _require_guidance(self) -> Guidance:
+        if self.guidance is None:
+            self.guidance = load_guidance(self.cfg.guidance, self.device)
+        return self.guidance
+
     # ------------------------------------------------------------------ the loop
     def _sample_mode(self) -> str:
-        idx = torch.multinomial(torch.tensor(SHADING_PROBS), 1, generator=self.generator).item()
+        idx = torch.multinomial(torch.tensor(self.cfg.shading_probs, dtype=torch.float32), 1, generator=self.generator).item()
         return TRAINING_SHADING_MODES[idx]
 
     def _update_occupancy(self) -> None:
@@ -220,51 +194,87 @@ class Trainer:
             torch.manual_seed(seed)
             self.renderer.update_occupancy(self.step_count)
 
+    def fraction_done(self) -> float:
+        return self.step_count / max(1, self.total_steps)
+
+    def _set_learning_rates(self) -> None:
+        o = self.cfg.optim
+        factor = lr_factor(self.fraction_done(), o.lr_decay_start, o.lr_final_factor)
+        for group in self.optimizer.param_groups[:2]:  # the grids; the background keeps its rate
+            group["lr"] = group["base_lr"] * factor
+
     def orientation_weight(self) -> float:
-        ramp = max(1.0, self.cfg.optim.orientation_ramp * self.total_steps)
-        return self.cfg.optim.orientation_weight * min(1.0, self.step_count / ramp)
+        term = next((t for t in self.terms if t.name == "orientation"), None)
+        return term.weight(self.fraction_done()) if term else 0.0
 
     def step(self) -> dict:
         """One DreamFusion iteration. Returns its metrics (also sent to the callbacks)."""
         with self.lock:
             t0 = time.perf_counter()
             cfg = self.cfg
+            guidance = self._require_guidance()
             self.field.train()
-            cams = sample_cameras(cfg.camera, cfg.views, self.generator)
+            cams = sample_cameras(self.camera_cfg, cfg.views, self.generator)
             self.recent_cameras.append((cams.c2w.clone(), cams.focal.clone()))
-            cams = cams.to(self.device)
-            lights = sample_lights(cfg.camera, cams.to("cpu"), self.generator).to(self.device)
+            lights = sample_lights(self.camera_cfg, cams, self.generator)
             mode = self._sample_mode()
-            out = self.renderer.render(cams, lights, cfg.render_size, cfg.render_size, mode, stratified=True, generator=self.generator)
+            cams_d, lights_d = cams.to(self.device), lights.to(self.device)
+            with record_function("step.render"):
+                out = self.renderer.render(cams_d, lights_d, cfg.render_size, cfg.render_size, mode, stratified=True, generator=self.generator)
+            renders = RenderBatch(out["image"], out["opacity"], cams_d, lights_d, [mode] * len(cams))
             texts = [f"{self.prompt}, {view_label(float(a), float(e))}" for a, e in zip(cams.azimuth, cams.elevation)]
             t_range = timestep_bounds(self.step_count, self.total_steps, cfg.guidance.t_min, cfg.guidance.t_max, cfg.guidance.t_max_end)
-            sds = self.guidance.sds_loss(out["image"], texts, t_range, self.generator)
-            orientation = out["orientation"].mean()
-            opacity = out["opacity"].mean()
-            loss = sds["loss"] + self.orientation_weight() * orientation + cfg.optim.opacity_weight * opacity
+            with record_function("step.guidance"):
+                graded = guidance.loss(renders, texts, t_range, self.generator)
+            frac = self.fraction_done()
+            values = {"guidance": graded["loss"]}
+            weights = {"guidance": 1.0}
+            for term in self.terms:
+                values[term.name] = term.value(out, self.field)
+                weights[term.name] = term.weight(frac)
+            loss = sum(weights[k] * v for k, v in values.items())
+            grad_norms = self._term_grad_norms(values, weights) if cfg.optim.grad_norm_every and self.step_count % cfg.optim.grad_norm_every == 0 else {}
+            self._set_learning_rates()
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-            finite = bool(torch.isfinite(loss)) and all(bool(torch.isfinite(p.grad).all()) for p in params)
-            if finite:
-                torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-                self.optimizer.step()
-            else:
-                self.on_message(f"step {self.step_count}: non-finite loss or gradient, update skipped")
+            with record_function("step.backward"):
+                loss.backward()
+            with record_function("step.optimiser"):
+                params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+                finite = bool(torch.isfinite(loss)) and all(bool(torch.isfinite(p.grad).all()) for p in params)
+                if finite:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+                    self.optimizer.step()
+                else:
+                    self.on_message(f"step {self.step_count}: non-finite loss or gradient, update skipped")
             self.step_count += 1
             self._update_occupancy()
             now = time.perf_counter()
             metrics = {
-                "step": self.step_count, "total_steps": self.total_steps, "loss": float(sds["loss"].detach()), "orientation": float(orientation.detach()),
-                "opacity": float(opacity.detach()), "mode": mode, "t_max": t_range[1], "prompt": self.prompt, "skipped": not finite,
+                "step": self.step_count, "total_steps": self.total_steps, "loss": float(graded["loss"].detach()),
+                **{k: float(v.detach()) for k, v in values.items() if k != "guidance"},
+                "mode": mode, "t_max": t_range[1], "prompt": self.prompt, "skipped": not finite,
                 "seconds": now - t0, "samples": out["n_samples"], "occupancy": self.renderer.occupancy_fraction(),
             }
+            if grad_norms:
+                metrics["grad_norms"] = grad_norms
             if cfg.preview_every and (self.step_count % cfg.preview_every == 0 or self.step_count == self.total_steps):
                 metrics["preview"] = self.preview()
             self.history.append({k: v for k, v in metrics.items() if k != "preview"})
         for cb in self.callbacks:
             cb(metrics)
         return metrics
+
+    def _term_grad_norms(self, values: dict[str, torch.Tensor], weights: dict[str, float]) -> dict[str, dict[str, float]]:
+        """Norm of each weighted term's gradient on the density and the albedo grid (one backward
+        per term: only every ``grad_norm_every`` steps)."""
+        params = [self.field.density_grid, self.field.albedo_grid]
+        norms = {}
+        for name, value in values.items():
+            if not value.requires_grad:
+                continue
+            grads = torch.autograd.grad(weights[name] * value, params, retain_graph=True, allow_unused=True)
+            norms[name] = {p: 0.0 if g is None else float(g.norm()) for p, g in zip(("density", "albedo"), grads)}
+        return norms
 
     # ------------------------------------------------------------------ viewing
     def training_cameras(self) -> list[tuple[torch.Tensor, float]]:
@@ -280,7 +290,7 @@ class Trainer:
         from while training goes on: taken under the lock (a copy of the grid), so everything
         made from it shows one step of the run. ``into``: an earlier snapshot to refresh in place."""
         with self.lock:
-            if into is None:
+            if into is None or into.field.resolution != self.field.resolution:
                 return copy.deepcopy(self.renderer)
             into.load_state_dict(self.renderer.state_dict())
             return into
@@ -297,16 +307,12 @@ class Trainer:
 
     def preview(self, size: int = 64) -> torch.Tensor:
         """Front three-quarter view, lit: (3, size, size)."""
-        return self.render_views(make_cameras(30.0, 20.0, 1.9, 1.1), size=size)[0]
+        return self.render_views(make_cameras(30.0, 20.0, VIEW_DISTANCE, VIEW_FOCAL), size=size)[0]
 
     # ------------------------------------------------------------------ checkpoints
     def state_tensors(self) -> dict[str, torch.Tensor]:
         with self.lock:
-            tensors = {"field.grid": self.field.grid.detach().cpu()}
-            for k, v in self.background.state_dict().items():
-                tensors[f"background.{k}"] = v.cpu()
-            tensors["occupancy.occs"] = self.renderer.estimator.occs.cpu()
-            tensors["occupancy.binaries"] = self.renderer.estimator.binaries.cpu().to(torch.uint8)
+            tensors = scene_tensors(self.renderer)
             for gi, group in enumerate(self.optimizer.param_groups):
                 for pi, p in enumerate(group["params"]):
                     for k, v in self.optimizer.state.get(p, {}).items():
@@ -317,80 +323,38 @@ class Trainer:
     def save_checkpoint(self, path: str | Path) -> Path:
         """Write the whole run (scene, occupancy, optimiser, RNG, prompt, config) as safetensors,
         atomically: a crash mid-write leaves the previous file intact."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         with self.lock:
-            meta = {"format": "dreamfusion", "version": str(CHECKPOINT_VERSION), "prompt": self.prompt, "step": str(self.step_count),
-                    "total_steps": str(self.total_steps), "config": json.dumps(config_to_dict(self.cfg))}
-            tmp = path.with_name(path.name + ".tmp")
-            save_file({k: v.contiguous() for k, v in self.state_tensors().items()}, str(tmp), metadata=meta)
-            tmp.replace(path)
-        return path
+            return write_checkpoint(path, self.state_tensors(), self.prompt, self.step_count, self.total_steps, self.cfg)
 
-    @staticmethod
-    def read_checkpoint(path: str | Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-        path = Path(path)
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint not found: {path}")
-        try:
-            with safe_open(str(path), "pt") as f:
-                meta = dict(f.metadata() or {})
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as exc:
-            raise CheckpointError(f"{path} is not a readable checkpoint ({type(exc).__name__}); was it truncated or overwritten?") from None
-        if meta.get("format") != "dreamfusion":
-            raise CheckpointError(f"{path} is a safetensors file but not a dreamfusion checkpoint")
-        if meta.get("version") != str(CHECKPOINT_VERSION):
-            raise CheckpointError(f"{path} is a checkpoint of format version {meta.get('version')}; this dreamfusion reads version {CHECKPOINT_VERSION}")
-        missing = [k for k in ("prompt", "step", "total_steps", "config") if k not in meta]
-        if missing:
-            raise CheckpointError(f"{path} is an incomplete checkpoint: its metadata lacks {', '.join(missing)}")
-        try:
-            int(meta["step"]), int(meta["total_steps"])
-            if not isinstance(json.loads(meta["config"]), dict):
-                raise ValueError("config is not a JSON object")
-        except ValueError as exc:
-            raise CheckpointError(f"{path} has corrupt metadata ({exc})") from None
-        return meta, tensors
+    read_checkpoint = staticmethod(read_checkpoint)
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, guidance: Guidance | None = None, overrides: dict | None = None, **kwargs) -> "Trainer":
+    def from_checkpoint(cls, path: str | Path, guidance: Guidance | None = None, overrides: dict | None = None, **kwargs) -> Trainer:
         """Rebuild a run from a checkpoint and continue exactly where it stopped."""
-        meta, tensors = cls.read_checkpoint(path)
-        data = json.loads(meta["config"])
-        for section, values in (overrides or {}).items():
-            if isinstance(values, dict):
-                data.setdefault(section, {}).update(values)
-            else:
-                data[section] = values
-        try:
-            cfg = config_from_dict(data)
-        except (TypeError, ValueError) as exc:
-            raise CheckpointError(f"{path} holds a configuration this dreamfusion cannot read ({exc})") from None
+        meta, tensors = read_checkpoint(path)
+        cfg = checkpoint_config(path, meta, overrides)
         trainer = cls(cfg, meta["prompt"], guidance=guidance, **kwargs)
         trainer.load_state(meta, tensors)
         return trainer
 
     def load_state(self, meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> None:
         with self.lock:
-            try:
-                self.field.grid.data.copy_(tensors["field.grid"])
-                self.background.load_state_dict({k[len("background."):]: v for k, v in tensors.items() if k.startswith("background.")})
-                self.renderer.estimator.occs.copy_(tensors["occupancy.occs"])
-                self.renderer.estimator.binaries.copy_(tensors["occupancy.binaries"].bool())
-            except (KeyError, RuntimeError) as exc:
-                raise CheckpointError(f"checkpoint does not match this configuration: {exc}") from None
+            grown = "field.density" in tensors and tensors["field.density"].shape != self.field.density_grid.shape
+            load_scene_tensors(self.renderer, {k: v.to(self.device) for k, v in tensors.items()})
+            if grown:  # new parameters: a fresh optimiser over them
+                self.optimizer = self._make_optimizer()
             for gi, group in enumerate(self.optimizer.param_groups):
                 for pi, p in enumerate(group["params"]):
                     state = {}
                     for k in ("step", "exp_avg", "exp_avg_sq"):
                         key = f"optim.{gi}.{pi}.{k}"
-                        if key in tensors:
+                        if key in tensors and (k == "step" or tensors[key].shape == p.shape):
                             state[k] = tensors[key].reshape(()) if k == "step" else tensors[key].to(self.device)
-                    if state:
+                    if len(state) == 3:
                         self.optimizer.state[p] = state
             if "rng" in tensors:
                 self.generator.set_state(tensors["rng"])
             self.step_count = int(meta["step"])
             self.total_steps = max(int(meta["total_steps"]), self.cfg.steps)
             self.prompt = meta["prompt"]
+

@@ -363,7 +363,7 @@ def test_viewer_renders_a_snapshot_not_the_live_scene(fast_config):
     shadow = trainer.snapshot()
     before = Viewer.render(shadow, c2w[:, 3], wxyz, fov, 1.0, 32, settings)
     assert np.abs(before.astype(int) - live().astype(int)).max() <= 1
-    trainer.field.grid.data.add_(0.5)  # the live scene changes; the snapshot does not
+    trainer.field.density_grid.data.add_(0.5)  # the live scene changes; the snapshot does not
     assert np.array_equal(Viewer.render(shadow, c2w[:, 3], wxyz, fov, 1.0, 32, settings), before)
     again = trainer.snapshot(shadow)
     assert again is shadow

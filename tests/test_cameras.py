@@ -60,7 +60,7 @@ def test_view_label_boundaries(phi, theta, label):
 
 
 def test_sample_cameras_respects_and_covers_ranges():
-    cfg = CameraConfig()
+    cfg = CameraConfig(zoom_range=None)  # focal drawn on its own; the zoom range is tested below
     g = torch.Generator().manual_seed(0)
     cams = sample_cameras(cfg, 5000, g)
     assert len(cams) == 5000
@@ -299,3 +299,80 @@ def test_orbit_cameras_start_at_front():
     assert torch.allclose(cams.position[:, 2], torch.full((8,), 1.9 * math.sin(math.radians(20.0))), atol=1e-5)
     labels = [view_label(float(a), float(e)) for a, e in zip(cams.azimuth, cams.elevation)]
     assert labels == ["front view", "front view", "side view", "back view", "back view", "back view", "side view", "front view"]
+
+
+# ----------------------------------------------------------------------------- render conditions
+
+
+def test_render_condition_features_by_hand():
+    from dreamfusion.cameras import RENDER_CONDITION_FEATURES, Lights, render_condition_features
+
+    cams = make_cameras([0.0, 90.0], [0.0, 30.0], [1.9, 2.2], [1.35, 1.55])
+    # light 1 at the first camera (straight along its 'back' axis); light 2 above the origin
+    lights = Lights(torch.tensor([[3.0, 0.0, 0.0], [0.0, 0.0, 5.0]]), torch.tensor([0.7, 0.9]), torch.tensor([0.15, 0.05]))
+    f = render_condition_features(cams, lights, ["lit", "albedo"])
+    assert f.shape == (2, RENDER_CONDITION_FEATURES)
+    expected0 = [0, 1, 0, 1, 0, 0, 0, 0, 0, 0, 1, 0, 0, 1, 0, 0, 1]
+    assert torch.allclose(f[0], torch.tensor(expected0, dtype=torch.float32), atol=1e-6)
+    # azimuth 90, elevation 30: sin/cos of 90 and 180 degrees; distance 2.2 -> +1, focal 1.55 -> +1
+    s30, c30 = 0.5, math.sqrt(3) / 2
+    assert torch.allclose(f[1, :8], torch.tensor([1.0, 0.0, 0.0, -1.0, 30 / 90, s30, 1.0, 1.0]), atol=1e-6)
+    # +Z seen from a camera 30 degrees up: along 'up' by cos 30 and towards the camera by sin 30
+    assert torch.allclose(f[1, 8:11], torch.tensor([0.0, c30, s30]), atol=1e-6)
+    assert torch.allclose(f[1, 11:], torch.tensor([1.0, -1.0, 0.0, 0.0, 1.0, 1.0]), atol=1e-6)
+
+
+def test_render_condition_features_dropped_and_bad_modes():
+    from dreamfusion.cameras import default_light, render_condition_features
+
+    cams = make_cameras([10.0, 200.0], [5.0, 70.0], 1.9, 1.35)
+    f = render_condition_features(cams, default_light(cams), ["textureless", "lit"], present=torch.tensor([True, False]))
+    assert f[0, -1] == 1 and f[0, 14] == 1 and torch.count_nonzero(f[1]) == 0
+    with pytest.raises(ValueError, match="shading mode"):
+        render_condition_features(cams, default_light(cams), ["lit", "normals"])
+    with pytest.raises(ValueError, match="shading mode"):
+        render_condition_features(cams, default_light(cams), ["lit"])
+
+
+def test_light_and_ambient_never_exceed_one():
+    """The prior's training renders are clamped to [0, 1]; the one distribution keeps lit renders there
+    without clamping, so SDS never shows the prior a value it has not seen."""
+    cfg = CameraConfig()
+    assert cfg.light_intensity_range[1] + cfg.ambient_range[1] <= 1.0 + 1e-9
+    cams = sample_cameras(cfg, 2000, torch.Generator().manual_seed(0))
+    lights = sample_lights(cfg, cams, torch.Generator().manual_seed(1))
+    assert float((lights.intensity + lights.ambient).max()) <= 1.0
+
+
+def test_framing_keeps_every_object_inside_the_frame():
+    """The tight framing of the camera distribution: at its closest and narrowest camera, every
+    object of the world is inside the frame, and at the median camera it fills a good part of it."""
+    from dreamfusion.prior.data import render_object
+    from dreamfusion.prior.world import all_objects
+
+    cfg = CameraConfig()
+    az = torch.arange(8.0) * 45.0
+    for el in (-30.0, 0.0, 20.0, 45.0):
+        close = make_cameras(az, el, cfg.distance_range[0], cfg.zoom_range[1] * cfg.distance_range[0])
+        for obj in all_objects():
+            alpha = render_object(obj, close, default_light_for(close), ["albedo"] * 8, 32, with_alpha=True)[:, 3]
+            border = torch.cat([alpha[:, 0], alpha[:, -1], alpha[:, :, 0], alpha[:, :, -1]], dim=1)
+            assert float(border.max()) < 0.5, (obj.noun, el)
+    mid = make_cameras(az, 20.0, sum(cfg.distance_range) / 2, sum(cfg.zoom_range) / 2 * sum(cfg.distance_range) / 2)
+    cube = next(o for o in all_objects() if o.noun == "cube")
+    coverage = render_object(cube, mid, default_light_for(mid), ["albedo"] * 8, 32, with_alpha=True)[:, 3].mean()
+    assert coverage > 0.3
+
+
+def test_zoom_range_ties_focal_length_to_distance():
+    cfg = CameraConfig()
+    cams = sample_cameras(cfg, 3000, torch.Generator().manual_seed(2))
+    ratio = cams.focal / cams.distance
+    assert float(ratio.min()) >= cfg.zoom_range[0] - 1e-6 and float(ratio.max()) <= cfg.zoom_range[1] + 1e-6
+    assert float(ratio.min()) < cfg.zoom_range[0] + 0.005 and float(ratio.max()) > cfg.zoom_range[1] - 0.005
+
+
+def default_light_for(cams):
+    from dreamfusion.cameras import default_light
+
+    return default_light(cams)

@@ -59,7 +59,7 @@ def test_sampler_finds_exactly_the_samples_of_a_full_march():
     order) that marching every step and looking each up in the occupancy grid finds."""
     field = _ball_field(radius=0.25)
     with torch.no_grad():
-        field.grid[0, 0, 20:24, 4:7, 25:28] = 8.0  # a second, off-centre lump
+        field.density_grid[0, 0, 20:24, 4:7, 25:28] = 8.0  # a second, off-centre lump
     occ = Renderer(field, Background("white"), RenderConfig(sampler="torch", occupancy_warmup=1000))
     torch.manual_seed(0)
     for _ in range(30):
@@ -101,7 +101,7 @@ def test_blob_bias_and_its_gradient():
 def _constant_field(raw: float, res: int = 8) -> GridField:
     field = GridField(FieldConfig(resolution=res, blob_density=0.0))
     with torch.no_grad():
-        field.grid[:, 0] = raw
+        field.density_grid[:, 0] = raw
     return field
 
 
@@ -126,9 +126,9 @@ def _ball_field(radius=0.3, res=32) -> GridField:
     z, y, x = torch.meshgrid(lin, lin, lin, indexing="ij")
     r = torch.sqrt(x * x + y * y + z * z)
     with torch.no_grad():
-        field.grid[0, 0] = (100.0 * (radius - r)).clamp(-30.0, 10.0)  # a smooth ball; softplus(-30) ~ 1e-13: truly empty
-        field.grid[0, 1] = torch.where(x > 0, 2.0, -2.0)  # red at +X, dark elsewhere
-        field.grid[0, 2:4] = -2.0
+        field.density_grid[0, 0] = (100.0 * (radius - r)).clamp(-30.0, 10.0)  # a smooth ball; softplus(-30) ~ 1e-13: truly empty
+        field.albedo_grid[0, 0] = torch.where(x > 0, 2.0, -2.0)  # red at +X, dark elsewhere
+        field.albedo_grid[0, 1:3] = -2.0
     return field
 
 
@@ -158,8 +158,8 @@ def test_gradients_reach_the_grid_through_samples_and_normals():
     cams = make_cameras(0.0, 0.0, 2.0, 1.0)
     out = renderer.render(cams, default_light(cams), 16, 16, "textureless")
     out["image"].mean().backward()
-    assert field.grid.grad is not None and field.grid.grad[:, 0].abs().sum() > 0
-    assert field.grid.grad[:, 1:].abs().sum() == 0  # textureless ignores albedo
+    assert field.density_grid.grad is not None and field.density_grid.grad.abs().sum() > 0
+    assert field.albedo_grid.grad is None or field.albedo_grid.grad.abs().sum() == 0  # textureless ignores albedo
 
 
 def test_normals_of_a_ball_face_the_camera_and_albedo_follows_the_grid():

@@ -525,3 +525,61 @@ def test_render_object_views_show_orientation():
     assert centroid[0] < 16.0 - 0.5
     assert centroid[1] > 16.0 + 0.5
     assert centroid[0] + centroid[1] == pytest.approx(32.0, abs=0.5)  # mirror images
+
+
+# ----------------------------------------------------------------------------- captions in other words (prior v2)
+
+
+def test_synonym_captions_name_the_drawn_object_and_never_a_held_out_pair():
+    from dreamfusion.prior.world import COLOUR_WORDS, MATERIAL_WORDS, NOUN_WORDS, parse_prompt
+
+    rng = random.Random(5)
+    synonyms_seen, materials_seen = 0, 0
+    for _ in range(20000):
+        d = draw_example(rng, synonyms=True)
+        assert not (d.colour and is_held_out(d.colour, d.noun)), d
+        noun, colour = parse_prompt(d.phrase)
+        assert noun == d.noun, d  # the phrase names its object, whichever word it uses
+        if colour is not None:
+            assert colour == d.colour, d
+        synonyms_seen += not any(re.search(rf"\b{n}\b", d.phrase) for n in NOUNS)
+        materials_seen += any(m in d.phrase for ms in MATERIAL_WORDS.values() for m in ms)
+        for c, n in HELD_OUT_PAIRS:  # no held-out pair in any wording
+            assert not (any(w in d.phrase for w in COLOUR_WORDS[c]) and any(re.search(rf"\b{w}\b", d.phrase) for w in NOUN_WORDS[n])
+                        and d.colour == c and d.noun == n), d
+    assert 0.15 < synonyms_seen / 20000 < 0.5
+    assert materials_seen > 100
+
+
+@pytest.mark.parametrize("prompt, noun, colour", [
+    ("a crimson box", "cube", "red"), ("a wooden chair", "chair", "brown"), ("a chair made of wood", "chair", "brown"),
+    ("a silver ball", "sphere", "gray"), ("a Snowman", "snowman", None), ("a coffee mug, white", "mug", "white"),
+    ("a fir tree, side view", "tree", None), ("an emerald-green donut", "torus", "green"), ("a red cube", "cube", "red"),
+    ("a squirrel", None, None), ("a blue sphere on a plain background", "sphere", "blue"),
+])
+def test_parse_prompt_with_synonyms(prompt, noun, colour):
+    from dreamfusion.prior.world import parse_prompt
+
+    assert parse_prompt(prompt) == (noun, colour)
+
+
+def test_render_with_alpha_and_part_colours():
+    from dreamfusion.cameras import make_cameras
+
+    cams = make_cameras([30.0, 110.0], [20.0, 35.0], 1.9, 1.27)
+    cube = build_object("cube", "red")
+    out = render_object(cube, cams, default_light(cams), ["albedo", "albedo"], 32, with_alpha=True)
+    assert out.shape == (2, 4, 32, 32)
+    alpha = out[:, 3]
+    assert float(alpha[:, 16, 16].min()) == 1.0 and float(alpha[:, 0, 0].max()) == 0.0
+    assert ((alpha > 0) & (alpha < 1)).any()  # antialiased edges
+    rgb = render_object(cube, cams, default_light(cams), ["albedo", "albedo"], 32)
+    assert torch.equal(out[:, :3], rgb)  # the colour channels are the plain render
+    # composited over white: a pixel is alpha * colour + (1 - alpha) * white
+    red = torch.tensor(COLOURS["red"]).view(3, 1)
+    edge = (alpha > 0) & (alpha < 1)
+    expected = alpha[edge] * red + (1 - alpha[edge])
+    assert torch.allclose(out[:, :3].permute(1, 0, 2, 3)[:, edge], expected, atol=1e-5)
+    blue = torch.tensor(COLOURS["blue"]).view(1, 1, 3).expand(2, 1, 3)
+    recoloured = render_object(cube, cams, default_light(cams), ["albedo", "albedo"], 32, part_colours=blue)
+    assert torch.allclose(recoloured[:, :, 16, 16], blue[:, 0], atol=1e-6)

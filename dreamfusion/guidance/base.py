@@ -1,8 +1,12 @@
 """The guidance interface: a frozen text-to-image diffusion model that grades renders.
 
-A prior implements three things: ``encode`` (texts -> a condition, cached by the caller),
-``model_input`` (renders in [0, 1] -> what its U-Net denoises: resized pixels or VAE latents,
-differentiable) and ``predict_noise``. :meth:`Guidance.sds_loss` is shared by every prior.
+Each step the trainer hands the guidance a :class:`RenderBatch`: the renders and how they were
+made (cameras, lights, shading mode, opacity), so a prior that knows about cameras can use them
+and one that does not (Stable Diffusion) ignores them. A prior implements ``encode`` (texts -> a
+condition, cached by the caller), ``model_input`` (renders in [0, 1] -> what its U-Net denoises:
+resized pixels or VAE latents, differentiable) and ``predict_noise``; :meth:`Guidance.sds_loss` is
+shared by every prior. :meth:`Guidance.loss` is what the trainer calls: SDS, unless a guidance
+(the reference) grades renders another way.
 """
 
 from __future__ import annotations
@@ -11,31 +15,33 @@ from dataclasses import dataclass
 
 import torch
 
+from ..cameras import Cameras, Lights
+from ..config import GuidanceConfig
 from ..sds import classifier_free_guidance, noise_images, sds_gradient, sds_surrogate_loss, timestep_weight
+
+
+@dataclass
+class RenderBatch:
+    """Renders and the conditions they were made under. ``images`` (B, 3, H, W) in [0, 1] and
+    ``opacity`` (B, 1, H, W) are differentiable; ``cameras``, ``lights`` (B of each) and ``modes``
+    (B shading modes) are None when unknown (an image from elsewhere)."""
+
+    images: torch.Tensor
+    opacity: torch.Tensor | None = None
+    cameras: Cameras | None = None
+    lights: Lights | None = None
+    modes: list[str] | None = None
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+def as_render_batch(renders: RenderBatch | torch.Tensor) -> RenderBatch:
+    return renders if isinstance(renders, RenderBatch) else RenderBatch(renders)
 
 
 class GuidanceError(RuntimeError):
     """A prior that cannot be loaded or used: the message is meant for the user as is."""
-
-
-@dataclass
-class GuidanceConfig:
-    """Score Distillation Sampling."""
-
-    name: str = "embedded"
-    """which prior: embedded (shipped, offline) or stable-diffusion"""
-    model: str = ""
-    """stable-diffusion: a local folder or a hub id; embedded: a folder other than assets/prior"""
-    guidance_scale: float = 10.0
-    """classifier-free guidance weight w (DreamFusion: 100 with Imagen; the embedded prior's
-    weaker unconditional branch does best near 10)"""
-    t_min: float = 0.02
-    t_max: float = 0.98
-    t_max_end: float | None = 0.5
-    """anneal t_max linearly to this over the run (None: no annealing)"""
-    weighting: str = "sds"
-    half_precision: bool = False
-    """fp16 weights on CUDA (stable-diffusion)"""
 
 
 class Guidance:
@@ -57,9 +63,27 @@ class Guidance:
     def model_input(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
-        """eps for a batch; ``cond`` is what :meth:`encode` returned for as many texts."""
+    def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, cond, features: torch.Tensor | None = None) -> torch.Tensor:
+        """eps for a batch; ``cond`` is what :meth:`encode` returned for as many texts; ``features``
+        what :meth:`render_features` returned (priors that take none never receive any)."""
         raise NotImplementedError
+
+    # -- may override
+    def renders_input(self, renders: RenderBatch) -> torch.Tensor:
+        """What the U-Net denoises, from the whole batch (default: :meth:`model_input` of the images)."""
+        return self.model_input(renders.images)
+
+    def render_features(self, renders: RenderBatch) -> torch.Tensor | None:
+        """Per-render conditions for a camera-aware prior: (B, F), or None (the default: text only)."""
+        return None
+
+    def check_prompt(self, prompt: str) -> None:
+        """Raise :class:`GuidanceError` for a prompt this guidance cannot grade (default: any goes)."""
+
+    def camera_config(self):
+        """The camera/light distribution this prior was trained on (a CameraConfig), or None:
+        training then draws from its own config."""
+        return None
 
     def concat(self, conds: list):
         raise NotImplementedError
@@ -75,13 +99,22 @@ class Guidance:
                 self._cache[t] = self.encode([t])
         return self.concat([self._cache[t] for t in texts])
 
-    def sds_loss(self, images: torch.Tensor, texts: list[str], t_range: tuple[float, float], generator: torch.Generator | None = None) -> dict:
+    def loss(self, renders: RenderBatch, texts: list[str], t_range: tuple[float, float], generator: torch.Generator | None = None) -> dict:
+        """The trainer's loss for a batch of renders: SDS (see :meth:`sds_loss`)."""
+        return self.sds_loss(renders, texts, t_range, generator)
+
+    def sds_loss(self, renders: RenderBatch | torch.Tensor, texts: list[str], t_range: tuple[float, float],
+                 generator: torch.Generator | None = None) -> dict:
         """Surrogate loss whose gradient w.r.t. the model input is w(t)(eps_hat - eps) / B (the
         mean over the batch). Pass a CPU ``generator``: draws are made on the CPU, then moved.
 
-        ``images`` (B, 3, H, W) in [0, 1], differentiable; one text per image. Returns ``loss``
-        (scalar), ``t`` (B,) and ``grad_norm``."""
-        x = self.model_input(images)
+        ``renders``: a :class:`RenderBatch` (or just its images, (B, 3, H, W) in [0, 1]),
+        differentiable; one text per image. The unconditional branch of guidance drops the text
+        but keeps the render conditions (as MVDream does). Returns ``loss`` (scalar), ``t`` (B,)
+        and ``grad_norm``."""
+        renders = as_render_batch(renders)
+        x = self.renders_input(renders)
+        features = self.render_features(renders)
         b = x.shape[0]
         n_t = self.alphas_cumprod.shape[0]
         lo, hi = int(t_range[0] * n_t), max(int(t_range[0] * n_t) + 1, int(t_range[1] * n_t))
@@ -91,8 +124,11 @@ class Guidance:
         with torch.no_grad():
             z_t = noise_images(x.detach(), eps, a_t)
             cond = self.concat([self.condition(texts), self.condition([""] * b)])
-            eps_c, eps_u = self.predict_noise(torch.cat([z_t, z_t]), torch.cat([t, t]), cond).float().chunk(2)
+            both = (torch.cat([z_t, z_t]), torch.cat([t, t]), cond)
+            eps = eps.float()
+            out = self.predict_noise(*both) if features is None else self.predict_noise(*both, torch.cat([features, features]).to(self.device))
+            eps_c, eps_u = out.float().chunk(2)
             eps_hat = classifier_free_guidance(eps_c, eps_u, self.cfg.guidance_scale)
-            grad = sds_gradient(eps_hat, eps.float(), timestep_weight(a_t.float(), self.cfg.weighting))
+            grad = sds_gradient(eps_hat, eps, timestep_weight(a_t.float(), self.cfg.weighting))
             grad = torch.nan_to_num(grad)
         return {"loss": sds_surrogate_loss(x.float(), grad) / b, "t": t, "grad_norm": float(grad.norm() / b)}

@@ -8,8 +8,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..cameras import CameraConfig, render_condition_features
 from ..prior.model import ASSET_DIR, TextCondition, TextEncoder, load_unet, predict_noise
-from .base import Guidance, GuidanceConfig, GuidanceError
+from .base import Guidance, GuidanceConfig, GuidanceError, RenderBatch
 
 
 class EmbeddedGuidance(Guidance):
@@ -36,12 +37,35 @@ class EmbeddedGuidance(Guidance):
     def truncation_note(self, text: str) -> str | None:
         return self.encoder.truncation_note(text)
 
+    def camera_config(self) -> CameraConfig:
+        """The camera and light distribution the prior's training renders came from."""
+        return self.prior_cfg.camera_config()
+
     def model_input(self, images: torch.Tensor) -> torch.Tensor:
-        """Renders (B, 3, H, W) in [0, 1] -> (B, 3, S, S) in [-1, 1], area-averaged (antialiased)
+        """Renders (B, C, H, W) in [0, 1] -> (B, C, S, S) in [-1, 1], area-averaged (antialiased)
         down to the prior's size, as its training renders were."""
         if images.shape[-1] != self.image_size:
             images = F.interpolate(images, size=(self.image_size, self.image_size), mode="area" if images.shape[-1] > self.image_size else "bilinear")
         return images * 2 - 1
 
-    def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, cond: TextCondition) -> torch.Tensor:
-        return predict_noise(self.unet, x_t, t, cond)
+    def renders_input(self, renders: RenderBatch) -> torch.Tensor:
+        """RGB, and for a 4-channel prior the renders' opacity as the fourth channel (with
+        ``use_alpha`` off it is passed detached: the prior still sees it, SDS does not push it)."""
+        if self.prior_cfg.channels == 3:
+            return self.model_input(renders.images)
+        if renders.opacity is None:
+            raise GuidanceError("this embedded prior grades renders with their opacity (RGB + alpha); none was given")
+        opacity = renders.opacity if self.cfg.use_alpha else renders.opacity.detach()
+        return self.model_input(torch.cat([renders.images, opacity], dim=1))
+
+    def render_features(self, renders: RenderBatch) -> torch.Tensor | None:
+        """Cameras, light and shading mode of each render, for a camera-aware prior (None: the
+        prior takes none, or ``use_render_conditions`` is off, or the renders came without them)."""
+        if not self.prior_cfg.condition_features or not self.cfg.use_render_conditions:
+            return None
+        if renders.cameras is None or renders.lights is None or renders.modes is None:
+            return None
+        return render_condition_features(renders.cameras.to("cpu"), renders.lights.to("cpu"), renders.modes).to(self.device)
+
+    def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, cond: TextCondition, features: torch.Tensor | None = None) -> torch.Tensor:
+        return predict_noise(self.unet, x_t, t, cond, features)

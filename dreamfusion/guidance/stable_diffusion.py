@@ -175,14 +175,16 @@ class StableDiffusionGuidance(Guidance):
 
     def model_input(self, images: torch.Tensor) -> torch.Tensor:
         """Renders (B, 3, H, W) in [0, 1] -> VAE latents (B, 4, S/f, S/f), scaled as the U-Net
-        expects; differentiable through the (frozen) encoder."""
+        expects; differentiable through the (frozen) encoder. The posterior's mean, not a draw: a
+        draw would come from torch's global generator (runs would not repeat), and the VAE's
+        posterior is so narrow that its mean is what SDS grades anyway."""
         if tuple(images.shape[-2:]) != (self.image_size, self.image_size):
             images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
         x = (images * 2 - 1).to(self.dtype)
-        latents = self.vae.encode(x).latent_dist.sample()
+        latents = self.vae.encode(x).latent_dist.mean
         return latents * self.scaling_factor
 
-    def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
         """eps; a v-prediction U-Net (SD 2.x 768-v) is converted: eps = alpha_t v + sigma_t x_t."""
         x_t = x_t.to(self.dtype)
         out = self.unet(x_t, t, encoder_hidden_states=cond.to(self.dtype)).sample

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..cameras import CameraConfig, Cameras, Lights, camera_rays, sample_cameras, sample_lights
+from ..cameras import CameraConfig, Cameras, Lights, camera_rays, ray_box, sample_cameras, sample_lights
 from ..shading import TRAINING_SHADING_MODES, shade
-from .world import WorldObject, bounding_radius, build_object, caption, draw_example
+from .world import WorldObject, build_object, caption, draw_example
 
 BACKGROUND = 1.0  # white, as the engine's default background
 SHADING_PROBS = (0.6, 0.2, 0.2)  # lit, textureless, albedo: shared with SDS training
@@ -33,22 +33,20 @@ def _sdf_normals(obj: WorldObject, points: torch.Tensor, eps: float = 1e-3) -> t
 
 
 def render_object(obj: WorldObject, cameras: Cameras, lights: Lights, modes: list[str], size: int,
-                  supersample: int = 2, steps: int = 48) -> torch.Tensor:
-    """Render ``obj`` from each camera. Returns (B, 3, size, size) in [0, 1] on a white background."""
+                  supersample: int = 2, steps: int = 48, with_alpha: bool = False, part_colours: torch.Tensor | None = None) -> torch.Tensor:
+    """Render ``obj`` from each camera. Returns (B, 3, size, size) in [0, 1] on a white background,
+    or (B, 4, size, size) with ``with_alpha``: the coverage of each pixel (the fraction of its
+    supersamples that hit the object) as a fourth channel. ``part_colours`` (B, P, 3): per camera,
+    colours for the object's P parts in place of its own (one shape traced for many colours)."""
     res = size * supersample
     origins, dirs = camera_rays(cameras, res, res)
     b = len(cameras)
     o = origins.reshape(-1, 3)
     d = dirs.reshape(-1, 3)
-    # start at the bounding sphere of the world
-    radius = bounding_radius() + 0.02
-    od = (o * d).sum(-1)
-    disc = od * od - ((o * o).sum(-1) - radius * radius)
-    valid = disc > 0
-    t = (-od - disc.clamp_min(0).sqrt()).clamp_min(0)
-    t_far = -od + disc.clamp_min(0).sqrt()
-    active = valid.clone()
-    hit = torch.zeros_like(valid)
+    # trace only inside the object's own bounding box (a little enlarged)
+    lo, hi = obj.bounds()
+    t, t_far, active = ray_box(o, d, lo - 0.01, hi + 0.01)
+    hit = torch.zeros_like(active)
     for _ in range(steps):
         idx = active.nonzero(as_tuple=True)[0]
         if idx.numel() == 0:
@@ -64,8 +62,10 @@ def render_object(obj: WorldObject, cameras: Cameras, lights: Lights, modes: lis
     if hit_idx.numel():
         pts = o[hit_idx] + t[hit_idx, None] * d[hit_idx]
         normals = _sdf_normals(obj, pts)
-        _, albedo = obj.sdf_and_colour(pts)
+        part = obj.nearest_part(pts)
         ray_cam = hit_idx // (res * res)
+        table = part_colours if part_colours is not None else pts.new_tensor(obj.colours)[None].expand(b, -1, -1)
+        albedo = table[ray_cam, part]
         mode_of = torch.tensor([TRAINING_SHADING_MODES.index(m) for m in modes])[ray_cam]
         out = torch.empty_like(albedo)
         for mi, mode in enumerate(TRAINING_SHADING_MODES):
@@ -75,34 +75,39 @@ def render_object(obj: WorldObject, cameras: Cameras, lights: Lights, modes: lis
                 out[sel] = shade(mode, albedo[sel], normals[sel], pts[sel], lights.position[cam], lights.intensity[cam], lights.ambient[cam])
         colour[hit_idx] = out.clamp(0, 1)
     img = colour.reshape(b, res, res, 3).permute(0, 3, 1, 2)
+    if with_alpha:
+        img = torch.cat([img, hit.to(img.dtype).reshape(b, 1, res, res)], dim=1)
     return F.avg_pool2d(img, supersample) if supersample > 1 else img
 
 
 @dataclass
 class Batch:
-    images: torch.Tensor  # (B, 3, S, S) in [0, 1]
+    images: torch.Tensor  # (B, 3, S, S) in [0, 1], or (B, 4, S, S) with coverage last
     captions: list[str]
     nouns: list[str]
     colours: list[str | None]
     modes: list[str]
     cameras: Cameras
+    lights: Lights
 
 
 def render_batch(n: int, size: int, rng: random.Random, generator: torch.Generator, camera_cfg: CameraConfig = CameraConfig(),
-                 supersample: int = 2) -> Batch:
+                 supersample: int = 2, with_alpha: bool = False, synonyms: bool = False) -> Batch:
     """``n`` random training examples (objects grouped so that each SDF is evaluated once per group)."""
-    draws = [draw_example(rng) for _ in range(n)]
+    draws = [draw_example(rng, synonyms) for _ in range(n)]
     cams = sample_cameras(camera_cfg, n, generator)
     lights = sample_lights(camera_cfg, cams, generator)
     modes = sample_shading_modes(n, rng)
-    images = torch.empty(n, 3, size, size)
-    groups: dict[tuple, list[int]] = {}
+    images = torch.empty(n, 4 if with_alpha else 3, size, size)
+    groups: dict[str, list[int]] = {}
     for i, dr in enumerate(draws):
-        groups.setdefault((dr.noun, dr.colour), []).append(i)
-    for (noun, colour), idx in groups.items():
+        groups.setdefault(dr.noun, []).append(i)
+    for noun, idx in groups.items():  # a shape does not depend on its colour: one trace per noun
         sel = torch.tensor(idx)
         sub_cams = Cameras(cams.c2w[sel], cams.focal[sel], cams.azimuth[sel], cams.elevation[sel], cams.distance[sel])
         sub_lights = Lights(lights.position[sel], lights.intensity[sel], lights.ambient[sel])
-        images[sel] = render_object(build_object(noun, colour), sub_cams, sub_lights, [modes[i] for i in idx], size, supersample)
+        colours = torch.tensor([build_object(noun, draws[i].colour).colours for i in idx])
+        images[sel] = render_object(build_object(noun, draws[idx[0]].colour), sub_cams, sub_lights, [modes[i] for i in idx], size,
+                                    supersample, with_alpha=with_alpha, part_colours=colours)
     captions = [caption(dr.phrase, float(cams.azimuth[i]), float(cams.elevation[i])) for i, dr in enumerate(draws)]
-    return Batch(images, captions, [d.noun for d in draws], [d.colour for d in draws], modes, cams)
+    return Batch(images, captions, [d.noun for d in draws], [d.colour for d in draws], modes, cams, lights)

@@ -4,14 +4,15 @@ noise schedule, and loading/saving them as a folder (``config.json`` + safetenso
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
-ASSET_DIR = Path(__file__).resolve().parents[2] / "assets" / "prior"
+from ..cameras import RENDER_CONDITION_FEATURES
+from ..config import ASSET_DIR, LEGACY_CAMERA, CameraConfig
+
 WEIGHTS_FILE = "unet_ema_fp16.safetensors"
 RESUME_FILE = "resume_state.safetensors"
 CONFIG_FILE = "config.json"
@@ -33,15 +34,25 @@ class PriorConfig:
     text_dim: int = 384
     num_train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"
-    version: int = 1
+    channels: int = 4
+    """3: RGB; 4: RGB and the render's opacity (coverage), so the prior knows what a silhouette is
+    and that half-transparent fog is not one"""
+    condition_features: int = RENDER_CONDITION_FEATURES
+    """length of the render-condition vector (camera, light, shading mode; 0: text only)"""
+    camera: dict = field(default_factory=lambda: asdict(CameraConfig()))
+    """the camera and light distribution of its training renders (a CameraConfig's fields)"""
+    version: int = 2
     extra: dict = field(default_factory=dict)
+
+    def camera_config(self) -> CameraConfig:
+        return CameraConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in self.camera.items()})
 
     def unet(self) -> UNet2DConditionModel:
         n = len(self.block_out_channels)
         return UNet2DConditionModel(
             sample_size=self.image_size,
-            in_channels=3,
-            out_channels=3,
+            in_channels=self.channels,
+            out_channels=self.channels,
             layers_per_block=self.layers_per_block,
             block_out_channels=tuple(self.block_out_channels),
             down_block_types=("DownBlock2D",) * (n - self.attention_levels) + ("CrossAttnDownBlock2D",) * self.attention_levels,
@@ -49,7 +60,7 @@ class PriorConfig:
             cross_attention_dim=self.text_dim,
             attention_head_dim=self.attention_head_dim,
             class_embed_type="projection",
-            projection_class_embeddings_input_dim=self.text_dim,
+            projection_class_embeddings_input_dim=self.text_dim + self.condition_features,
             norm_num_groups=16,
         )
 
@@ -64,6 +75,10 @@ class PriorConfig:
     def load(cls, folder: Path) -> "PriorConfig":
         data = json.loads((Path(folder) / CONFIG_FILE).read_text())
         data["block_out_channels"] = tuple(data["block_out_channels"])
+        # a version-1 folder (the first shipped prior) predates these fields: RGB, text only, old framing
+        data.setdefault("channels", 3)
+        data.setdefault("condition_features", 0)
+        data.setdefault("camera", asdict(LEGACY_CAMERA))
         return cls(**data)
 
 
@@ -82,7 +97,6 @@ class TextEncoder:
     Returns (B, max_tokens, 384) states and a (B, max_tokens) attention mask."""
 
     def __init__(self, max_tokens: int = 24, device="cpu"):
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
@@ -159,9 +173,18 @@ def pooled(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return v / v.norm(dim=-1, keepdim=True).clamp_min(1e-8)
 
 
-def predict_noise(unet: UNet2DConditionModel, x_t: torch.Tensor, t: torch.Tensor, cond: TextCondition) -> torch.Tensor:
-    """eps(x_t; y) for a batch: (B, 3, S, S) images, (B,) timesteps."""
-    return unet(x_t, t, encoder_hidden_states=cond.states, encoder_attention_mask=cond.mask, class_labels=cond.pooled).sample
+def predict_noise(unet: UNet2DConditionModel, x_t: torch.Tensor, t: torch.Tensor, cond: TextCondition,
+                  features: torch.Tensor | None = None) -> torch.Tensor:
+    """eps(x_t; y, c) for a batch: (B, C, S, S) images, (B,) timesteps, and for a camera-aware prior
+    the render conditions ``features`` (B, F) of :func:`dreamfusion.cameras.render_condition_features`
+    (None: unknown, all zeros). The pooled text and the features enter through the class embedding."""
+    labels = cond.pooled
+    extra = unet.config.projection_class_embeddings_input_dim - labels.shape[-1]
+    if extra:
+        if features is None:
+            features = labels.new_zeros(labels.shape[0], extra)
+        labels = torch.cat([labels, features.to(labels)], dim=-1)
+    return unet(x_t, t, encoder_hidden_states=cond.states, encoder_attention_mask=cond.mask, class_labels=labels).sample
 
 
 def load_unet(folder: Path | str = ASSET_DIR, device="cpu", dtype=torch.float32) -> tuple[UNet2DConditionModel, PriorConfig]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -16,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from ..cameras import CameraConfig
+from ..config import TrainPriorConfig
+from ..cameras import default_light, orbit_cameras, render_condition_features
 from .data import render_batch
 from .model import ASSET_DIR, RESUME_FILE, WEIGHTS_FILE, PriorConfig, TextEncoder, predict_noise, save_prior_weights
 from .sampling import image_grid, sample_images
@@ -27,30 +27,10 @@ GRID_PROMPTS = (
     "a red mushroom, side view", "a white house, front view", "a snowman, front view", "a tree, side view",
     "a hamburger, front view", "a purple pyramid, front view", "a gray dumbbell, front view", "a crimson box, front view",
 )
-
-
-@dataclass
-class TrainPriorConfig:
-    """Training of the embedded prior."""
-
-    out: Path = ASSET_DIR
-    """folder for config, weights, resume state, log and sample grid"""
-    steps: int = 20000
-    """total optimiser steps (a resumed run continues up to this)"""
-    batch: int = 64
-    lr: float = 3e-4
-    warmup: int = 200
-    """steps of linear learning-rate warm-up, also after each resume"""
-    ema_decay: float = 0.999
-    caption_dropout: float = 0.2
-    """probability of training on the empty prompt (the unconditional branch of guidance)"""
-    checkpoint_every: int = 250
-    grid_every: int = 1000
-    threads: int = 1
-    seed: int = 0
-    max_minutes: float = 0.0
-    """stop after this many minutes (0: no limit)"""
-    device: str = "cpu"
+#: rows of the per-azimuth grid of a camera-aware prior (the view label follows the azimuth)
+AZIMUTH_GRID_PHRASES = ("a red cube", "a white mug", "a red chair", "a white house", "a snowman", "a blue torus", "a gray dumbbell",
+                        "a tree", "a hamburger", "a yellow cone")
+AZIMUTH_GRID_VIEWS = 8
 
 
 def _ema_update(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: float) -> None:
@@ -74,11 +54,35 @@ def _save(cfg: TrainPriorConfig, prior_cfg: PriorConfig, model, ema, step: int, 
 
 
 def write_sample_grid(unet, prior_cfg: PriorConfig, encoder: TextEncoder, path: Path, seeds=(0, 1, 2, 3)) -> None:
-    prompts = [p for p in GRID_PROMPTS for _ in seeds]
-    imgs = sample_images(unet, prior_cfg, encoder, prompts, [s for _ in GRID_PROMPTS for s in seeds])
-    # one row per prompt pair: 16 prompts x 4 seeds -> 8 rows of 8
-    grid = image_grid(F.interpolate(imgs, scale_factor=2, mode="nearest"), rows=len(GRID_PROMPTS) // 2)
+    """A text-only prior: 16 prompts x 4 seeds, two prompts per row. A camera-aware prior: one row
+    per prompt of :data:`AZIMUTH_GRID_PHRASES` across 8 azimuths 45 degrees apart (elevation 20,
+    lit, light at the camera, one seed per row), so view consistency can be seen; its coverage
+    channel is not shown."""
+    if prior_cfg.condition_features:
+        cams = orbit_cameras(AZIMUTH_GRID_VIEWS)
+        feats = render_condition_features(cams, default_light(cams), ["lit"] * len(cams))
+        from .world import caption
+
+        prompts = [caption(p, float(a), float(e)) for p in AZIMUTH_GRID_PHRASES for a, e in zip(cams.azimuth, cams.elevation)]
+        seeds_ = [i for i in range(len(AZIMUTH_GRID_PHRASES)) for _ in range(len(cams))]
+        imgs = sample_images(unet, prior_cfg, encoder, prompts, seeds_, features=feats.repeat(len(AZIMUTH_GRID_PHRASES), 1))
+        rows = len(AZIMUTH_GRID_PHRASES)
+    else:
+        prompts = [p for p in GRID_PROMPTS for _ in seeds]
+        imgs = sample_images(unet, prior_cfg, encoder, prompts, [s for _ in GRID_PROMPTS for s in seeds])
+        rows = len(GRID_PROMPTS) // 2  # 16 prompts x 4 seeds -> 8 rows of 8
+    grid = image_grid(F.interpolate(imgs[:, :3], scale_factor=2, mode="nearest"), rows=rows)
     iio.imwrite(path, (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
+
+
+def diffusion_loss(eps_pred: torch.Tensor, noise: torch.Tensor, alphas_cumprod_t: torch.Tensor, min_snr: float = 0.0) -> torch.Tensor:
+    """Epsilon MSE per image, weighted by min(SNR, gamma) / SNR when ``min_snr`` = gamma > 0
+    (SNR = alpha_bar / (1 - alpha_bar)), averaged over the batch. (B, C, S, S) x 2, (B,) -> scalar."""
+    per_image = ((eps_pred.float() - noise.float()) ** 2).mean(dim=(1, 2, 3))
+    if min_snr > 0:
+        snr = alphas_cumprod_t / (1 - alphas_cumprod_t)
+        per_image = per_image * snr.clamp(max=min_snr) / snr
+    return per_image.mean()
 
 
 def train_prior(cfg: TrainPriorConfig, prior_cfg: PriorConfig | None = None, on_log=print) -> Path:
@@ -108,19 +112,24 @@ def train_prior(cfg: TrainPriorConfig, prior_cfg: PriorConfig | None = None, on_
     rng = random.Random(cfg.seed * 1000003 + step)
     gen = torch.Generator().manual_seed(cfg.seed * 1000003 + step)
     start_step, t0, log = step, time.time(), []
-    camera_cfg = CameraConfig()
+    camera_cfg = prior_cfg.camera_config()  # the one distribution: SDS draws from the same
+    with_alpha = prior_cfg.channels == 4
     while step < cfg.steps:
         if cfg.max_minutes and time.time() - t0 > cfg.max_minutes * 60:
             break
-        batch = render_batch(cfg.batch, prior_cfg.image_size, rng, gen, camera_cfg)
+        batch = render_batch(cfg.batch, prior_cfg.image_size, rng, gen, camera_cfg, with_alpha=with_alpha, synonyms=cfg.synonyms)
         x0 = (batch.images * 2 - 1).to(cfg.device)
         captions = ["" if rng.random() < cfg.caption_dropout else c for c in batch.captions]
         cond = encoder.condition(captions).to(cfg.device)
+        features = None
+        if prior_cfg.condition_features:
+            present = torch.rand(cfg.batch, generator=gen) >= cfg.condition_dropout
+            features = render_condition_features(batch.cameras, batch.lights, batch.modes, present).to(cfg.device)
         t = torch.randint(0, prior_cfg.num_train_timesteps, (cfg.batch,), generator=gen).to(cfg.device)
         noise = torch.randn(x0.shape, generator=gen).to(cfg.device)
         a = alphas[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        loss = F.mse_loss(predict_noise(model, x_t, t, cond), noise)
+        loss = diffusion_loss(predict_noise(model, x_t, t, cond, features), noise, alphas[t], cfg.min_snr)
         for g in opt.param_groups:
             g["lr"] = cfg.lr * min(1.0, (step - start_step + 1) / cfg.warmup)
         opt.zero_grad(set_to_none=True)

@@ -9,6 +9,7 @@ bounding box is the origin; +Z is up and the front faces +X.
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -297,6 +298,10 @@ class WorldObject:
         idx = self.part_sdfs(points).abs().argmin(dim=-1)
         return points.new_tensor(self.colours)[idx]
 
+    def nearest_part(self, points: torch.Tensor) -> torch.Tensor:
+        """(N, 3) -> (N,) index of the part whose surface is nearest (what decides a point's colour)."""
+        return self.part_sdfs(points).abs().argmin(dim=-1)
+
     def sdf_and_colour(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         d = self.part_sdfs(points)
         idx = d.abs().argmin(dim=-1)
@@ -424,6 +429,52 @@ def caption(phrase_text: str, azimuth: float, elevation: float) -> str:
     return f"{phrase_text}, {view_label(azimuth, elevation)}"
 
 
+#: the words people use for each object, the world's own noun first (prior v2's captions; a
+#: synonym never stands for another object of the world)
+NOUN_WORDS: dict[str, tuple[str, ...]] = {
+    "cube": ("cube", "box", "block"),
+    "sphere": ("sphere", "ball", "orb"),
+    "cylinder": ("cylinder", "round pillar"),
+    "cone": ("cone",),
+    "torus": ("torus", "donut", "ring"),
+    "capsule": ("capsule", "pill"),
+    "pyramid": ("pyramid",),
+    "mug": ("mug", "cup", "coffee mug"),
+    "mushroom": ("mushroom", "toadstool"),
+    "table": ("table", "dining table"),
+    "chair": ("chair", "dining chair"),
+    "house": ("house", "cottage", "little house"),
+    "dumbbell": ("dumbbell", "hand weight"),
+    "snowman": ("snowman", "snow man"),
+    "tree": ("tree", "pine tree", "fir tree"),
+    "hamburger": ("hamburger", "burger"),
+}
+#: colour words, the SPEC's name first; then materials that stand for a colour
+COLOUR_WORDS: dict[str, tuple[str, ...]] = {
+    "red": ("red", "crimson", "scarlet"),
+    "green": ("green", "emerald green"),
+    "blue": ("blue", "royal blue"),
+    "yellow": ("yellow", "lemon yellow"),
+    "orange": ("orange", "bright orange"),
+    "purple": ("purple", "violet"),
+    "pink": ("pink", "rose pink"),
+    "white": ("white", "snow white"),
+    "black": ("black", "jet black"),
+    "gray": ("gray", "grey"),
+    "brown": ("brown", "chocolate brown"),
+    "cyan": ("cyan", "turquoise"),
+}
+MATERIAL_WORDS: dict[str, tuple[str, ...]] = {
+    "brown": ("wooden",),
+    "yellow": ("golden",),
+    "gray": ("silver", "metal"),
+    "white": ("porcelain",),
+}
+PHRASE_TEMPLATES_MATERIAL = ("a {colour} {noun}", "a {noun} made of {material}")
+#: probability that a caption uses a synonym instead of the world's own word
+SYNONYM_PROBABILITY = 0.35
+
+
 @dataclass(frozen=True)
 class Draw:
     """One training example's content: the object, its colour name (None for fixed colours) and
@@ -434,27 +485,53 @@ class Draw:
     phrase: str
 
 
-def draw_example(rng: random.Random) -> Draw:
-    """A random (noun, colour, phrase) for training: never a held-out pair."""
+def _word(options: tuple[str, ...], rng: random.Random, synonyms: bool) -> str:
+    return rng.choice(options[1:]) if synonyms and len(options) > 1 and rng.random() < SYNONYM_PROBABILITY else options[0]
+
+
+def draw_example(rng: random.Random, synonyms: bool = False) -> Draw:
+    """A random (noun, colour, phrase) for training: never a held-out pair. ``synonyms``: the
+    phrase may name the object and its colour in other words (:data:`NOUN_WORDS`,
+    :data:`COLOUR_WORDS`, :data:`MATERIAL_WORDS`); the pair it shows is still one the SPEC allows."""
     noun = rng.choice(NOUNS)
+    noun_word = _word(NOUN_WORDS[noun], rng, synonyms)
     if noun in FIXED_COMPOSITES:
-        return Draw(noun, None, phrase(noun, None, rng.choice(PHRASE_TEMPLATES_PLAIN)))
+        return Draw(noun, None, phrase(noun_word, None, rng.choice(PHRASE_TEMPLATES_PLAIN)))
     named = rng.random() < 0.8
     if noun in DEFAULT_COLOUR and not named:  # SPEC: a composite with no colour word takes its default
-        return Draw(noun, DEFAULT_COLOUR[noun], phrase(noun, None, rng.choice(PHRASE_TEMPLATES_PLAIN)))
+        return Draw(noun, DEFAULT_COLOUR[noun], phrase(noun_word, None, rng.choice(PHRASE_TEMPLATES_PLAIN)))
     while True:  # redraw until the pair is allowed
         colour = rng.choice(COLOUR_NAMES)
         if not is_held_out(colour, noun):
             break
-    template = rng.choice(PHRASE_TEMPLATES_COLOURED) if named else rng.choice(PHRASE_TEMPLATES_PLAIN)
-    return Draw(noun, colour, phrase(noun, colour, template))
+    if not named:
+        return Draw(noun, colour, phrase(noun_word, None, rng.choice(PHRASE_TEMPLATES_PLAIN)))
+    if synonyms and colour in MATERIAL_WORDS and rng.random() < 0.15:
+        material = rng.choice(MATERIAL_WORDS[colour])
+        template = rng.choice(PHRASE_TEMPLATES_MATERIAL)
+        text = template.format(noun=noun_word, colour=material, material="wood" if material == "wooden" else material)
+        return Draw(noun, colour, _article_fix(text))
+    return Draw(noun, colour, phrase(noun_word, _word(COLOUR_WORDS[colour], rng, synonyms), rng.choice(PHRASE_TEMPLATES_COLOURED)))
+
+
+def _find_word(text: str, table: dict[str, tuple[str, ...]]) -> str | None:
+    """The key of ``table`` whose word appears earliest in ``text`` (longest words first, whole words)."""
+    best = None
+    for key, words in table.items():
+        for w in words:
+            m = re.search(rf"\b{re.escape(w)}\b", text)
+            if m and (best is None or (m.start(), -len(w)) < best[0]):
+                best = ((m.start(), -len(w)), key)
+    return best[1] if best else None
 
 
 def parse_prompt(prompt: str) -> tuple[str | None, str | None]:
-    """Best-effort (noun, colour) named by a prompt of the world's vocabulary, for scoring."""
-    words = prompt.lower().replace(",", " ").split()
-    noun = next((w for w in words if w in NOUNS), None)
-    colour = next((w for w in words if w in COLOURS), None)
+    """Best-effort (noun, colour) named by a prompt of the world's vocabulary, synonyms and
+    materials included ("a crimson box" -> ("cube", "red"), "a wooden chair" -> ("chair", "brown"))."""
+    text = " ".join(prompt.lower().replace(",", " ").replace("-", " ").split())
+    noun = _find_word(text, NOUN_WORDS)
+    colours = {c: COLOUR_WORDS[c] + MATERIAL_WORDS.get(c, ()) + (("wood",) if c == "brown" else ()) for c in COLOUR_NAMES}
+    colour = _find_word(text, colours)
     return noun, colour
 
 

@@ -1,0 +1,336 @@
+"""Every typed setting of the project, in one torch-free module.
+
+The command line (tyro) builds its ``--help`` from these dataclasses, the app and the benchmarks
+change them with :func:`dataclasses.replace`, and a run saves them as JSON. Nothing here imports
+torch, so ``dreamfusion --help`` is instant; the modules that use a config import it from here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, is_dataclass
+from dataclasses import field as dataclass_field
+from pathlib import Path
+
+ASSET_DIR = Path(__file__).resolve().parents[1] / "assets" / "prior"
+"""the shipped embedded prior"""
+MAX_RENDER_SIZE = 512
+
+
+# ----------------------------------------------------------------------------- cameras
+
+
+@dataclass(frozen=True)
+class CameraConfig:
+    """Ranges of the random camera and light (degrees and world units)."""
+
+    elevation_range: tuple[float, float] = (-30.0, 90.0)
+    """below the horizon too: the world's objects float, and their undersides must be seen to be carved"""
+    azimuth_range: tuple[float, float] = (0.0, 360.0)
+    distance_range: tuple[float, float] = (1.8, 2.0)
+    focal_range: tuple[float, float] = (1.15, 1.4)
+    """focal length as a multiple of the image width (used when ``zoom_range`` is None)"""
+    zoom_range: tuple[float, float] | None = (0.64, 0.70)
+    """focal length / distance, drawn instead of the focal length: the framing stays tight whatever
+    the distance (which then only sets the perspective). 0.70 is the tightest under which every object
+    of the world stays inside the frame from every direction (the pyramid's corners touch the edge at
+    0.72); docs/prior.md has the coverage per object"""
+    light_jitter: float = 0.6
+    """point light: the camera position plus Gaussian jitter of this std (world units)"""
+    light_intensity_range: tuple[float, float] = (0.55, 0.8)
+    ambient_range: tuple[float, float] = (0.1, 0.2)
+    """intensity + ambient never exceeds 1, so a lit render never leaves [0, 1]: the prior is only
+    shown values its training images could hold"""
+
+
+#: the distribution the first embedded prior (v1) was trained on: wider framing, elevation from -10,
+#: light + ambient up to 1.2. For comparisons with that prior.
+LEGACY_CAMERA = CameraConfig(elevation_range=(-10.0, 90.0), distance_range=(1.6, 2.1), focal_range=(0.95, 1.25), zoom_range=None,
+                             light_intensity_range=(0.6, 0.9), ambient_range=(0.1, 0.3))
+
+
+# ----------------------------------------------------------------------------- scene
+
+
+@dataclass
+class FieldConfig:
+    """The density/albedo grid and its initial blob."""
+
+    resolution: int = 48
+    """voxels per side of the density/albedo grid"""
+    bound: float = 1.0
+    """the scene is [-bound, bound]^3"""
+    blob_density: float = 20.0
+    """lambda of the initial density bias lambda * (1 - |x| / c)"""
+    blob_radius: float = 0.5
+    """c of the density bias (world units)"""
+    density_activation: str = "softplus"
+    """softplus or exp (of the interpolated raw density plus the blob)"""
+    density_shift: float = 0.0
+    """added to the raw density before the activation (negative: the scene starts nearly empty outside the blob)"""
+    background: str = "white"
+    """white or black (fixed, as the embedded prior was trained), or mlp (learned from the ray direction, as in the paper)"""
+
+
+@dataclass
+class RenderConfig:
+    """Ray marching and the occupancy grid."""
+
+    samples_per_ray: int = 96
+    """march step = box diagonal / this"""
+    occupancy_resolution: int = 32
+    occupancy_threshold: float = 0.01
+    """a cell is occupied when density x step exceeds this (nerfacc's occ_thre)"""
+    occupancy_update_every: int = 8
+    occupancy_warmup: int = 64
+    sampler: str = "auto"
+    """auto (nerfacc's CUDA kernel where available, else the PyTorch sampler), torch, or dense"""
+
+
+# ----------------------------------------------------------------------------- guidance
+
+
+@dataclass
+class GuidanceConfig:
+    """The prior that grades renders (Score Distillation Sampling)."""
+
+    name: str = "embedded"
+    """which prior: embedded (shipped, offline) or stable-diffusion"""
+    model: str = ""
+    """stable-diffusion: a local folder or a hub id; embedded: a folder other than assets/prior"""
+    guidance_scale: float | None = None
+    """classifier-free guidance weight w (None: the prior's own default, see dreamfusion.guidance.GUIDANCES)"""
+    t_min: float = 0.02
+    t_max: float = 0.98
+    t_max_end: float | None = 0.5
+    """anneal t_max linearly to this over the run (None: no annealing)"""
+    weighting: str = "sds"
+    half_precision: bool = False
+    """fp16 weights on CUDA (stable-diffusion)"""
+    use_render_conditions: bool = True
+    """a camera-aware prior is told each render's camera, light and shading mode (off: text only)"""
+    use_alpha: bool = True
+    """a prior with an opacity channel also grades (and pushes) the renders' opacity"""
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@dataclass
+class OptimConfig:
+    """Adam on the grid, the loss terms' weights, and the guard against bad steps."""
+
+    lr: float = 0.05
+    """learning rate of the density and albedo grids"""
+    lr_density: float | None = None
+    """the density grid's own learning rate (None: lr)"""
+    lr_background: float = 1e-3
+    lr_decay_start: float = 1.0
+    """fraction of the run after which the grid learning rates decay (1: never)"""
+    lr_final_factor: float = 0.1
+    """the learning rates at the end of the run, as a fraction of their start (exponential decay)"""
+    grad_clip: float = 10.0
+    orientation_weight: float = 0.01
+    """final weight of the Ref-NeRF orientation loss (ramped up from 0)"""
+    orientation_ramp: float = 0.5
+    """fraction of the run over which the orientation weight ramps up"""
+    opacity_weight: float = 50.0
+    """weight of the mean-opacity (sparsity) regulariser against fog (the SDS gradient is summed
+    over pixels and this mean is not, hence the size)"""
+    entropy_weight: float = 0.0
+    """weight of the opacity-entropy term (per pixel, summed like SDS): against half-transparent pixels"""
+    tv_weight: float = 0.0
+    """weight of total variation on the raw density grid (sum over voxels of squared neighbour differences)"""
+    tv_albedo_weight: float = 0.0
+    """weight of total variation on the albedo logits"""
+    grad_norm_every: int = 0
+    """log each loss term's gradient norm on the grid every this many steps (0: never; costs a backward per term)"""
+
+
+@dataclass
+class TrainConfig:
+    """One text-to-3D run."""
+
+    steps: int = 1200
+    seed: int = 0
+    render_size: int = 64
+    """training render resolution (the prior sees it resized to its own size)"""
+    views: int = 2
+    """cameras per iteration"""
+    device: str = "cpu"
+    preview_every: int = 25
+    camera: CameraConfig = dataclass_field(default_factory=CameraConfig)
+    """the camera/light distribution of training; see camera_from_prior"""
+    camera_from_prior: bool = True
+    """draw cameras and lights from the distribution the prior was trained on, where it declares one
+    (the embedded priors do), instead of ``camera``"""
+    shading_probs: tuple[float, float, float] = (0.6, 0.2, 0.2)
+    """probabilities of the lit, textureless and albedo shading modes"""
+    field: FieldConfig = dataclass_field(default_factory=FieldConfig)
+    render: RenderConfig = dataclass_field(default_factory=RenderConfig)
+    guidance: GuidanceConfig = dataclass_field(default_factory=GuidanceConfig)
+    optim: OptimConfig = dataclass_field(default_factory=OptimConfig)
+
+
+# ----------------------------------------------------------------------------- export
+
+
+MESH_FORMATS = ("glb", "obj", "ply")
+VIDEO_FORMATS = ("mp4", "gif", "none")
+
+
+@dataclass
+class ExportOptions:
+    """What to write at the end of a run."""
+
+    formats: tuple[str, ...] = MESH_FORMATS
+    """mesh formats to write (glb, obj, ply)"""
+    mesh_resolution: int = 128
+    """marching-cubes grid per side"""
+    threshold: float | None = None
+    """density level of the surface (default: chosen by --export.level)"""
+    level: str = "silhouette"
+    """how the surface level is chosen when no threshold is given: silhouette (the level whose
+    silhouettes match the renders' opacity > 0.5 from a ring of views) or fixed (opacity 0.5 over a
+    0.15-unit segment, the first version's rule)"""
+    video: str = "mp4"
+    """turntable format: mp4, gif or none"""
+    video_mode: str = "lit"
+    """shading of the turntable: lit, textureless, albedo, normals, depth"""
+    video_frames: int = 36
+    video_size: int = 128
+
+
+# ----------------------------------------------------------------------------- the embedded prior's training
+
+
+@dataclass
+class TrainPriorConfig:
+    """Training of the embedded prior."""
+
+    out: Path = ASSET_DIR
+    """folder for config, weights, resume state, log and sample grid"""
+    steps: int = 20000
+    """total optimiser steps (a resumed run continues up to this)"""
+    batch: int = 64
+    lr: float = 3e-4
+    warmup: int = 200
+    """steps of linear learning-rate warm-up, also after each resume"""
+    ema_decay: float = 0.999
+    caption_dropout: float = 0.2
+    """probability of training on the empty prompt (the unconditional branch of guidance)"""
+    condition_dropout: float = 0.1
+    """camera-aware prior: probability of dropping the render conditions (independently of the
+    caption), so the prior also works from the text alone"""
+    min_snr: float = 5.0
+    """min-SNR-gamma loss weighting (Hang et al. 2023): min(SNR, gamma) / SNR on the epsilon loss; 0 for plain MSE"""
+    synonyms: bool = True
+    """captions also name objects and colours in other words (prior.world.NOUN_WORDS, COLOUR_WORDS)"""
+    checkpoint_every: int = 250
+    grid_every: int = 1000
+    threads: int = 1
+    seed: int = 0
+    max_minutes: float = 0.0
+    """stop after this many minutes (0: no limit)"""
+    device: str = "cpu"
+
+
+# ----------------------------------------------------------------------------- validation and (de)serialisation
+
+
+def validate_config(cfg: TrainConfig) -> None:
+    """Reject settings that cannot work, each with one clear sentence (``ValueError``)."""
+    if cfg.steps <= 0:
+        raise ValueError(f"steps must be positive, got {cfg.steps}")
+    if not 8 <= cfg.render_size <= MAX_RENDER_SIZE:
+        raise ValueError(f"render size must be between 8 and {MAX_RENDER_SIZE} pixels, got {cfg.render_size}")
+    if not 8 <= cfg.field.resolution <= 256:
+        raise ValueError(f"grid resolution must be between 8 and 256, got {cfg.field.resolution}")
+    if cfg.field.density_activation not in ("softplus", "exp"):
+        raise ValueError(f"unknown density activation {cfg.field.density_activation!r}; use softplus or exp")
+    if cfg.views <= 0 or cfg.views > 16:
+        raise ValueError(f"views per step must be between 1 and 16, got {cfg.views}")
+    if len(cfg.shading_probs) != 3 or min(cfg.shading_probs) < 0 or sum(cfg.shading_probs) <= 0:
+        raise ValueError(f"shading probabilities must be three non-negative numbers (lit, textureless, albedo), got {cfg.shading_probs}")
+    if cfg.device not in ("cpu", "mps") and not cfg.device.startswith("cuda"):
+        raise ValueError(f"unknown device {cfg.device!r}; use cpu or cuda")
+    if cfg.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {cfg.device!r} was asked for but this machine has no CUDA GPU; use --device cpu")
+    g = cfg.guidance
+    if not 0 <= g.t_min < g.t_max <= 1:
+        raise ValueError(f"need 0 <= t_min < t_max <= 1, got {g.t_min}, {g.t_max}")
+    if g.guidance_scale is not None and (g.guidance_scale < 0 or not math.isfinite(g.guidance_scale)):
+        raise ValueError(f"guidance scale must be a non-negative number, got {g.guidance_scale}")
+
+
+def config_to_dict(cfg) -> dict:
+    return asdict(cfg)
+
+
+def _from_dict(cls, data: dict):
+    """A dataclass from a (JSON) dict: nested dataclasses rebuilt, lists back to tuples where the
+    default is a tuple; unknown keys are an error (``TypeError``), missing ones take defaults."""
+    kwargs = {}
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(data) - set(known)
+    if unknown:
+        raise TypeError(f"unknown setting(s) for {cls.__name__}: {', '.join(sorted(unknown))}")
+    defaults = cls()
+    for name, value in data.items():
+        default = getattr(defaults, name)
+        if is_dataclass(default) and isinstance(value, dict):
+            value = _from_dict(type(default), value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict) -> TrainConfig:
+    return _from_dict(TrainConfig, data)
+
+
+# ----------------------------------------------------------------------------- the guidance registry
+
+
+@dataclass(frozen=True)
+class GuidanceSpec:
+    """A guidance by name: where its class lives and its own defaults."""
+
+    name: str
+    target: str
+    """module:Class, imported only when the guidance is used"""
+    guidance_scale: float
+    """its default classifier-free guidance weight w"""
+    user_facing: bool
+    """offered by the app and the command line's help (the reference guidance is a measuring instrument)"""
+    description: str
+
+
+GUIDANCES: dict[str, GuidanceSpec] = {
+    "embedded": GuidanceSpec("embedded", "dreamfusion.guidance.embedded:EmbeddedGuidance", 10.0, True,
+                             "the shipped prior of the procedural world: offline, on a CPU"),
+    "stable-diffusion": GuidanceSpec("stable-diffusion", "dreamfusion.guidance.stable_diffusion:StableDiffusionGuidance", 100.0, True,
+                                     "Stable Diffusion through diffusers: a local folder or a hub id, best on a GPU"),
+    "reference": GuidanceSpec("reference", "dreamfusion.guidance.reference:ReferenceGuidance", 0.0, False,
+                              "exact renders of the prompt's true object in place of a prior: the engine's ceiling"),
+}
+USER_GUIDANCES = tuple(name for name, spec in GUIDANCES.items() if spec.user_facing)
+
+
+def guidance_spec(name: str) -> GuidanceSpec:
+    """The registry entry of a guidance; ``ValueError`` naming the valid ones."""
+    if name not in GUIDANCES:
+        raise ValueError(f"unknown guidance {name!r}; valid names: {', '.join(GUIDANCES)}")
+    return GUIDANCES[name]
+
+
+def resolve_guidance(cfg: GuidanceConfig) -> GuidanceConfig:
+    """``cfg`` with the guidance's own defaults filled in where it leaves them open."""
+    from dataclasses import replace
+
+    spec = guidance_spec(cfg.name)
+    return cfg if cfg.guidance_scale is not None else replace(cfg, guidance_scale=spec.guidance_scale)

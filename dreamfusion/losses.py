@@ -1,0 +1,77 @@
+"""The loss terms beside the guidance, each a pure function of tensors, and the named, weighted,
+scheduled list of them that the trainer sums (as threestudio does): adding or ablating a term
+means a line here and a weight in :class:`~dreamfusion.config.OptimConfig`, not an edit of the loop.
+
+Scale: the guidance's loss is a sum over pixels (its gradient per pixel is O(1)), so the weights
+of per-pixel means below are large; each term's gradient norm can be logged to compare them
+(``OptimConfig.grad_norm_every``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .config import OptimConfig
+
+
+def orientation_penalty(orientation: torch.Tensor) -> torch.Tensor:
+    """Ref-NeRF's orientation loss, already summed along each ray by the renderer
+    (sum_i stopgrad(w_i) max(0, n_i . d)^2): mean over rays."""
+    return orientation.mean()
+
+
+def opacity_sparsity(opacity: torch.Tensor) -> torch.Tensor:
+    """Mean accumulated opacity over pixels: against density filling empty space."""
+    return opacity.mean()
+
+
+def opacity_entropy(opacity: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """Mean binary entropy of the pixels' opacity, -(a log a + (1 - a) log(1 - a)): zero for fully
+    empty or fully opaque pixels, log 2 for half-transparent ones (fog)."""
+    a = opacity.clamp(eps, 1 - eps)
+    return -(a * a.log() + (1 - a) * (1 - a).log()).mean()
+
+
+def total_variation(grid: torch.Tensor) -> torch.Tensor:
+    """Mean over voxels of the squared differences to the next voxel along each axis, summed over
+    the three axes and the channels: (1, C, R, R, R) -> scalar."""
+    dz = (grid[:, :, 1:] - grid[:, :, :-1]) ** 2
+    dy = (grid[:, :, :, 1:] - grid[:, :, :, :-1]) ** 2
+    dx = (grid[..., 1:] - grid[..., :-1]) ** 2
+    n = grid.shape[2] * grid.shape[3] * grid.shape[4]
+    return (dz.sum() + dy.sum() + dx.sum()) / n
+
+
+def ramp(fraction_done: float, ramp_fraction: float) -> float:
+    """0 -> 1 linearly over the first ``ramp_fraction`` of the run (1 at once when it is 0)."""
+    if ramp_fraction <= 0:
+        return 1.0
+    return min(1.0, max(0.0, fraction_done / ramp_fraction))
+
+
+@dataclass(frozen=True)
+class LossTerm:
+    """A named regulariser: ``value(render_out, field)`` -> scalar tensor and its weight at a
+    point of the run (``weight(fraction_done)``)."""
+
+    name: str
+    value: Callable[[dict, torch.nn.Module], torch.Tensor]
+    weight: Callable[[float], float]
+
+
+def loss_terms(cfg: OptimConfig) -> list[LossTerm]:
+    """The regularisers with a non-zero weight under ``cfg``, in a fixed order."""
+    terms = [
+        LossTerm("orientation", lambda out, field: orientation_penalty(out["orientation"]),
+                 lambda frac: cfg.orientation_weight * ramp(frac, cfg.orientation_ramp)),
+        LossTerm("opacity", lambda out, field: opacity_sparsity(out["opacity"]), lambda frac: cfg.opacity_weight),
+        LossTerm("entropy", lambda out, field: opacity_entropy(out["opacity"]), lambda frac: cfg.entropy_weight),
+        LossTerm("tv", lambda out, field: total_variation(field.density_grid), lambda frac: cfg.tv_weight),
+        LossTerm("tv_albedo", lambda out, field: total_variation(field.albedo_grid), lambda frac: cfg.tv_albedo_weight),
+    ]
+    weights = {"orientation": cfg.orientation_weight, "opacity": cfg.opacity_weight, "entropy": cfg.entropy_weight,
+               "tv": cfg.tv_weight, "tv_albedo": cfg.tv_albedo_weight}
+    return [t for t in terms if weights[t.name] != 0]
