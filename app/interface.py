@@ -19,7 +19,7 @@ from pathlib import Path  # noqa: E402
 import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from dreamfusion.guidance import GUIDANCE_NAMES  # noqa: E402
+from dreamfusion.config import GUIDANCES, USER_GUIDANCES  # noqa: E402
 
 from .jobs import RunError, RunManager  # noqa: E402
 from .proxy import VIEWER_PAGE, add_viewer_proxy  # noqa: E402
@@ -115,7 +115,7 @@ def build_blocks(manager: RunManager, viewer_url: str | None = None) -> gr.Block
                         seed = gr.Number(label="Seed", value=d["seed"], precision=0, minimum=0)
                         render_size = gr.Number(label="Resolution (training renders, px)", value=d["render_size"], precision=0)
                     with gr.Row():
-                        guidance_name = gr.Dropdown(list(GUIDANCE_NAMES), value=d["guidance_name"], label="Guidance")
+                        guidance_name = gr.Dropdown(list(USER_GUIDANCES), value=d["guidance_name"], label="Guidance")
                         guidance_model = gr.Textbox(value=d["guidance_model"], label="Guidance model (folder or hub id; empty: default)")
                         guidance_scale = gr.Number(label="Guidance weight", value=d["guidance_scale"], minimum=0)
                 status = gr.Markdown("No run yet: enter a prompt and press **Generate**.")
@@ -206,6 +206,8 @@ def build_blocks(manager: RunManager, viewer_url: str | None = None) -> gr.Block
             return status_markdown(info), info, plot, img, gal, version
 
         run_id_box = gr.Textbox(visible=False, label="run id")
+        # another prior: its own default weight (one registry for the app and the command line)
+        guidance_name.change(lambda name: GUIDANCES[name].guidance_scale if name in GUIDANCES else gr.update(), [guidance_name], [guidance_scale])
         generate_btn.click(generate, [prompt, steps, seed, guidance_name, guidance_model, guidance_scale, render_size, owner_token], [status, run_id_box],
                            api_name="generate", concurrency_limit=None)
         for btn, action in ((pause_btn, "pause"), (resume_btn, "resume"), (stop_btn, "stop")):

@@ -8,7 +8,7 @@ snapshot of the progress); the optimisation itself always runs in :meth:`RunMana
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import json
 import shutil
 import threading
@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from dreamfusion.runs import MESH_FORMATS, ExportOptions, export_scene, validate_export
-from dreamfusion.trainer import Trainer, TrainConfig, config_from_dict, config_to_dict, validate_config, validate_prompt
+from dreamfusion.config import USER_GUIDANCES, resolve_guidance
+from dreamfusion.trainer import Trainer, TrainConfig, validate_config, validate_prompt
 
 #: limits of the settings a user may ask for from the page (the engine validates the rest)
 MAX_STEPS = 20000
@@ -37,14 +38,14 @@ class RunError(ValueError):
     """Something the user asked for that cannot be done: the message is shown as is."""
 
 
-def deep_merge(base: dict, extra: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in (extra or {}).items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = v
-    return out
+def _with_overrides(cfg: TrainConfig, overrides: dict) -> TrainConfig:
+    """``cfg`` with ``{key: value}`` or ``{section: {key: value}}`` overrides, each a typed field
+    (``dataclasses.replace``); an unknown key is a ``TypeError``."""
+    changes = {}
+    for key, value in (overrides or {}).items():
+        current = getattr(cfg, key)
+        changes[key] = dataclasses.replace(current, **value) if isinstance(value, dict) else value
+    return dataclasses.replace(cfg, **changes)
 
 
 @dataclass
@@ -96,8 +97,7 @@ class RunManager:
                  threads: int = 1, checkpoint_every: int = 200, export_defaults: dict | None = None):
         self.runs_dir = Path(runs_dir).resolve()
         self.runs_dir.mkdir(parents=True, exist_ok=True)
-        self.base = deep_merge(config_to_dict(TrainConfig(preview_every=10)), config_overrides or {})
-        config_from_dict(copy.deepcopy(self.base))  # fail early on a bad override
+        self.base = _with_overrides(TrainConfig(preview_every=10), config_overrides or {})  # a bad override fails here
         self.max_concurrent = max(1, int(max_concurrent))
         self.max_runs_kept = max(1, int(max_runs_kept))
         self.threads = threads
@@ -110,44 +110,54 @@ class RunManager:
         self.version = 0  # bumped whenever a run finishes (the gallery changes)
 
     # ------------------------------------------------------------------ settings
+    @staticmethod
+    def guidance_choices() -> tuple[str, ...]:
+        """The priors a visitor may pick (the registry's user-facing ones)."""
+        return USER_GUIDANCES
+
     def defaults(self) -> dict:
         b = self.base
-        return {"steps": b["steps"], "seed": b["seed"], "guidance_name": b["guidance"]["name"], "guidance_model": b["guidance"]["model"],
-                "guidance_scale": b["guidance"]["guidance_scale"], "render_size": b["render_size"]}
+        guidance = resolve_guidance(b.guidance)
+        return {"steps": b.steps, "seed": b.seed, "guidance_name": guidance.name, "guidance_model": guidance.model,
+                "guidance_scale": guidance.guidance_scale, "render_size": b.render_size}
 
     def build_config(self, steps=None, seed=None, guidance_name=None, guidance_model=None, guidance_scale=None, render_size=None) -> TrainConfig:
-        data = copy.deepcopy(self.base)
+        """The server's base config with a visitor's settings (``dataclasses.replace``, typed)."""
+        cfg = self.base
+        guidance = cfg.guidance
         try:
             if steps is not None:
                 steps = int(steps)
                 if steps > MAX_STEPS:
                     raise RunError(f"steps must be at most {MAX_STEPS}, got {steps}")
-                data["steps"] = steps
+                cfg = dataclasses.replace(cfg, steps=steps)
             if seed is not None:
-                data["seed"] = int(seed)
+                cfg = dataclasses.replace(cfg, seed=int(seed))
             if render_size is not None:
                 render_size = int(render_size)
                 if render_size > MAX_APP_RENDER_SIZE:
                     raise RunError(f"resolution must be at most {MAX_APP_RENDER_SIZE} pixels in the app, got {render_size}")
-                data["render_size"] = render_size
+                cfg = dataclasses.replace(cfg, render_size=render_size)
             if guidance_name:
-                data["guidance"]["name"] = str(guidance_name)
+                name = str(guidance_name)
+                if name not in USER_GUIDANCES:
+                    raise RunError(f"unknown guidance {name!r}; choose {' or '.join(USER_GUIDANCES)}")
+                if name != guidance.name:  # another prior: its own default weight unless one is given
+                    guidance = dataclasses.replace(guidance, name=name, guidance_scale=None)
             if guidance_model is not None:
-                data["guidance"]["model"] = str(guidance_model).strip()
+                guidance = dataclasses.replace(guidance, model=str(guidance_model).strip())
             if guidance_scale is not None:
                 guidance_scale = float(guidance_scale)
                 if guidance_scale > MAX_GUIDANCE_SCALE:
                     raise RunError(f"guidance weight must be at most {MAX_GUIDANCE_SCALE:g}, got {guidance_scale:g}")
-                data["guidance"]["guidance_scale"] = guidance_scale
+                guidance = dataclasses.replace(guidance, guidance_scale=guidance_scale)
         except (TypeError, ValueError) as exc:
             if isinstance(exc, RunError):
                 raise
             raise RunError(f"invalid setting: {exc}") from None
-        if data["guidance"]["name"] not in ("embedded", "stable-diffusion"):
-            raise RunError(f"unknown guidance {data['guidance']['name']!r}; choose embedded or stable-diffusion")
-        if not 0 <= data["seed"] < 2**63:
-            raise RunError(f"seed must be between 0 and 2^63, got {data['seed']}")
-        cfg = config_from_dict(data)
+        if not 0 <= cfg.seed < 2**63:
+            raise RunError(f"seed must be between 0 and 2^63, got {cfg.seed}")
+        cfg = dataclasses.replace(cfg, guidance=resolve_guidance(guidance))
         try:
             validate_config(cfg)
         except ValueError as exc:

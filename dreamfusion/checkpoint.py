@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import TrainConfig, config_from_dict, config_to_dict
+from .files import atomic_write
 
 #: version 2: density and albedo grids stored apart (version 1 had one 4-channel grid; still read)
 CHECKPOINT_VERSION = 2
@@ -57,10 +58,7 @@ def write_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], prompt:
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": "dreamfusion", "version": str(CHECKPOINT_VERSION), "prompt": prompt, "step": str(step),
             "total_steps": str(total_steps), "config": json.dumps(config_to_dict(cfg))}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
-    tmp.replace(path)
-    return path
+    return atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=meta))
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:

@@ -70,6 +70,10 @@ class FieldConfig:
     """added to the raw density before the activation (negative: the scene starts nearly empty outside the blob)"""
     background: str = "white"
     """white or black (fixed, as the embedded prior was trained), or mlp (learned from the ray direction, as in the paper)"""
+    coarse_resolutions: tuple[int, ...] = ()
+    """coarse-to-fine: the grid starts at the first of these and moves through the others to
+    ``resolution``, at evenly spaced points of the first ``coarse_fraction`` of the run (empty: no growth)"""
+    coarse_fraction: float = 0.3
 
 
 @dataclass
@@ -246,6 +250,8 @@ def validate_config(cfg: TrainConfig) -> None:
         raise ValueError(f"render size must be between 8 and {MAX_RENDER_SIZE} pixels, got {cfg.render_size}")
     if not 8 <= cfg.field.resolution <= 256:
         raise ValueError(f"grid resolution must be between 8 and 256, got {cfg.field.resolution}")
+    if any(not 4 <= r < cfg.field.resolution for r in cfg.field.coarse_resolutions) or list(cfg.field.coarse_resolutions) != sorted(cfg.field.coarse_resolutions):
+        raise ValueError(f"coarse resolutions must rise from 4 to below the grid's {cfg.field.resolution}, got {cfg.field.coarse_resolutions}")
     if cfg.field.density_activation not in ("softplus", "exp"):
         raise ValueError(f"unknown density activation {cfg.field.density_activation!r}; use softplus or exp")
     if cfg.views <= 0 or cfg.views > 16:

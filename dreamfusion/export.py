@@ -9,8 +9,6 @@ only the GLB file is rotated to glTF's +Y up.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -20,6 +18,7 @@ import torch
 import trimesh
 
 from .cameras import Cameras, orbit_cameras
+from .files import atomic_write
 
 #: a ray segment of this length (world units) through the surface density reaches opacity 0.5.
 #: 0.15 (a sixth of an object's width) puts the surface where the 64 px training renders show the
@@ -158,39 +157,6 @@ def to_y_up(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
     return out
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary file beside ``path`` (same suffix, so writers that go by
-    suffix still work), then move it into place; on failure the temporary file is removed and
-    ``path`` is untouched."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, ordinary_file_mode())  # mkstemp makes 0600; a finished file reads like any other
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def ordinary_file_mode() -> int:
-    """The permissions the user's umask gives a new ordinary file (0666 & ~umask). Read from
-    /proc where it can be (setting the umask to read it would race with other threads)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return 0o666 & ~int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 def to_uint8(image) -> np.ndarray:
     """An image (3, H, W) tensor or (H, W, 3) array in [0, 1] -> (H, W, 3) uint8 (value x 255,
     rounded, clipped): the one conversion for every PNG, frame and sheet."""
@@ -212,7 +178,7 @@ def save_mesh(mesh: trimesh.Trimesh, path: str | Path) -> Path:
     if suffix not in MESH_SUFFIXES:
         raise ValueError(f"unknown mesh format {path.suffix!r} for {path.name!r}; valid suffixes: {', '.join(MESH_SUFFIXES)}")
     out = to_y_up(mesh) if suffix == ".glb" else mesh
-    return _atomic_write(path, lambda tmp: out.export(tmp, file_type=suffix[1:]))
+    return atomic_write(path, lambda tmp: out.export(tmp, file_type=suffix[1:]))
 
 
 def rasterize_triangles(vertices: np.ndarray, faces: np.ndarray, shape: tuple[int, int]):
@@ -307,8 +273,8 @@ def save_textured_obj(mesh: trimesh.Trimesh, path: str | Path, texture_size: int
     text, files = trimesh.exchange.obj.export_obj(textured, include_color=False, include_texture=True, return_texture=True,
                                                   mtl_name=f"{path.stem}.mtl")
     for name, data in files.items():  # the material and its image first, the OBJ that names them last
-        _atomic_write(path.parent / name, lambda tmp, data=data: Path(tmp).write_bytes(data))
-    return _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+        atomic_write(path.parent / name, lambda tmp, data=data: Path(tmp).write_bytes(data))
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 # ----------------------------------------------------------------------------- turntable
@@ -361,4 +327,4 @@ def save_turntable(render_fn: Callable[[Cameras], torch.Tensor], path: str | Pat
 
         def write(tmp: str) -> None:
             iio.imwrite(tmp, video, extension=".gif", duration=1000.0 / fps, loop=0)
-    return _atomic_write(path, write)
+    return atomic_write(path, write)

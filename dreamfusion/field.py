@@ -35,6 +35,17 @@ def density_activation(raw: torch.Tensor, kind: str = "softplus") -> torch.Tenso
     return F.softplus(raw)
 
 
+def grid_resolution(cfg: FieldConfig, fraction_done: float) -> int:
+    """The grid's resolution at a point of the run under coarse-to-fine growth: with coarse
+    resolutions r_1 < ... < r_n and fraction f, stage k = floor(fraction / (f / n)) (r_{k+1}, or
+    the final resolution once k >= n)."""
+    stages = list(cfg.coarse_resolutions)
+    if not stages:
+        return cfg.resolution
+    k = int(fraction_done * len(stages) / cfg.coarse_fraction) if cfg.coarse_fraction > 0 else len(stages)
+    return stages[k] if k < len(stages) else cfg.resolution
+
+
 def upsample_grid(grid: torch.Tensor, resolution: int) -> torch.Tensor:
     """Trilinear resampling of a (1, C, R, R, R) grid whose nodes span the same box at both
     resolutions (``align_corners``): the field it interpolates stays the same where it was smooth."""
@@ -49,7 +60,7 @@ class GridField(nn.Module):
     def __init__(self, cfg: FieldConfig = FieldConfig(), resolution: int | None = None):
         super().__init__()
         self.cfg = cfg
-        r = resolution or cfg.resolution
+        r = resolution or grid_resolution(cfg, 0.0)
         self.density_grid = nn.Parameter(torch.zeros(1, 1, r, r, r))
         self.albedo_grid = nn.Parameter(torch.zeros(1, 3, r, r, r))
 

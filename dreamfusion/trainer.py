@@ -33,6 +33,7 @@ from .checkpoint import (
     write_checkpoint,
 )
 from .config import MAX_RENDER_SIZE, OptimConfig, TrainConfig, config_from_dict, config_to_dict, resolve_guidance, validate_config
+from .field import grid_resolution
 from .guidance import Guidance, RenderBatch, load_guidance
 from .losses import loss_terms
 from .render import Renderer
@@ -194,6 +195,14 @@ class Trainer:
             torch.manual_seed(seed)
             self.renderer.update_occupancy(self.step_count)
 
+    def _grow_grid(self) -> None:
+        """Coarse-to-fine: move the grid to the resolution this point of the run asks for (a new
+        optimiser over the resampled grids: Adam's moments do not carry over a resampling)."""
+        target = grid_resolution(self.cfg.field, self.fraction_done())
+        if target > self.field.resolution:
+            self.field.grow(target)
+            self.optimizer = self._make_optimizer()
+
     def fraction_done(self) -> float:
         return self.step_count / max(1, self.total_steps)
 
@@ -213,6 +222,7 @@ class Trainer:
             t0 = time.perf_counter()
             cfg = self.cfg
             guidance = self._require_guidance()
+            self._grow_grid()
             self.field.train()
             cams = sample_cameras(self.camera_cfg, cfg.views, self.generator)
             self.recent_cameras.append((cams.c2w.clone(), cams.focal.clone()))

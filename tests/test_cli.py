@@ -271,3 +271,77 @@ def test_render_a_checkpoint(generated, tmp_path, capsys):
     gif = tmp_path / "spin.gif"
     assert main(["render", ckpt, "--out", str(gif), "--frames", "3", "--size", "16"]) == 0
     assert iio.imread(gif, index=None).shape[:3] == (3, 16, 16)
+
+
+# ----------------------------------------------------------------------------- consolidation (issue 11)
+
+
+def test_advanced_settings_are_kept_unless_a_top_level_option_is_given(tiny_prior_dir):
+    """``--advanced.steps 7`` must not be replaced by the top-level default (it was, silently)."""
+    from dreamfusion.cli import Generate, train_config
+
+    import tyro
+
+    def parse(*argv):
+        return train_config(tyro.cli(Generate, args=list(argv)))
+
+    cfg = parse("a cube", "--advanced.steps", "7", "--advanced.seed", "3", "--advanced.render-size", "48",
+                "--advanced.guidance.guidance-scale", "4.5", "--advanced.guidance.model", "/some/prior")
+    assert (cfg.steps, cfg.seed, cfg.render_size, cfg.guidance.guidance_scale, cfg.guidance.model) == (7, 3, 48, 4.5, "/some/prior")
+    cfg = parse("a cube", "--advanced.steps", "7", "--steps", "9", "--cfg", "2", "--model", "/other")
+    assert (cfg.steps, cfg.guidance.guidance_scale, cfg.guidance.model) == (9, 2.0, "/other")
+    assert parse("a cube").steps == 1200 and parse("a cube").guidance.guidance_scale is None  # the prior's own default, later
+
+
+def test_guidance_defaults_come_from_one_registry():
+    """The app, the command line and the benchmark all read each prior's default weight from
+    the registry (they disagreed: 10 in the app, 100 on the command line)."""
+    from dreamfusion.config import GUIDANCES, GuidanceConfig, resolve_guidance
+
+    assert resolve_guidance(GuidanceConfig(name="stable-diffusion")).guidance_scale == GUIDANCES["stable-diffusion"].guidance_scale == 100.0
+    assert resolve_guidance(GuidanceConfig(name="embedded")).guidance_scale == GUIDANCES["embedded"].guidance_scale
+    assert resolve_guidance(GuidanceConfig(name="embedded", guidance_scale=3.0)).guidance_scale == 3.0
+    from app.jobs import RunManager
+
+    assert RunManager.guidance_choices() == ("embedded", "stable-diffusion")  # the reference is a measuring instrument, not offered
+
+
+def test_help_is_fast_because_nothing_heavy_is_imported():
+    """``dreamfusion --help`` parses before torch, diffusers or gradio are imported."""
+    code = ("import sys, time; t = time.perf_counter(); from dreamfusion import cli; "
+            "heavy = [m for m in ('torch', 'diffusers', 'gradio', 'transformers', 'nerfacc') if m in sys.modules]; "
+            "assert not heavy, heavy; "
+            "import contextlib, io\n"
+            "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+            "    try: cli.main(['generate', '--help'])\n"
+            "    except SystemExit: pass\n"
+            "assert '--advanced.field.resolution' in out.getvalue()\n"
+            "heavy = [m for m in ('torch', 'diffusers', 'gradio') if m in sys.modules]; assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_export_and_render_need_no_prior(generated, tmp_path, capsys, monkeypatch):
+    """A checkpoint's scene is re-exported with no prior loadable at all (a Stable Diffusion run
+    offline, say): loading a scene must not load a prior."""
+    import dreamfusion.guidance as guidance
+
+    def no_prior(*args, **kwargs):
+        raise AssertionError("export/render loaded a prior")
+
+    monkeypatch.setattr(guidance, "load_guidance", no_prior)
+    monkeypatch.setattr("dreamfusion.trainer.load_guidance", no_prior)
+    out = tmp_path / "re"
+    assert main(["export", str(generated / "checkpoint.safetensors"), "--out", str(out), *CHEAP_EXPORT]) == 0
+    assert (out / "mesh.ply").stat().st_size > 0
+    png = tmp_path / "view.png"
+    assert main(["render", str(generated / "checkpoint.safetensors"), "--out", str(png), "--size", "32"]) == 0
+    assert png.stat().st_size > 0
+
+
+def test_finished_files_get_ordinary_permissions(generated):
+    """Files are staged with mkstemp (0600); finished ones must read like any file the user makes."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for name in ("mesh.glb", "mesh.obj", "mesh.ply", "turntable.gif", "checkpoint.safetensors"):
+        mode = (generated / name).stat().st_mode & 0o777
+        assert mode == 0o666 & ~mask, (name, oct(mode))

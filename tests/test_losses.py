@@ -123,3 +123,32 @@ def test_silhouette_level_finds_the_level_of_a_sphere():
     assert abs(r_level - r_silhouette) < voxel, (level, r_level, r_silhouette)
     with pytest.raises(ValueError, match="nothing to export"):
         silhouette_level(torch.zeros(2, 4, 4), torch.zeros(2, 4, 4))
+
+
+def test_grid_resolution_schedule():
+    from dreamfusion.field import grid_resolution
+
+    cfg = FieldConfig(resolution=48, coarse_resolutions=(16, 32), coarse_fraction=0.3)
+    assert [grid_resolution(cfg, f) for f in (0.0, 0.149, 0.15, 0.299, 0.3, 0.9)] == [16, 16, 32, 32, 48, 48]
+    assert grid_resolution(FieldConfig(resolution=40), 0.0) == 40
+    assert GridField(cfg).resolution == 16
+
+
+def test_trainer_grows_its_grid_and_resumes_across_growth(fast_config, tmp_path):
+    import dataclasses
+
+    from dreamfusion.trainer import Trainer
+
+    cfg = dataclasses.replace(fast_config, steps=8, field=dataclasses.replace(fast_config.field, coarse_resolutions=(12,), coarse_fraction=0.5))
+    straight = Trainer(cfg, "a red cube")
+    assert straight.field.resolution == 12
+    straight.run(4)
+    assert straight.field.resolution == 12
+    straight.run(1)  # the fifth step starts at half the run: the grid grows first
+    assert straight.field.resolution == 24 and straight.optimizer.param_groups[0]["params"][0] is straight.field.density_grid
+    path = straight.save_checkpoint(tmp_path / "c.safetensors")
+    straight.run()
+    resumed = Trainer.from_checkpoint(path)
+    assert resumed.field.resolution == 24
+    resumed.run()
+    assert torch.allclose(resumed.field.density_grid, straight.field.density_grid, atol=1e-6)
