@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dreamfusion.export import to_uint8
 from dreamfusion.runs import MESH_FORMATS, ExportOptions, export_scene, validate_export
 from dreamfusion.config import USER_GUIDANCES, resolve_guidance
 from dreamfusion.trainer import Trainer, TrainConfig, validate_config, validate_prompt
@@ -370,7 +371,7 @@ class RunManager:
         if np.isfinite(m["loss"]):
             run.losses.append((m["step"], float(m["loss"])))
         if "preview" in m:
-            run.preview = (m["preview"].permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+            run.preview = to_uint8(m["preview"])
 
     def _worker(self, run: Run) -> None:
         torch.set_num_threads(self.threads)
@@ -381,7 +382,7 @@ class RunManager:
                                   on_message=lambda msg: setattr(run, "message", msg))
                 run.trainer = trainer
                 run.total_steps = trainer.total_steps
-                run.preview = (trainer.preview().permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+                run.preview = to_uint8(trainer.preview())
             while trainer.step_count < trainer.total_steps and not run.stop_requested.is_set():
                 if not run.resume_event.is_set():
                     run.resume_event.wait()
@@ -404,7 +405,7 @@ class RunManager:
                 trainer.save_checkpoint(run.folder / "checkpoint.safetensors")
                 import imageio.v3 as iio
 
-                img = (trainer.preview(size=128).permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+                img = to_uint8(trainer.preview(size=128))
                 iio.imwrite(run.folder / "preview.png", img)
                 with open(run.folder / "log.jsonl", "w") as f:
                     for row in trainer.history:

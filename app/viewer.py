@@ -21,6 +21,7 @@ import torch
 import viser
 import viser.transforms as tf
 from dreamfusion.cameras import Cameras, Lights, spherical_to_position
+from dreamfusion.export import to_uint8
 from dreamfusion.render import Renderer
 from dreamfusion.shading import SHADING_MODES
 
@@ -207,7 +208,7 @@ class Viewer:
                 if run is None or run.trainer is None:
                     continue
                 cam = view.client.camera
-                if cam._state.update_timestamp == 0.0:  # no camera message from the browser yet
+                if cam.update_timestamp == 0.0:  # no camera message from the browser yet
                     continue
                 # the settings are read from the GUI handles each time, so a change made in the
                 # browser or by the server (handle.value = ...) shows alike
@@ -244,11 +245,10 @@ class Viewer:
     def render(scene: Renderer, position, wxyz, fov, aspect, size: int, settings: ViewSettings) -> np.ndarray:
         """(H, W, 3) uint8 image of a scene (a :meth:`snapshot`) from a viser camera (the
         engine's ``render_views`` is square only, so this calls the renderer directly)."""
-        device = scene.field.grid.device
+        device = scene.field.density_grid.device
         cams, h, w = viser_to_cameras(position, wxyz, fov, aspect, size)
         out = scene.render(cams.to(device), settings.lights().to(device), h, w, settings.mode)
-        img = out["image"][0].clamp(0, 1).permute(1, 2, 0).cpu().numpy()
-        return (img * 255).round().astype(np.uint8)
+        return to_uint8(out["image"][0])
 
     def stop(self) -> None:
         with self.lock:

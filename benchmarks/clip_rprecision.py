@@ -202,7 +202,7 @@ def render_truth(noun: str, colour: str | None, views: int = 4, size: int = 128,
 
 def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from quality import DEFAULT_PROMPTS, parse_benchmark
+    from prompts import DEFAULT_PROMPTS, parse_benchmark
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clip", required=True, help="local folder (or hub id, online) of a transformers CLIPModel")

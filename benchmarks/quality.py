@@ -41,8 +41,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_PROMPTS = REPO.parent / "shared" / "world" / "benchmark.txt"
+from prompts import DEFAULT_PROMPTS, REPO, BenchmarkPrompt, parse_benchmark, select  # noqa: F401 - re-exported for callers
+
 DEFAULT_OUT = REPO / "benchmarks" / "results"
 
 #: the issue's targets
@@ -55,73 +55,6 @@ TARGET_SECONDS = 600.0
 FAILED_SCORES = {"iou": 0.0, "iou_scaled": 0.0, "hit": False, "colour_error": 1.0}
 
 SHEET_SIZE = 128
-
-
-# ----------------------------------------------------------------------------- prompts
-
-
-@dataclass(frozen=True)
-class BenchmarkPrompt:
-    prompt: str
-    noun: str
-    colour: str | None  # None: '-' (fixed colours or not scored)
-    held_out: bool
-
-    @property
-    def asymmetric(self) -> bool:
-        from dreamfusion.prior.world import ASYMMETRIC_NOUNS
-
-        return self.noun in ASYMMETRIC_NOUNS
-
-
-def parse_benchmark(path: str | Path) -> list[BenchmarkPrompt]:
-    """Read the tab-separated benchmark: prompt, noun, colour ('-' for none), optional 'held-out'.
-    Blank lines and lines starting with '#' are skipped; an unknown noun, colour or flag is an
-    error naming the line."""
-    from dreamfusion.prior.world import COLOURS, NOUNS
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"benchmark prompt list not found: {path}")
-    items = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        cols = [c.strip() for c in line.split("\t")]
-        if len(cols) < 3:
-            raise ValueError(f"{path}:{lineno}: expected 'prompt<TAB>noun<TAB>colour[<TAB>held-out]', got {line!r}")
-        prompt, noun, colour, flags = cols[0], cols[1], cols[2], [c for c in cols[3:] if c]
-        if noun not in NOUNS:
-            raise ValueError(f"{path}:{lineno}: unknown noun {noun!r}")
-        if colour != "-" and colour not in COLOURS:
-            raise ValueError(f"{path}:{lineno}: unknown colour {colour!r}")
-        unknown = [f for f in flags if f != "held-out"]
-        if unknown:
-            raise ValueError(f"{path}:{lineno}: unknown flag {unknown[0]!r} (only 'held-out')")
-        items.append(BenchmarkPrompt(prompt, noun, None if colour == "-" else colour, "held-out" in flags))
-    if not items:
-        raise ValueError(f"{path} holds no prompts")
-    return items
-
-
-def select(items: list[BenchmarkPrompt], only: str | None = None, limit: int | None = None) -> list[tuple[int, BenchmarkPrompt]]:
-    """(1-based index, prompt) pairs: ``only`` is a comma-separated list of 1-based indices, nouns or
-    exact prompts; ``limit`` keeps the first N of those."""
-    chosen = list(enumerate(items, 1))
-    if only:
-        keys = [k.strip() for k in only.split(",") if k.strip()]
-        picked = []
-        for key in keys:
-            match = [(i, it) for i, it in chosen if (key.isdigit() and int(key) == i) or key in (it.noun, it.prompt)]
-            if not match:
-                raise ValueError(f"--only {key!r} matches no prompt (use 1..{len(items)}, a noun or a prompt)")
-            picked += [m for m in match if m not in picked]
-        chosen = sorted(picked)
-    if limit is not None:
-        if limit <= 0:
-            raise ValueError(f"--limit must be positive, got {limit}")
-        chosen = chosen[:limit]
-    return chosen
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -269,17 +202,14 @@ def write_csv(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def _to_uint8(img) -> np.ndarray:
-    arr = img.detach().cpu().permute(1, 2, 0).numpy() if isinstance(img, torch.Tensor) else np.asarray(img)
-    return (np.clip(arr, 0, 1) * 255).round().astype(np.uint8) if arr.dtype != np.uint8 else arr
-
-
 def contact_sheet(entries: list[dict], path: Path, size: int = SHEET_SIZE) -> Path:
     """Per entry one strip: label, then truth lit | truth textureless | result lit | result
     textureless. ``entries``: dicts with ``label``, ``score`` (second label line) and the four
     images (``truth_lit``, ``truth_textureless``, ``lit``, ``textureless``: (3, H, W) tensors in
     [0, 1] or None, drawn as a grey panel)."""
     from PIL import Image, ImageDraw
+
+    from dreamfusion.export import to_uint8
 
     cols = ("truth_lit", "truth_textureless", "lit", "textureless")
     titles = ("truth, lit", "truth, textureless", "result, lit", "result, textureless")
@@ -302,7 +232,7 @@ def contact_sheet(entries: list[dict], path: Path, size: int = SHEET_SIZE) -> Pa
                 draw.rectangle((x, y, x + size - 1, y + size - 1), fill=(200, 200, 200))
                 draw.text((x + 4, y + size // 2 - 6), "no render", fill=(120, 0, 0))
             else:
-                tile = Image.fromarray(_to_uint8(img))
+                tile = Image.fromarray(to_uint8(img))
                 if tile.size != (size, size):
                     tile = tile.resize((size, size), Image.BILINEAR)
                 sheet.paste(tile, (x, y))

@@ -49,6 +49,11 @@ LEGACY_CAMERA = CameraConfig(elevation_range=(-10.0, 90.0), distance_range=(1.6,
                              light_intensity_range=(0.6, 0.9), ambient_range=(0.1, 0.3))
 
 
+#: probabilities of the lit, textureless and albedo shading modes: the prior's training renders
+#: and SDS training draw from the same
+SHADING_PROBS = (0.6, 0.2, 0.2)
+
+
 # ----------------------------------------------------------------------------- scene
 
 
@@ -168,7 +173,7 @@ class TrainConfig:
     camera_from_prior: bool = True
     """draw cameras and lights from the distribution the prior was trained on, where it declares one
     (the embedded priors do), instead of ``camera``"""
-    shading_probs: tuple[float, float, float] = (0.6, 0.2, 0.2)
+    shading_probs: tuple[float, float, float] = SHADING_PROBS
     """probabilities of the lit, textureless and albedo shading modes"""
     field: FieldConfig = dataclass_field(default_factory=FieldConfig)
     render: RenderConfig = dataclass_field(default_factory=RenderConfig)

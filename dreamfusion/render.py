@@ -122,12 +122,16 @@ class Renderer(torch.nn.Module):
         """Refresh the occupancy grid from the field (nerfacc's EMA update)."""
         if not force and step % self.cfg.occupancy_update_every != 0:
             return
-        self.estimator._update(
+        was_training = self.estimator.training
+        self.estimator.train()  # nerfacc's public update only runs in training mode; this cadence is ours (n=1)
+        self.estimator.update_every_n_steps(
             step=step,
             occ_eval_fn=lambda x: self.field.density(x) * self.step_size,
             occ_thre=self.cfg.occupancy_threshold,
             warmup_steps=self.cfg.occupancy_warmup,
+            n=1,
         )
+        self.estimator.train(was_training)
 
     def occupancy_fraction(self) -> float:
         return float(self.estimator.binaries.float().mean())

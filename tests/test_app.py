@@ -346,6 +346,7 @@ def test_viewer_renders_a_snapshot_not_the_live_scene(fast_config):
 
     from app.viewer import Viewer, ViewSettings
     from dreamfusion.cameras import make_cameras
+    from dreamfusion.export import to_uint8
     from dreamfusion.trainer import Trainer
 
     trainer = Trainer(fast_config, "a red cube")
@@ -357,8 +358,7 @@ def test_viewer_renders_a_snapshot_not_the_live_scene(fast_config):
     settings = ViewSettings()
 
     def live():
-        img = trainer.render_views(cams, settings.lights(), size=32)[0]
-        return (img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        return to_uint8(trainer.render_views(cams, settings.lights(), size=32)[0])
 
     shadow = trainer.snapshot()
     before = Viewer.render(shadow, c2w[:, 3], wxyz, fov, 1.0, 32, settings)

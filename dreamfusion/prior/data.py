@@ -14,12 +14,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..config import SHADING_PROBS
 from ..cameras import CameraConfig, Cameras, Lights, camera_rays, ray_box, sample_cameras, sample_lights
 from ..shading import TRAINING_SHADING_MODES, shade
 from .world import WorldObject, build_object, caption, draw_example
 
 BACKGROUND = 1.0  # white, as the engine's default background
-SHADING_PROBS = (0.6, 0.2, 0.2)  # lit, textureless, albedo: shared with SDS training
 
 
 def sample_shading_modes(n: int, rng: random.Random) -> list[str]:

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from ..config import TrainPriorConfig
 from ..cameras import default_light, orbit_cameras, render_condition_features
+from ..export import to_uint8
 from .data import render_batch
 from .model import ASSET_DIR, RESUME_FILE, WEIGHTS_FILE, PriorConfig, TextEncoder, predict_noise, save_prior_weights
 from .sampling import image_grid, sample_images
@@ -72,7 +73,7 @@ def write_sample_grid(unet, prior_cfg: PriorConfig, encoder: TextEncoder, path: 
         imgs = sample_images(unet, prior_cfg, encoder, prompts, [s for _ in GRID_PROMPTS for s in seeds])
         rows = len(GRID_PROMPTS) // 2  # 16 prompts x 4 seeds -> 8 rows of 8
     grid = image_grid(F.interpolate(imgs[:, :3], scale_factor=2, mode="nearest"), rows=rows)
-    iio.imwrite(path, (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
+    iio.imwrite(path, to_uint8(grid))
 
 
 def diffusion_loss(eps_pred: torch.Tensor, noise: torch.Tensor, alphas_cumprod_t: torch.Tensor, min_snr: float = 0.0) -> torch.Tensor:
