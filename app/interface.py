@@ -199,7 +199,7 @@ def build_blocks(manager: RunManager, viewer_url: str | None = None) -> gr.Block
                 plot = pd.DataFrame(pts, columns=["step", "loss"]) if pts else plot
                 img = upscale(run.preview)
             if manager.version != version:
-                items = [(m["preview_path"], f"{m['prompt']} ({m['status']}, {m['step']} steps)") for m in manager.finished()[:30]]
+                items = [(m["preview"], f"{m['prompt']} ({m['status']}, {m['step']} steps)") for m in manager.finished()[:30]]
                 gal, version = items, manager.version
             else:
                 gal = gr.skip()

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from dreamfusion.export import to_uint8
-from dreamfusion.runs import MESH_FORMATS, ExportOptions, export_scene, validate_export
+from dreamfusion.runs import MESH_FORMATS, ExportOptions, export_scene, validate_export, write_run
 from dreamfusion.config import USER_GUIDANCES, resolve_guidance
 from dreamfusion.trainer import Trainer, TrainConfig, validate_config, validate_prompt
 
@@ -67,10 +67,10 @@ class Run:
     total_steps: int = 0
     exports: dict = field(default_factory=dict)
     prompts: list = field(default_factory=list)  # (step, prompt) history: refinements
-    stop_requested: threading.Event = field(default_factory=threading.Event)
-    resume_event: threading.Event = field(default_factory=threading.Event)
-    thread: threading.Thread | None = None
     export_count: int = 0
+    #: set while a worker thread owns the run (between its start and its finish)
+    working: bool = False
+    cancelled: bool = False
 
     @property
     def active(self) -> bool:
@@ -108,7 +108,14 @@ class RunManager:
         self.runs: dict[str, Run] = {}
         self.queue: list[str] = []
         self.lock = threading.RLock()
+        self.work = threading.Condition(self.lock)  # a queued run, or shutdown
+        self.closing = False
         self.version = 0  # bumped whenever a run finishes (the gallery changes)
+        # a fixed pool of worker threads, reused run after run: a new thread per run would leave
+        # glibc a new malloc arena each time, and memory would grow with the number of runs
+        self.workers = [threading.Thread(target=self._work_loop, name=f"run-worker-{i}", daemon=True) for i in range(self.max_concurrent)]
+        for w in self.workers:
+            w.start()
 
     # ------------------------------------------------------------------ settings
     @staticmethod
@@ -210,16 +217,21 @@ class RunManager:
             return max(pool, key=lambda r: r.created) if pool else None
 
     def finished(self) -> list[dict]:
-        """This server's finished runs on disk (newest first): what the gallery shows."""
+        """This server's finished runs on disk (newest first): what the gallery shows. Each entry
+        carries its preview as an image in memory (``preview``, (H, W, 3) uint8), read under the
+        lock that pruning takes: an entry can never point at a file pruning has just deleted."""
+        import imageio.v3 as iio
+
         out = []
-        for meta_path in self.runs_dir.glob("*/run.json"):
-            try:
-                meta = json.loads(meta_path.read_text())
-            except (OSError, ValueError):
-                continue
-            preview = meta_path.parent / "preview.png"
-            if meta.get("status") in ("done", "stopped", "failed") and preview.is_file():
-                meta["preview_path"] = str(preview)
+        with self.lock:
+            for meta_path in self.runs_dir.glob("*/run.json"):
+                try:
+                    meta = json.loads(meta_path.read_text())
+                    if meta.get("status") not in ("done", "stopped", "failed"):
+                        continue
+                    meta["preview"] = iio.imread(meta_path.parent / "preview.png")
+                except (OSError, ValueError):
+                    continue  # a run without a preview (or half-deleted) is not listed
                 out.append(meta)
         return sorted(out, key=lambda m: m.get("created", 0), reverse=True)
 
@@ -238,21 +250,19 @@ class RunManager:
             run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
             run = Run(run_id, owner, prompt, cfg, self.runs_dir / run_id, total_steps=cfg.steps)
             run.prompts.append((0, prompt))
-            run.resume_event.set()
             run.folder.mkdir(parents=True)
             self.runs[run_id] = run
-            self.queue.append(run_id)
             self._write_meta(run)
             self._prune_disk()
-            self._dispatch()
+            self._enqueue(run)
         return run
 
     def pause(self, owner: str, run_id: str | None = None) -> Run:
         run = self.owned(owner, run_id)
         with self.lock:
-            if run.status != "running":
+            if run.status != "running" or run.trainer is None:
                 raise RunError(f"run {run.id} is {run.status}, not running: nothing to pause")
-            run.resume_event.clear()
+            run.trainer.pause()
             run.status = "paused"
         return run
 
@@ -263,7 +273,7 @@ class RunManager:
                 raise RunError(f"run {run.id} is {run.status}, not paused: nothing to resume")
             run.status = "running"
             run.step_times.clear()
-            run.resume_event.set()
+            run.trainer.resume()
         return run
 
     def stop(self, owner: str, run_id: str | None = None) -> Run:
@@ -274,15 +284,18 @@ class RunManager:
             if run.status == "queued":
                 self.queue.remove(run.id)
                 run.status = "stopped"
-                run.message = "stopped before it started"
+                run.message = "stopped before it started" if run.trainer is None else "stopped"
                 self._write_meta(run)
                 return run
-            run.stop_requested.set()
-            run.resume_event.set()
+            if run.trainer is None:  # still being set up by its worker
+                run.cancelled = True
+            else:
+                run.trainer.stop()  # the worker sees it after the current step and finishes the run
         return run
 
     def refine(self, owner: str, prompt: str, extra_steps: int = 0, run_id: str | None = None) -> Run:
-        """Change the prompt of the caller's run and keep optimising the same scene (Figure 4)."""
+        """Change the prompt of the caller's run and keep optimising the same scene (Figure 4).
+        Everything is checked before anything changes: a rejected request changes nothing."""
         run = self.owned(owner, run_id)
         try:
             prompt = validate_prompt(prompt)
@@ -292,30 +305,34 @@ class RunManager:
         if extra_steps < 0 or extra_steps > MAX_STEPS:
             raise RunError(f"extra steps must be between 0 and {MAX_STEPS}, got {extra_steps}")
         with self.lock:
-            if run.status == "queued":
+            if run.status == "queued" and run.trainer is None:
                 run.prompt = prompt
                 run.prompts.append((0, prompt))
-                run.cfg.steps += extra_steps
+                run.cfg = dataclasses.replace(run.cfg, steps=run.cfg.steps + extra_steps)
                 run.total_steps = run.cfg.steps
+                self._write_meta(run)
                 return run
-            if run.trainer is None:
+            trainer = run.trainer
+            if trainer is None:
                 raise RunError(f"run {run.id} has no scene to refine ({run.status})")
             if run.status == "failed":
                 raise RunError(f"run {run.id} failed: {run.message}")
-            run.trainer.set_prompt(prompt)
+            finished = run.status in ("done", "stopped")
+            if finished and trainer.step_count >= trainer.total_steps and not extra_steps:
+                raise RunError(f"run {run.id} is {run.status}: give extra steps to keep optimising it with the new prompt")
+            try:
+                trainer.set_prompt(prompt)  # may load the shared prior again (a finished run released it)
+            except Exception as exc:  # noqa: BLE001 - e.g. the prior cannot take this prompt: nothing has changed
+                raise RunError(f"cannot refine with {prompt!r}: {exc}") from None
             if extra_steps:
-                run.trainer.extend(extra_steps)
+                trainer.extend(extra_steps)
             run.prompt = prompt
-            run.total_steps = run.trainer.total_steps
-            run.prompts.append((run.trainer.step_count, prompt))
-            if run.status in ("done", "stopped"):
-                if run.trainer.done:
-                    raise RunError(f"run {run.id} is {run.status}: give extra steps to keep optimising it with the new prompt")
-                run.status = "queued"
-                run.stop_requested.clear()
-                run.resume_event.set()
-                self.queue.append(run.id)
-                self._dispatch()
+            run.total_steps = trainer.total_steps
+            run.prompts.append((trainer.step_count, prompt))
+            if finished:
+                trainer.resume()
+                self._enqueue(run)
+            self._write_meta(run)
         return run
 
     def export(self, owner: str, formats=("glb",), run_id: str | None = None, **opts) -> dict[str, Path]:
@@ -353,16 +370,27 @@ class RunManager:
         return run.exports
 
     # ------------------------------------------------------------------ machinery
-    def _dispatch(self) -> None:
+    def _enqueue(self, run: Run) -> None:
         with self.lock:
-            running = sum(1 for r in self.runs.values() if r.status in ("running", "paused"))
-            while self.queue and running < self.max_concurrent:
+            run.status = "queued"
+            self.queue.append(run.id)
+            self.work.notify()
+
+    def _work_loop(self) -> None:
+        """A worker thread: take the next queued run, optimise it until it is done or stopped,
+        and again; one torch thread count for its whole life."""
+        torch.set_num_threads(self.threads)
+        while True:
+            with self.lock:
+                while not self.queue and not self.closing:
+                    self.work.wait()
+                if self.closing:
+                    return
                 run = self.runs[self.queue.pop(0)]
                 run.status = "running"
+                run.working = True
                 run.step_times.clear()
-                run.thread = threading.Thread(target=self._worker, args=(run,), name=f"run-{run.id}", daemon=True)
-                run.thread.start()
-                running += 1
+            self._optimise(run)
 
     def _on_metrics(self, run: Run, m: dict) -> None:
         run.step = m["step"]
@@ -372,51 +400,58 @@ class RunManager:
             run.losses.append((m["step"], float(m["loss"])))
         if "preview" in m:
             run.preview = to_uint8(m["preview"])
+        if self.checkpoint_every and m["step"] % self.checkpoint_every == 0 and run.trainer is not None:
+            run.trainer.save_checkpoint(run.folder / "checkpoint.safetensors")
 
-    def _worker(self, run: Run) -> None:
-        torch.set_num_threads(self.threads)
-        trainer = run.trainer
+    def _optimise(self, run: Run) -> None:
+        """Drive one run with the Trainer's own controls (pause, stop and extend act on it
+        directly); finish it under the manager's lock, so a Refine that extends the run either
+        comes before the check (and is optimised here) or after the finish (and queues it again)."""
         try:
+            trainer = run.trainer
             if trainer is None:
                 trainer = Trainer(run.cfg, run.prompt, callbacks=[lambda m: self._on_metrics(run, m)],
                                   on_message=lambda msg: setattr(run, "message", msg))
-                run.trainer = trainer
-                run.total_steps = trainer.total_steps
+                with self.lock:
+                    run.trainer = trainer
+                    run.total_steps = trainer.total_steps
+                    if run.cancelled:  # Stop pressed while the scene and prior were being set up
+                        trainer.stop()
                 run.preview = to_uint8(trainer.preview())
-            while trainer.step_count < trainer.total_steps and not run.stop_requested.is_set():
-                if not run.resume_event.is_set():
-                    run.resume_event.wait()
-                    continue
-                trainer.step()
-                if self.checkpoint_every and trainer.step_count % self.checkpoint_every == 0:
-                    trainer.save_checkpoint(run.folder / "checkpoint.safetensors")
-            status = "stopped" if run.stop_requested.is_set() and trainer.step_count < trainer.total_steps else "done"
-            self._finish(run, status, "")
+            while True:
+                trainer.run()
+                with self.lock:
+                    if trainer.stopped or trainer.done:
+                        status = "stopped" if trainer.stopped and not trainer.done else "done"
+                        self._finish(run, status, "")
+                        return
         except Exception as exc:  # noqa: BLE001 - a crashed run keeps its checkpoint, the server keeps running
             traceback.print_exc()
-            self._finish(run, "failed", f"{type(exc).__name__}: {exc}")
-        finally:
-            self._dispatch()
+            with self.lock:
+                self._finish(run, "failed", f"{type(exc).__name__}: {exc}")
 
     def _finish(self, run: Run, status: str, message: str) -> None:
+        """Write the run's folder (checkpoint, log, preview, and the default files: a GLB mesh and a
+        turntable, so the result is there without an Export) with the one writer the command line
+        uses, and let the run keep its scene but not its prior."""
         trainer = run.trainer
         if trainer is not None:
             try:
-                trainer.save_checkpoint(run.folder / "checkpoint.safetensors")
-                import imageio.v3 as iio
-
-                img = to_uint8(trainer.preview(size=128))
-                iio.imwrite(run.folder / "preview.png", img)
-                with open(run.folder / "log.jsonl", "w") as f:
-                    for row in trainer.history:
-                        f.write(json.dumps(row) + "\n")
+                written = write_run(trainer, run.folder, self.finish_export())
+                run.exports = {k: Path(v) for k, v in written.items() if k in ("glb", "video")}
             except Exception as exc:  # noqa: BLE001
                 message = (message + "; " if message else "") + f"could not save the run: {exc}"
-        with self.lock:
-            run.status = status
-            run.message = message or run.message
-            self._write_meta(run)
-            self.version += 1
+            trainer.release_guidance()
+        run.status = status
+        run.working = False
+        run.message = message or run.message
+        self._write_meta(run)
+        self.version += 1
+
+    def finish_export(self) -> ExportOptions:
+        """What a finished run writes without being asked: a GLB mesh and an MP4 turntable."""
+        kw = dict(self.export_defaults)
+        return ExportOptions(formats=("glb",), **{**kw, "video": kw.get("video", "mp4") if kw.get("video", "mp4") != "none" else "mp4"})
 
     def _write_meta(self, run: Run) -> None:
         meta = {"id": run.id, "prompt": run.prompt, "prompts": run.prompts, "status": run.status, "created": run.created,
@@ -429,7 +464,7 @@ class RunManager:
     def _prune_disk(self) -> None:
         """Keep at most ``max_runs_kept`` run folders: delete the oldest inactive ones."""
         folders = sorted((p for p in self.runs_dir.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
-        active = {r.id for r in self.runs.values() if r.active or (r.thread and r.thread.is_alive())}
+        active = {r.id for r in self.runs.values() if r.active or r.working}
         excess = len(folders) - self.max_runs_kept
         for p in folders:
             if excess <= 0:
@@ -445,10 +480,11 @@ class RunManager:
     def shutdown(self, timeout: float = 10.0) -> None:
         with self.lock:
             self.queue.clear()
+            self.closing = True
+            self.work.notify_all()
             runs = list(self.runs.values())
         for r in runs:
-            r.stop_requested.set()
-            r.resume_event.set()
-        for r in runs:
-            if r.thread is not None:
-                r.thread.join(timeout)
+            if r.trainer is not None:
+                r.trainer.stop()
+        for w in self.workers:
+            w.join(timeout)
