@@ -15,6 +15,31 @@ if __package__ in (None, ""):  # run as a file (Spaces' app_file): make the pack
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
+#: environment variables a Space (or any host) sets to choose the app's default prior: a GPU Space
+#: can default to Stable Diffusion while a CPU one keeps the embedded prior
+GUIDANCE_ENV, MODEL_ENV, DEVICE_ENV = "DREAMFUSION_GUIDANCE", "DREAMFUSION_MODEL", "DREAMFUSION_DEVICE"
+
+
+def space_overrides(environ) -> dict:
+    """The default run settings the environment asks for ({} when it asks for none)."""
+    from dreamfusion.config import USER_GUIDANCES
+
+    out: dict = {}
+    guidance = {}
+    name = environ.get(GUIDANCE_ENV, "").strip()
+    if name:
+        if name not in USER_GUIDANCES:
+            raise SystemExit(f"error: {GUIDANCE_ENV}={name!r} is not a prior this app offers ({', '.join(USER_GUIDANCES)})")
+        guidance["name"] = name
+    if environ.get(MODEL_ENV, "").strip():
+        guidance["model"] = environ[MODEL_ENV].strip()
+    if guidance:
+        out["guidance"] = guidance
+    if environ.get(DEVICE_ENV, "").strip():
+        out["device"] = environ[DEVICE_ENV].strip()
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m app", description="DreamFusion text-to-3D: web page and live 3D viewer")
     p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
@@ -32,7 +57,9 @@ def main(argv=None) -> None:
 
     from app.interface import create_app
 
-    overrides = {"device": a.device} if a.device else None
+    overrides = space_overrides(os.environ)
+    if a.device:
+        overrides["device"] = a.device
     handle = create_app(a.runs_dir, overrides, host=a.host, viewer_port=None if a.no_viewer else a.viewer_port,
                         max_concurrent=a.max_concurrent, max_runs_kept=a.max_runs_kept, threads=a.threads, viewer_public_url=a.viewer_url)
     try:

@@ -17,6 +17,7 @@ from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import gradio as gr  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from dreamfusion.config import GUIDANCES, USER_GUIDANCES  # noqa: E402
@@ -78,7 +79,8 @@ def run_info(manager: RunManager, owner: str) -> dict:
         return {"run": None, "status": "none"}
     return {"run": run.id, "status": run.status, "prompt": run.prompt, "step": run.step, "total_steps": run.total_steps,
             "its": round(run.its(), 3), "eta_s": None if run.eta() is None else round(run.eta(), 1),
-            "queue_position": manager.queue_position(run), "message": run.message, "prompts": run.prompts,
+            "queue_position": manager.queue_position(run), "start_in_s": manager.estimated_start(run), "message": run.message,
+            "prompts": run.prompts, "preview": run.preview is not None,
             "exports": {k: str(v) for k, v in run.exports.items()}}
 
 
@@ -88,12 +90,41 @@ def status_markdown(info: dict) -> str:
     s = info["status"]
     head = f"**{s.capitalize()}** · run `{info['run']}` · *{html.escape(info['prompt'])}*"
     if s == "queued":
-        return head + f"\n\nWaiting in the queue: position **{info['queue_position']}**."
+        start = info.get("start_in_s")
+        when = f" · starts in about {_fmt_eta(start)}" if start is not None else ""
+        return head + f"\n\nWaiting in the queue: position **{info['queue_position']}**{when}."
     line = f"Iteration **{info['step']} / {info['total_steps']}**"
     if s == "running":
         line += f" · {info['its']:.2f} it/s · ETA {_fmt_eta(info['eta_s'])}"
     msg = f"\n\n{html.escape(info['message'])}" if info.get("message") else ""
     return head + "\n\n" + line + msg
+
+
+#: examples the shipped prior does well: seen objects, a held-out pair, composites
+EXAMPLES = ["a red cube", "a blue torus", "a snowman", "a white mug", "an orange cylinder", "a hamburger"]
+#: a refinement inside the world (the paper's Figure 4): the same scene, a new colour, then a new object
+REFINE_EXAMPLES = [["a blue cube", 600], ["a green cylinder", 800]]
+PRIOR_NOTE = ("The built-in prior knows 16 simple objects (cube, sphere, cylinder, cone, torus, capsule, pyramid, mug, mushroom, "
+              "table, chair, house, dumbbell, snowman, tree, hamburger) in 12 colours, and combinations it never saw "
+              "(a blue torus works). Open-ended prompts need Stable Diffusion (a GPU and its weights): choose it in Settings.")
+#: points of the running mean drawn over the loss
+SMOOTHING = 25
+
+
+def smoothed_losses(points: list[tuple[int, float]], window: int = SMOOTHING, limit: int = 600) -> pd.DataFrame:
+    """The raw loss points and their running mean (the mean of the last ``window`` points), at
+    most about ``limit`` of each: a frame with columns step, loss, series ('raw' or 'mean')."""
+    if not points:
+        return pd.DataFrame({"step": [], "loss": [], "series": []})
+    steps = np.array([p[0] for p in points], dtype=float)
+    raw = np.array([p[1] for p in points], dtype=float)
+    csum = np.concatenate([[0.0], np.cumsum(raw)])
+    idx = np.arange(len(raw))
+    start = np.maximum(0, idx - window + 1)
+    mean = (csum[idx + 1] - csum[start]) / (idx + 1 - start)
+    keep = np.unique(np.concatenate([np.arange(0, len(raw), max(1, len(raw) // limit + 1)), [len(raw) - 1]]))
+    return pd.concat([pd.DataFrame({"step": steps[keep], "loss": raw[keep], "series": "raw"}),
+                      pd.DataFrame({"step": steps[keep], "loss": mean[keep], "series": f"mean of {window}"})], ignore_index=True)
 
 
 def build_blocks(manager: RunManager, viewer_url: str | None = None) -> gr.Blocks:
@@ -104,6 +135,9 @@ def build_blocks(manager: RunManager, viewer_url: str | None = None) -> gr.Block
         with gr.Row():
             with gr.Column(scale=2):
                 prompt = gr.Textbox(label="Prompt", placeholder="a red cube", lines=1)
+                gr.Markdown(PRIOR_NOTE, elem_id="prior-note")
+                examples = gr.Examples([[e] for e in EXAMPLES], inputs=[prompt], label="Examples: click one to generate it", api_name=False,
+                                       examples_per_page=len(EXAMPLES), elem_id="examples")
                 with gr.Row():
                     generate_btn = gr.Button("Generate", variant="primary")
                     pause_btn = gr.Button("Pause")
@@ -120,19 +154,21 @@ def build_blocks(manager: RunManager, viewer_url: str | None = None) -> gr.Block
                         guidance_scale = gr.Number(label="Guidance weight", value=d["guidance_scale"], minimum=0)
                 status = gr.Markdown("No run yet: enter a prompt and press **Generate**.")
                 with gr.Row():
-                    refine_prompt = gr.Textbox(label="Refine: new prompt for the running scene", placeholder="a red cube with a hat", scale=3)
+                    refine_prompt = gr.Textbox(label="Refine: new prompt for the running scene", placeholder="a blue cube", scale=3)
                     refine_steps = gr.Number(label="Extra steps", value=0, precision=0, minimum=0, scale=1)
                     refine_btn = gr.Button("Refine", scale=1)
+                gr.Examples(REFINE_EXAMPLES, inputs=[refine_prompt, refine_steps], api_name=False, elem_id="refine-examples",
+                            label="Refine examples (the paper's Figure 4: the same scene, a new prompt): click one, then Refine")
                 with gr.Row():
                     export_formats = gr.CheckboxGroup(EXPORT_CHOICES, value=["glb"], label="Export formats")
                     export_btn = gr.Button("Export")
-                files = gr.File(label="Downloads", file_count="multiple", interactive=False)
+                files = gr.File(label="Downloads", file_count="multiple", interactive=False, elem_id="downloads")
             with gr.Column(scale=2):
                 preview = gr.Image(label="Latest training render", type="numpy", interactive=False, height=256)
-                loss_plot = gr.LinePlot(x="step", y="loss", title="SDS loss", height=220)
+                loss_plot = gr.LinePlot(x="step", y="loss", color="series", title="Guidance loss (raw and running mean)", height=220)
         with gr.Row():
-            model3d = gr.Model3D(label="Exported mesh", height=360)
-            video = gr.Video(label="Turntable", interactive=False, height=360)
+            model3d = gr.Model3D(label="Exported mesh", height=360, elem_id="result-mesh")
+            video = gr.Video(label="Turntable", interactive=False, height=360, elem_id="result-video")
         if viewer_url:
             with gr.Accordion("Live 3D viewer (viser)", open=True):
                 gr.Markdown("Drag to orbit; relight and change the shading in the viewer's panel (this changes what you see, not the "
@@ -142,6 +178,7 @@ def build_blocks(manager: RunManager, viewer_url: str | None = None) -> gr.Block
         with gr.Accordion("Details", open=False):
             info_json = gr.JSON(label="Run")
         gallery_version = gr.State(-1)
+        shown_result = gr.State("")  # which finished run's files this page shows already
         owner_token = gr.BrowserState(None, storage_key="dreamfusion-owner")
         timer = gr.Timer(1.0)
 
@@ -153,6 +190,9 @@ def build_blocks(manager: RunManager, viewer_url: str | None = None) -> gr.Block
                                      guidance_scale=gscale, render_size=res)
             except RunError as exc:
                 raise gr.Error(str(exc)) from None
+            note = manager.vocabulary_note(run.cfg, run.prompt)
+            if note:  # the run goes on; the visitor knows why a squirrel comes out as a blob
+                gr.Warning(note[0].upper() + note[1:], duration=20)
             return status_markdown(run_info(manager, owner)), run.id
 
         def control(action):
@@ -185,43 +225,50 @@ def build_blocks(manager: RunManager, viewer_url: str | None = None) -> gr.Block
             vid = str(written["video"]) if "video" in written else None
             return paths, mesh, vid
 
-        def poll(version, token, request: gr.Request):
+        def poll(version, shown_result, token, request: gr.Request):
             owner = _owner(manager, token, request)
             info = run_info(manager, owner)
             run = manager.latest_of(owner)
-            plot = pd.DataFrame({"step": [], "loss": []})
+            plot = gr.skip()  # an empty frame would leave the chart with a broken colour scale: send data only
             img = None
+            result = gr.skip(), gr.skip(), gr.skip()
             if run is not None:
-                pts = list(run.losses)
-                if len(pts) > 600:
-                    stride = len(pts) // 600 + 1
-                    pts = pts[::stride] + [pts[-1]]
-                plot = pd.DataFrame(pts, columns=["step", "loss"]) if pts else plot
+                if run.losses:
+                    plot = smoothed_losses(list(run.losses))
                 img = upscale(run.preview)
+                key = f"{run.id}:{run.step}"
+                if run.status in ("done", "stopped") and run.exports and key != shown_result:
+                    # the finished object at once: its mesh in the 3D view and its turntable, no Export click
+                    shown_result = key
+                    result = ([str(p) for p in run.exports.values()],
+                              str(run.exports["glb"]) if "glb" in run.exports else gr.skip(),
+                              str(run.exports["video"]) if "video" in run.exports else gr.skip())
             if manager.version != version:
                 items = [(m["preview"], f"{m['prompt']} ({m['status']}, {m['step']} steps)") for m in manager.finished()[:30]]
                 gal, version = items, manager.version
             else:
                 gal = gr.skip()
-            return status_markdown(info), info, plot, img, gal, version
+            return (status_markdown(info), info, plot, img, gal, version, shown_result, *result)
 
         run_id_box = gr.Textbox(visible=False, label="run id")
         # another prior: its own default weight (one registry for the app and the command line)
         guidance_name.change(lambda name: GUIDANCES[name].guidance_scale if name in GUIDANCES else gr.update(), [guidance_name], [guidance_scale])
+        gen_inputs = [prompt, steps, seed, guidance_name, guidance_model, guidance_scale, render_size, owner_token]
+        examples.load_input_event.then(generate, gen_inputs, [status, run_id_box], api_name=False, concurrency_limit=None)
         generate_btn.click(generate, [prompt, steps, seed, guidance_name, guidance_model, guidance_scale, render_size, owner_token], [status, run_id_box],
                            api_name="generate", concurrency_limit=None)
         for btn, action in ((pause_btn, "pause"), (resume_btn, "resume"), (stop_btn, "stop")):
             btn.click(control(action), [run_id_box, owner_token], [status], api_name=action, concurrency_limit=None)
         refine_btn.click(refine, [refine_prompt, refine_steps, owner_token], [status], api_name="refine", concurrency_limit=None)
         export_btn.click(export, [export_formats, owner_token], [files, model3d, video], api_name="export", concurrency_limit=2)
-        outs = [status, info_json, loss_plot, preview, gallery, gallery_version]
-        timer.tick(poll, [gallery_version, owner_token], outs, api_name="poll", concurrency_limit=None, show_progress="hidden")
+        outs = [status, info_json, loss_plot, preview, gallery, gallery_version, shown_result, files, model3d, video]
+        timer.tick(poll, [gallery_version, shown_result, owner_token], outs, api_name="poll", concurrency_limit=None, show_progress="hidden")
 
         def init_owner(token):
             return token if valid_token(token) else new_owner_token()
 
         demo.load(init_owner, [owner_token], [owner_token], api_name=False, concurrency_limit=None).then(
-            poll, [gallery_version, owner_token], outs, api_name=False, concurrency_limit=None)
+            poll, [gallery_version, shown_result, owner_token], outs, api_name=False, concurrency_limit=None)
     return demo
 
 
@@ -289,10 +336,14 @@ class AppHandle:
 
 def create_app(runs_dir: str | Path = "runs/app", config_overrides: dict | None = None, host: str = "127.0.0.1", viewer_port: int | None = 8080,
                max_concurrent: int = 1, max_runs_kept: int = 20, threads: int = 1, viewer_kwargs: dict | None = None,
-               export_defaults: dict | None = None, viewer_public_url: str | None = None) -> AppHandle:
-    """Build the run manager, the viser viewer (unless ``viewer_port`` is None) and the page."""
+               export_defaults: dict | None = None, viewer_public_url: str | None = None, preload: bool = True) -> AppHandle:
+    """Build the run manager, the viser viewer (unless ``viewer_port`` is None) and the page.
+    ``preload``: load the default prior now (shared by every run of the process), so the first
+    visitor does not wait for it; a prior that cannot load is reported when a run asks for it."""
     manager = RunManager(runs_dir, config_overrides, max_concurrent=max_concurrent, max_runs_kept=max_runs_kept, threads=threads,
                          export_defaults=export_defaults)
+    if preload:
+        manager.preload()
     viewer = Viewer(manager, host=host, port=viewer_port, **(viewer_kwargs or {})) if viewer_port is not None else None
     # the page embeds the viewer through its own port (relative to the page: works behind a
     # Space's single port and any reverse proxy); it is also on its own port locally

@@ -172,6 +172,46 @@ class RunManager:
             raise RunError(str(exc)) from None
         return cfg
 
+    def preload(self) -> str | None:
+        """Load the default prior into the process's shared cache. Returns why it could not be
+        loaded (None when it was): the page still starts, and a run reports the same error."""
+        from dreamfusion.guidance import load_guidance
+
+        try:
+            load_guidance(self.base.guidance, self.base.device)
+        except Exception as exc:  # noqa: BLE001 - e.g. a Stable Diffusion default without its weights
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
+    def vocabulary_note(self, cfg: TrainConfig, prompt: str) -> str | None:
+        """The prior's note for a prompt far from what it knows (None for a known prompt, for a
+        prior that knows the open world, or when the prior cannot be loaded: the run says why)."""
+        from dreamfusion.guidance import load_guidance
+
+        try:
+            return load_guidance(cfg.guidance, cfg.device).vocabulary_note(prompt)
+        except Exception:  # noqa: BLE001 - the run itself reports a prior that does not load
+            return None
+
+    def estimated_start(self, run: Run) -> float | None:
+        """Seconds until a queued run starts, estimated from the runs ahead of it: their remaining
+        steps at the speed of the running ones (None when not queued or nothing is measured yet)."""
+        with self.lock:
+            if run.id not in self.queue:
+                return None
+            running = [r for r in self.runs.values() if r.status in ("running", "paused")]
+            rates = [r.its() for r in running if r.its() > 0]
+            if not rates:
+                return None
+            rate = sum(rates) / len(rates)
+            ahead = [self.runs[i] for i in self.queue[: self.queue.index(run.id)]]
+            work = sorted((max(0, r.total_steps - r.step) for r in running))
+            slots = [w / rate for w in work] + [0.0] * max(0, self.max_concurrent - len(work))
+            for r in ahead:  # each run ahead takes the slot that frees first
+                slots.sort()
+                slots[0] += max(0, r.total_steps - r.step) / rate
+            return min(slots) if slots else None
+
     # ------------------------------------------------------------------ queries
     def get(self, run_id: str) -> Run:
         with self.lock:

@@ -81,6 +81,8 @@ class ClientView:
     thread: threading.Thread | None = None
     shadow: Renderer | None = None  # this client's copy of the scene it renders
     shadow_run: str | None = None
+    frustums: list = field(default_factory=list)  # this client's own frustum handles (client.scene)
+    frustums_visible: bool = True
 
 
 class Viewer:
@@ -90,13 +92,12 @@ class Viewer:
         self.full_size, self.low_size = full_size, low_size
         self.min_interval, self.scene_interval, self.settle = min_interval, scene_interval, settle
         self.frustum_interval = frustum_interval
-        self.frustums_visible = True
-        self.frustum_poses: list = []  # (position, wxyz) of the frustums shown: what the viewer draws
+        self.frustum_poses: list = []  # (position, wxyz) of the training cameras shown: what the viewer draws
+        self._poses: list = []  # the latest (c2w, focal) pairs, for clients that connect later
         self.server = viser.ViserServer(host=host, port=port, label="DreamFusion live viewer", verbose=False)
         self.server.scene.set_up_direction("+z")
         self.clients: dict[int, ClientView] = {}
         self.lock = threading.Lock()
-        self._frustums: list = []
         self._stopping = threading.Event()
         self.server.on_client_connect(self._connect)
         self.server.on_client_disconnect(self._disconnect)
@@ -134,22 +135,29 @@ class Viewer:
                 print(f"viewer: training cameras not shown: {type(exc).__name__}: {exc}")
 
     def show_training_cameras(self, poses: list) -> None:
-        """Place one frustum per (c2w, focal) in ``poses``; unused frustums are hidden."""
+        """Place one frustum per (c2w, focal) in ``poses`` in every client's own scene (each visitor
+        shows or hides them for themselves); unused frustums are hidden."""
         with self.lock:
-            for i, (c2w, focal) in enumerate(poses):
-                wxyz, pos = cameras_to_viser(c2w)
-                fov = 2 * math.atan(0.5 / focal)
-                if i < len(self._frustums):
-                    h = self._frustums[i]
-                    h.wxyz, h.position, h.fov = wxyz, pos, fov
-                    h.visible = self.frustums_visible
-                else:
-                    self._frustums.append(self.server.scene.add_camera_frustum(
-                        f"/training_cameras/{i}", fov=fov, aspect=1.0, scale=0.08, thickness=0.003, color=(230, 120, 30),
-                        wxyz=wxyz, position=pos, visible=self.frustums_visible))
-            for h in self._frustums[len(poses):]:
-                h.visible = False
-            self.frustum_poses = [(np.asarray(h.position), np.asarray(h.wxyz)) for h in self._frustums[:len(poses)]]
+            self._poses = list(poses)
+            views = list(self.clients.values())
+            self.frustum_poses = [tuple(reversed(cameras_to_viser(c2w))) for c2w, _ in poses]
+        for view in views:
+            self._place_frustums(view, poses)
+
+    def _place_frustums(self, view: ClientView, poses: list) -> None:
+        for i, (c2w, focal) in enumerate(poses):
+            wxyz, pos = cameras_to_viser(c2w)
+            fov = 2 * math.atan(0.5 / focal)
+            if i < len(view.frustums):
+                h = view.frustums[i]
+                h.wxyz, h.position, h.fov = wxyz, pos, fov
+                h.visible = view.frustums_visible
+            else:
+                view.frustums.append(view.client.scene.add_camera_frustum(
+                    f"/training_cameras/{i}", fov=fov, aspect=1.0, scale=0.08, thickness=0.003, color=(230, 120, 30),
+                    wxyz=wxyz, position=pos, visible=view.frustums_visible))
+        for h in view.frustums[len(poses):]:
+            h.visible = False
 
     # ------------------------------------------------------------------ clients
     def _connect(self, client: viser.ClientHandle) -> None:
@@ -173,11 +181,12 @@ class Viewer:
 
 
         @view.controls["frustums"].on_update
-        def _(event):
-            self.frustums_visible = bool(event.target.value)
-            with self.lock:
-                for h in self._frustums[:len(self.frustum_poses)]:
-                    h.visible = self.frustums_visible
+        def _(event):  # this visitor's frustums only
+            view.frustums_visible = bool(event.target.value)
+            for h in view.frustums[:len(self._poses)]:
+                h.visible = view.frustums_visible
+
+        self._place_frustums(view, list(self._poses))
 
         @client.camera.on_update
         def _(camera):

@@ -133,6 +133,9 @@ def run_generate(args: Generate) -> Path:
     with staged_output(args.out, args.overwrite) as staging:
         messages: list[str] = []
         trainer = Trainer(cfg, prompt, on_message=lambda m: (messages.append(m), print(f"note: {m}", file=sys.stderr)))
+        unknown = trainer.guidance.vocabulary_note(prompt)
+        if unknown:
+            trainer.on_message(unknown)
         start = time.perf_counter()
         if args.quiet:
             trainer.run()

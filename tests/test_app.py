@@ -99,14 +99,14 @@ def test_generate_refine_export(app, clients, tiny_prior_dir):
     import trimesh
 
     a, _ = clients
-    status, run_id = generate(a, "a red cube", 30, tiny_prior_dir)
+    status, run_id = generate(a, "a red cube", 150, tiny_prior_dir)
     assert run_id and "a red cube" in status
     wait_for(lambda: info(a)["step"] >= 3)
     a.predict("a blue cube", 6, api_name="/refine")
-    i = wait_for(lambda: (lambda i: i if i["status"] == "done" else None)(info(a)), timeout=90)
-    assert i["total_steps"] == 36 and i["step"] == 36
+    i = wait_for(lambda: (lambda i: i if i["status"] == "done" else None)(info(a)), timeout=120)
+    assert i["total_steps"] == 156 and i["step"] == 156
     assert [p for _, p in i["prompts"]] == ["a red cube", "a blue cube"]
-    assert 0 < i["prompts"][1][0] < 30  # refined mid-run, on the same scene
+    assert 0 < i["prompts"][1][0] < 150  # refined mid-run, on the same scene
     run = app.manager.get(run_id)
     assert run.trainer.prompt == "a blue cube" and (run.folder / "checkpoint.safetensors").is_file()
     files, mesh, video = a.predict(["glb", "obj", "video"], api_name="/export")
@@ -402,3 +402,99 @@ def test_a_page_that_generated_before_its_token_arrived_keeps_its_run(tmp_path, 
             manager.stop(_owner(manager, "u" * 20, other), run.id)
     finally:
         manager.shutdown()
+
+
+# ----------------------------------------------------------------------------- a first-time visitor (issue 12)
+
+
+@pytest.fixture(scope="module")
+def quick_app(tmp_path_factory):
+    """The app with the shipped prior (its vocabulary is what the note checks) and short runs."""
+    from app import create_app
+
+    overrides = {"steps": 8, "render_size": 32, "views": 1, "preview_every": 2, "field": {"resolution": 24}}
+    handle = create_app(tmp_path_factory.mktemp("quick"), overrides, viewer_port=free_port(),
+                        viewer_kwargs={"full_size": 64, "low_size": 32},
+                        export_defaults={"mesh_resolution": 32, "video_frames": 8, "video_size": 64})
+    handle.launch(port=free_port())
+    yield handle
+    handle.close()
+
+
+def _toasts(page) -> str:
+    return " ".join(t.inner_text() for t in page.locator(".toast-body").all())
+
+
+def test_first_visit_examples_vocabulary_note_and_result_at_once(quick_app, tmp_path):
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("no chromium")
+    manager = quick_app.manager
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.goto(quick_app.url)
+            page.get_by_text("The built-in prior knows 16 simple objects").wait_for(timeout=30000)
+            # an example fills the prompt and runs it
+            page.locator("#examples").get_by_text("a blue torus", exact=True).click()
+            page.get_by_text("a blue torus").first.wait_for(timeout=10000)
+            assert page.get_by_label("Prompt", exact=True).input_value() == "a blue torus"
+            run = wait_for(lambda: next((r for r in manager.runs.values() if r.prompt == "a blue torus"), None), timeout=30)
+            wait_for(lambda: run.status == "done", timeout=120)
+            # the finished object at once: its mesh in the 3D view and its turntable, no Export click
+            page.locator("#result-mesh canvas").first.wait_for(timeout=30000)
+            wait_for(lambda: "turntable" in (page.locator("#result-video video").first.get_attribute("src") or ""), timeout=30)
+            assert "mesh.glb" in page.locator("#result-mesh").inner_html()
+            downloads = page.locator("#downloads").inner_text().replace("\n", "")
+            assert "mesh.glb" in downloads and "turntable.mp4" in downloads  # offered without an Export
+            assert _toasts(page) == ""  # a known prompt: no note
+            save_screenshot(page.screenshot(full_page=True), tmp_path, "finished.png")
+            # a paraphrase: no note either
+            for text, note_expected in (("a cube painted red", False), ("a DSLR photo of a squirrel", True)):
+                page.get_by_label("Prompt", exact=True).fill(text)
+                page.get_by_role("button", name="Generate").click()
+                r = wait_for(lambda t=text: next((r for r in manager.runs.values() if r.prompt == t), None), timeout=30)
+                if note_expected:
+                    page.get_by_text("is far from all of them").first.wait_for(timeout=15000)
+                    assert "squirrel" in _toasts(page) and "nearest" in _toasts(page)
+                else:
+                    time.sleep(2.0)
+                    assert "far from all of them" not in _toasts(page)
+                wait_for(lambda r=r: r.status == "done", timeout=120)
+        finally:
+            browser.close()
+
+
+def test_viewer_clients_toggle_their_own_frustums(quick_app, tmp_path):
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("no chromium")
+    manager = quick_app.manager
+    viewer = quick_app.viewer
+    run = manager.submit("browser:" + "f" * 20, "a red cube", steps=3000)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                pages = [browser.new_page(viewport={"width": 900, "height": 640}) for _ in range(2)]
+                for page in pages:
+                    page.goto(viewer.url)
+                views = wait_for(lambda: list(viewer.clients.values()) if len(viewer.clients) == 2 else None, timeout=30)
+                wait_for(lambda: all(len(v.frustums) > 0 and v.frustums[0].visible for v in views), timeout=30)
+                # the first visitor unticks "Training cameras" in its own browser
+                first = next(v for v in views if v.client.client_id == min(viewer.clients))
+                other = next(v for v in views if v is not first)
+                target = pages[0] if first.client.client_id == min(viewer.clients) else pages[1]
+                box = target.get_by_text("Training cameras").first
+                box.wait_for(timeout=30000)
+                box.click()
+                wait_for(lambda: not first.frustums_visible, timeout=10)
+                time.sleep(1.5)  # training moves the frustums meanwhile
+                assert not any(h.visible for h in first.frustums)
+                assert other.frustums_visible and any(h.visible for h in other.frustums)
+            finally:
+                browser.close()
+    finally:
+        manager.stop("browser:" + "f" * 20)
+        wait_for(lambda: run.status in ("stopped", "done"), timeout=60)

@@ -80,6 +80,11 @@ class Guidance:
     def check_prompt(self, prompt: str) -> None:
         """Raise :class:`GuidanceError` for a prompt this guidance cannot grade (default: any goes)."""
 
+    def vocabulary_note(self, prompt: str) -> str | None:
+        """A note for the user when ``prompt`` is far from anything this prior knows (default: None,
+        a prior that knows the open world)."""
+        return None
+
     def camera_config(self):
         """The camera/light distribution this prior was trained on (a CameraConfig), or None:
         training then draws from its own config."""

@@ -27,6 +27,8 @@ class EmbeddedGuidance(Guidance):
         self.max_tokens = self.prior_cfg.max_tokens
         self.alphas_cumprod = self.prior_cfg.scheduler().alphas_cumprod.to(self.device)
         self.image_size = self.prior_cfg.image_size
+        self.folder = folder
+        self._vocabulary: list = []  # built on first use, shared by the light copies of this prior
 
     def encode(self, texts: list[str]) -> TextCondition:
         return self.encoder.condition(texts)
@@ -36,6 +38,14 @@ class EmbeddedGuidance(Guidance):
 
     def truncation_note(self, text: str) -> str | None:
         return self.encoder.truncation_note(text)
+
+    def vocabulary_note(self, prompt: str) -> str | None:
+        """The world's vocabulary check (:mod:`dreamfusion.prior.vocabulary`)."""
+        from ..prior.vocabulary import Vocabulary
+
+        if not self._vocabulary:
+            self._vocabulary.append(Vocabulary(self.encoder, self.folder))
+        return self._vocabulary[0].match(prompt).note()
 
     def camera_config(self) -> CameraConfig:
         """The camera and light distribution the prior's training renders came from."""

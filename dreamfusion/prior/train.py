@@ -21,6 +21,7 @@ from ..export import to_uint8
 from .data import render_batch
 from .model import ASSET_DIR, RESUME_FILE, WEIGHTS_FILE, PriorConfig, TextEncoder, predict_noise, save_prior_weights
 from .sampling import image_grid, sample_images
+from .vocabulary import VOCABULARY_FILE, Vocabulary
 
 GRID_PROMPTS = (
     "a red cube, front view", "a blue sphere, side view", "a yellow cone, front view", "a green cube, front view",
@@ -107,6 +108,9 @@ def train_prior(cfg: TrainPriorConfig, prior_cfg: PriorConfig | None = None, on_
     else:
         ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
     encoder = TextEncoder(prior_cfg.max_tokens, cfg.device)
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / VOCABULARY_FILE).exists():  # what the prior knows, for the out-of-vocabulary note
+        Vocabulary(encoder).save(out)
     sched = prior_cfg.scheduler()
     alphas = sched.alphas_cumprod.to(cfg.device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
