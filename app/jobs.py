@@ -24,7 +24,7 @@ import torch
 
 from dreamfusion.export import to_uint8
 from dreamfusion.runs import MESH_FORMATS, ExportOptions, export_scene, validate_export, write_run
-from dreamfusion.config import USER_GUIDANCES, resolve_guidance
+from dreamfusion.config import USER_GUIDANCES, resolve_guidance, with_settings
 from dreamfusion.trainer import Trainer, TrainConfig, validate_config, validate_prompt
 
 #: limits of the settings a user may ask for from the page (the engine validates the rest)
@@ -130,58 +130,34 @@ class RunManager:
                 "guidance_scale": guidance.guidance_scale, "render_size": b.render_size}
 
     def build_config(self, steps=None, seed=None, guidance_name=None, guidance_model=None, guidance_scale=None, render_size=None) -> TrainConfig:
-        """The server's base config with a visitor's settings (``dataclasses.replace``, typed)."""
-        cfg = self.base
-        guidance = cfg.guidance
+        """The server's base config with a visitor's settings, checked against the app's limits
+        (the same builder as the command line: :func:`dreamfusion.config.with_settings`)."""
         try:
-            if steps is not None:
-                steps = int(steps)
-                if steps > MAX_STEPS:
-                    raise RunError(f"steps must be at most {MAX_STEPS}, got {steps}")
-                cfg = dataclasses.replace(cfg, steps=steps)
-            if seed is not None:
-                cfg = dataclasses.replace(cfg, seed=int(seed))
-            if render_size is not None:
-                render_size = int(render_size)
-                if render_size > MAX_APP_RENDER_SIZE:
-                    raise RunError(f"resolution must be at most {MAX_APP_RENDER_SIZE} pixels in the app, got {render_size}")
-                cfg = dataclasses.replace(cfg, render_size=render_size)
-            if guidance_name:
-                name = str(guidance_name)
-                if name not in USER_GUIDANCES:
-                    raise RunError(f"unknown guidance {name!r}; choose {' or '.join(USER_GUIDANCES)}")
-                if name != guidance.name:  # another prior: its own default weight unless one is given
-                    guidance = dataclasses.replace(guidance, name=name, guidance_scale=None)
-            if guidance_model is not None:
-                guidance = dataclasses.replace(guidance, model=str(guidance_model).strip())
-            if guidance_scale is not None:
-                guidance_scale = float(guidance_scale)
-                if guidance_scale > MAX_GUIDANCE_SCALE:
-                    raise RunError(f"guidance weight must be at most {MAX_GUIDANCE_SCALE:g}, got {guidance_scale:g}")
-                guidance = dataclasses.replace(guidance, guidance_scale=guidance_scale)
+            steps = None if steps is None else int(steps)
+            seed = None if seed is None else int(seed)
+            render_size = None if render_size is None else int(render_size)
+            guidance_scale = None if guidance_scale is None else float(guidance_scale)
         except (TypeError, ValueError) as exc:
-            if isinstance(exc, RunError):
-                raise
             raise RunError(f"invalid setting: {exc}") from None
-        if not 0 <= cfg.seed < 2**63:
-            raise RunError(f"seed must be between 0 and 2^63, got {cfg.seed}")
-        cfg = dataclasses.replace(cfg, guidance=resolve_guidance(guidance))
+        if steps is not None and steps > MAX_STEPS:
+            raise RunError(f"steps must be at most {MAX_STEPS}, got {steps}")
+        if render_size is not None and render_size > MAX_APP_RENDER_SIZE:
+            raise RunError(f"resolution must be at most {MAX_APP_RENDER_SIZE} pixels in the app, got {render_size}")
+        if guidance_scale is not None and guidance_scale > MAX_GUIDANCE_SCALE:
+            raise RunError(f"guidance weight must be at most {MAX_GUIDANCE_SCALE:g}, got {guidance_scale:g}")
+        name = str(guidance_name) if guidance_name else None
+        if name is not None and name not in USER_GUIDANCES:
+            raise RunError(f"unknown guidance {name!r}; choose {' or '.join(USER_GUIDANCES)}")
+        if seed is not None and not 0 <= seed < 2**63:
+            raise RunError(f"seed must be between 0 and 2^63, got {seed}")
+        model = None if guidance_model is None else str(guidance_model).strip()
+        cfg = with_settings(self.base, steps=steps, seed=seed, guidance=name, model=model, guidance_scale=guidance_scale, render_size=render_size)
+        cfg = dataclasses.replace(cfg, guidance=resolve_guidance(cfg.guidance))
         try:
             validate_config(cfg)
         except ValueError as exc:
             raise RunError(str(exc)) from None
         return cfg
-
-    def preload(self) -> str | None:
-        """Load the default prior into the process's shared cache. Returns why it could not be
-        loaded (None when it was): the page still starts, and a run reports the same error."""
-        from dreamfusion.guidance import load_guidance
-
-        try:
-            load_guidance(self.base.guidance, self.base.device)
-        except Exception as exc:  # noqa: BLE001 - e.g. a Stable Diffusion default without its weights
-            return f"{type(exc).__name__}: {exc}"
-        return None
 
     def vocabulary_note(self, cfg: TrainConfig, prompt: str) -> str | None:
         """The prior's note for a prompt far from what it knows (None for a known prompt, for a

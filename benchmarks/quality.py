@@ -284,20 +284,18 @@ def apply_overrides(cfg, overrides: list[str]):
 
 
 def build_config(args):
-    """The default TrainConfig with the command line's overrides (the same defaults as
-    ``dreamfusion generate``: the guidance's own weight unless --cfg)."""
-    from dreamfusion.config import FieldConfig, GuidanceConfig, TrainConfig, guidance_spec, validate_config
+    """The default TrainConfig with the command line's settings (the same builder and defaults as
+    ``dreamfusion generate``: the guidance's own weight unless --cfg), then any --set."""
+    from dreamfusion.config import TrainConfig, validate_config, with_settings
 
-    base = TrainConfig()
-    guidance_spec(args.guidance)  # an unknown name is one clear error
-    guidance = dataclasses.replace(base.guidance, name=args.guidance, model=args.model or base.guidance.model, guidance_scale=args.cfg)
-    field = FieldConfig(**{**dataclasses.asdict(base.field), **({"resolution": args.grid_resolution} if args.grid_resolution else {})})
-    optim = dataclasses.replace(base.optim, **({"opacity_weight": args.opacity_weight} if args.opacity_weight is not None else {}))
-    cfg = dataclasses.replace(base, steps=args.steps, seed=args.seed, device=args.device, guidance=guidance, field=field, optim=optim,
-                              **({"render_size": args.render_size} if args.render_size else {}),
-                              **({"views": args.views} if args.views else {}))
-    cfg = apply_overrides(cfg, args.set)
-    assert isinstance(cfg.guidance, GuidanceConfig)
+    cfg = with_settings(TrainConfig(), steps=args.steps, seed=args.seed, device=args.device, guidance=args.guidance,
+                        model=args.model or None, guidance_scale=args.cfg, render_size=args.render_size or None, views=args.views or None)
+    extra = []
+    if args.grid_resolution:
+        extra.append(f"field.resolution={args.grid_resolution}")
+    if args.opacity_weight is not None:
+        extra.append(f"optim.opacity_weight={args.opacity_weight}")
+    cfg = apply_overrides(cfg, extra + list(args.set))
     validate_config(cfg)
     return cfg
 

@@ -7,7 +7,6 @@ with one ``error:`` line on stderr and exit status 2; nothing already written is
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 from dataclasses import dataclass, field
@@ -16,7 +15,7 @@ from typing import Annotated
 
 import tyro
 
-from .config import ExportOptions, TrainConfig, TrainPriorConfig, guidance_spec
+from .config import ExportOptions, TrainConfig, TrainPriorConfig, with_settings
 
 DEFAULT_PROMPT = "a red cube"
 
@@ -105,17 +104,8 @@ class App:
 def train_config(args: Generate) -> TrainConfig:
     """``--advanced`` with the top-level options that were given (a setting left out keeps the
     ``--advanced`` value, whether default or set by the user)."""
-    adv = args.advanced
-    guidance = adv.guidance
-    if args.guidance is not None:
-        guidance_spec(args.guidance)  # one clear error for an unknown name
-        guidance = dataclasses.replace(guidance, name=args.guidance)
-    if args.model is not None:
-        guidance = dataclasses.replace(guidance, model=args.model)
-    if args.cfg is not None:
-        guidance = dataclasses.replace(guidance, guidance_scale=args.cfg)
-    top = {"steps": args.steps, "seed": args.seed, "render_size": args.resolution, "device": args.device}
-    return dataclasses.replace(adv, guidance=guidance, **{k: v for k, v in top.items() if v is not None})
+    return with_settings(args.advanced, steps=args.steps, seed=args.seed, guidance=args.guidance, model=args.model,
+                         guidance_scale=args.cfg, render_size=args.resolution, device=args.device)
 
 
 def run_generate(args: Generate) -> Path:

@@ -277,6 +277,27 @@ def validate_config(cfg: TrainConfig) -> None:
         raise ValueError(f"guidance scale must be a non-negative number, got {g.guidance_scale}")
 
 
+def with_settings(cfg: TrainConfig, *, steps: int | None = None, seed: int | None = None, guidance: str | None = None,
+                  model: str | None = None, guidance_scale: float | None = None, render_size: int | None = None, views: int | None = None,
+                  device: str | None = None) -> TrainConfig:
+    """The one builder of a run's configuration from the settings a user gives (the command line's
+    top-level options, the app's settings, the benchmark's flags): ``cfg`` with each setting that is
+    not None replaced. Choosing another prior resets the guidance weight to that prior's own default
+    unless a weight is given; an unknown prior is a ``ValueError``."""
+    from dataclasses import replace
+
+    g = cfg.guidance
+    if guidance is not None and guidance != g.name:
+        guidance_spec(guidance)
+        g = replace(g, name=guidance, guidance_scale=None)
+    if model is not None:
+        g = replace(g, model=model)
+    if guidance_scale is not None:
+        g = replace(g, guidance_scale=guidance_scale)
+    top = {"steps": steps, "seed": seed, "render_size": render_size, "views": views, "device": device}
+    return replace(cfg, guidance=g, **{k: v for k, v in top.items() if v is not None})
+
+
 def config_to_dict(cfg) -> dict:
     return asdict(cfg)
 
