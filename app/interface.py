@@ -255,7 +255,7 @@ def build_blocks(manager: RunManager, viewer_url: str | None = None) -> gr.Block
         guidance_name.change(lambda name: GUIDANCES[name].guidance_scale if name in GUIDANCES else gr.update(), [guidance_name], [guidance_scale])
         gen_inputs = [prompt, steps, seed, guidance_name, guidance_model, guidance_scale, render_size, owner_token]
         examples.load_input_event.then(generate, gen_inputs, [status, run_id_box], api_name=False, concurrency_limit=None)
-        generate_btn.click(generate, [prompt, steps, seed, guidance_name, guidance_model, guidance_scale, render_size, owner_token], [status, run_id_box],
+        generate_btn.click(generate, gen_inputs, [status, run_id_box],
                            api_name="generate", concurrency_limit=None)
         for btn, action in ((pause_btn, "pause"), (resume_btn, "resume"), (stop_btn, "stop")):
             btn.click(control(action), [run_id_box, owner_token], [status], api_name=action, concurrency_limit=None)

@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dreamfusion.config import USER_GUIDANCES, resolve_guidance, with_settings
 from dreamfusion.export import to_uint8
 from dreamfusion.runs import MESH_FORMATS, ExportOptions, export_scene, validate_export, write_run
-from dreamfusion.config import USER_GUIDANCES, resolve_guidance, with_settings
-from dreamfusion.trainer import Trainer, TrainConfig, validate_config, validate_prompt
+from dreamfusion.trainer import TrainConfig, Trainer, validate_config, validate_prompt
 
 #: limits of the settings a user may ask for from the page (the engine validates the rest)
 MAX_STEPS = 20000
@@ -181,7 +181,7 @@ class RunManager:
                 return None
             rate = sum(rates) / len(rates)
             ahead = [self.runs[i] for i in self.queue[: self.queue.index(run.id)]]
-            work = sorted((max(0, r.total_steps - r.step) for r in running))
+            work = sorted(max(0, r.total_steps - r.step) for r in running)
             slots = [w / rate for w in work] + [0.0] * max(0, self.max_concurrent - len(work))
             for r in ahead:  # each run ahead takes the slot that frees first
                 slots.sort()

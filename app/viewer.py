@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-
 import viser
 import viser.transforms as tf
+
 from dreamfusion.cameras import Cameras, Lights, spherical_to_position
 from dreamfusion.export import to_uint8
 from dreamfusion.render import Renderer

@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
             for e in errors:
                 print(f"    error: {e}", flush=True)
         print(f"\nruns completed {totals['done']} of {args.clients * args.rounds}, client errors {totals['errors']}")
-        print(f"Generate to first preview over all runs: p50 {percentile(totals['preview'], 50):.1f} s, p95 {percentile(totals['preview'], 95):.1f} s")
+        p50, p95 = percentile(totals["preview"], 50), percentile(totals["preview"], 95)
+        print(f"Generate to first preview over all runs: p50 {p50:.1f} s, p95 {p95:.1f} s")
         if totals["its"]:
             print(f"training it/s while the others poll: median {statistics.median(totals['its']):.1f}")
         print(f"server memory: after round 1 {memory[0]:.0f} MB, after round {len(memory)} {memory[-1]:.0f} MB "

@@ -168,7 +168,7 @@ def clip_r_precision(clip: Clip, images: list[torch.Tensor], true_index: list[in
     text = text_embeddings(clip, captions)
     per_result, retrieved, similarity = [], [], []
     hits = total = 0
-    for views, truth in zip(images, true_index):
+    for views, truth in zip(images, true_index, strict=True):
         views = views[None] if views.ndim == 3 else views
         sim = image_embeddings(clip, views) @ text.T  # (V, C)
         pick = sim.argmax(dim=-1)
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         renders = [render_truth(it.noun, it.colour, args.views, args.size, mode) for it in items]
         res = clip_r_precision(clip, renders, list(range(len(items))), captions)
         print(f"CLIP R-Precision of the TRUE objects ({mode}, {args.views} views each, {len(captions)} captions): {res['r_precision']:.1%}")
-        for it, p, picks in zip(items, res["per_result"], res["retrieved"]):
+        for it, p, picks in zip(items, res["per_result"], res["retrieved"], strict=True):
             print(f"  {it.prompt:24s} {p:5.0%}  picks: {', '.join(picks)}")
     return 0
 

@@ -35,12 +35,10 @@ import re
 import sys
 import time
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-
 from prompts import DEFAULT_PROMPTS, REPO, BenchmarkPrompt, parse_benchmark, select  # noqa: F401 - re-exported for callers
 
 DEFAULT_OUT = REPO / "benchmarks" / "results"
@@ -178,13 +176,15 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def summary_table(summary: dict[str, dict]) -> str:
-    lines = ["| group | n | failed | mean IoU | mean IoU scaled | R-Precision | colour err (named) | colour err (parts*) | best other | sphere | mean s |",
+    lines = ["| group | n | failed | mean IoU | mean IoU scaled | R-Precision | colour err (named) | colour err (parts*) | best other "
+             "| sphere | mean s |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, s in summary.items():
         if not s["n"]:
             continue
         lines.append(f"| {name} | {s['n']} | {s['failed']} | {_f(s['iou'])} | {_f(s['iou_scaled'])} | {_f(s['r_precision'], '{:.0%}')} | "
-                     f"{_f(s['colour_error'])} | {_f(s['colour_error_parts'])} | {_f(s['best_other_iou'])} | {_f(s['sphere_iou'])} | {_f(s['seconds'], '{:.0f}')} |")
+                     f"{_f(s['colour_error'])} | {_f(s['colour_error_parts'])} | {_f(s['best_other_iou'])} | {_f(s['sphere_iou'])} | "
+                     f"{_f(s['seconds'], '{:.0f}')} |")
     return "\n".join(lines)
 
 
@@ -395,11 +395,11 @@ def add_clip_scores(rows: list[dict], clip_renders: list[dict], items: list[Benc
     captions = [it.prompt for it in items]
     out = {}
     for mode, key in (("lit", "clip_r_precision"), ("textureless", "clip_r_precision_textureless")):
-        pairs = [(r, c[mode]) for r, c in zip(rows, clip_renders) if r["status"] == "ok" and c]
+        pairs = [(r, c[mode]) for r, c in zip(rows, clip_renders, strict=True) if r["status"] == "ok" and c]
         if not pairs:
             continue
         res = clip_r_precision(clip, [c for _, c in pairs], [captions.index(r["prompt"]) for r, _ in pairs], captions)
-        for (r, _), p in zip(pairs, res["per_result"]):
+        for (r, _), p in zip(pairs, res["per_result"], strict=True):
             r[key] = p
         failed = len(rows) - len(pairs)  # a failed prompt retrieves nothing
         out[mode] = res["r_precision"] * len(pairs) / max(len(rows), 1) if failed else res["r_precision"]
@@ -481,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
             results = pool.starmap(_run_job, jobs, chunksize=1)
     else:
         results = (_run_job(*job) for job in jobs)
-    for (index, item), (row, entry, clip_renders) in zip(chosen, results):
+    for _, (row, entry, clip_renders) in zip(chosen, results, strict=True):
         rows.append(row)
         entries.append(entry)
         renders.append(clip_renders)
@@ -494,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n* colour error against the world's fixed part colours (not part of the colour target)")
     print("\n" + summary_table(summary))
     if clip_summary:
-        print("\nCLIP R-Precision among the %d benchmark captions: " % len(items)
+        print(f"\nCLIP R-Precision among the {len(items)} benchmark captions: "
               + ", ".join(f"{mode} {v:.0%}" for mode, v in clip_summary.items()))
     print("\ntargets" + (" (SUBSET of the benchmark: not a full result)" if subset else "") + ":")
     for t in targets:

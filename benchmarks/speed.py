@@ -3,7 +3,8 @@
     python benchmarks/speed.py [--warmup 150 --iters 30 --threads 1 2 --sizes 32 64 128]
 
 Prints a table (markdown) of: render forward (and, split by the renderer's profiler ranges,
-its sampling, field, shading, compositing and background stages), guidance (the prior's noise prediction inside SDS), backward, optimiser, whole iteration and
+its sampling, field, shading, compositing and background stages), guidance (the prior's noise prediction inside SDS), backward,
+optimiser, whole iteration and
 it/s, peak memory; the occupancy grid's speed-up over dense sampling once an object has formed;
 and the prior's own costs (one SDS call, sampling one image).
 """

@@ -42,7 +42,12 @@ class Cameras:
     def __len__(self) -> int:
         return self.c2w.shape[0]
 
-    def to(self, device) -> "Cameras":
+    def __getitem__(self, idx) -> Cameras:
+        """A sub-batch (an index, slice or mask; an int keeps the batch dimension)."""
+        idx = slice(idx, idx + 1) if isinstance(idx, int) else idx
+        return Cameras(self.c2w[idx], self.focal[idx], self.azimuth[idx], self.elevation[idx], self.distance[idx])
+
+    def to(self, device) -> Cameras:
         return Cameras(*(t.to(device) for t in (self.c2w, self.focal, self.azimuth, self.elevation, self.distance)))
 
 
@@ -54,7 +59,11 @@ class Lights:
     intensity: torch.Tensor
     ambient: torch.Tensor
 
-    def to(self, device) -> "Lights":
+    def __getitem__(self, idx) -> Lights:
+        idx = slice(idx, idx + 1) if isinstance(idx, int) else idx
+        return Lights(self.position[idx], self.intensity[idx], self.ambient[idx])
+
+    def to(self, device) -> Lights:
         return Lights(self.position.to(device), self.intensity.to(device), self.ambient.to(device))
 
 
@@ -141,7 +150,8 @@ def camera_rays(cameras: Cameras, height: int, width: int) -> tuple[torch.Tensor
     """Rays through pixel centres. Returns origins and unit directions, each (B, H, W, 3).
     Row 0 is the top of the image."""
     device = cameras.c2w.device
-    j, i = torch.meshgrid(torch.arange(height, device=device, dtype=torch.float32), torch.arange(width, device=device, dtype=torch.float32), indexing="ij")
+    rows, cols = torch.arange(height, device=device, dtype=torch.float32), torch.arange(width, device=device, dtype=torch.float32)
+    j, i = torch.meshgrid(rows, cols, indexing="ij")
     f = cameras.focal[:, None, None] * width  # pixels
     x = (i[None] + 0.5 - width / 2) / f
     y = -(j[None] + 0.5 - height / 2) / f

@@ -255,7 +255,8 @@ def validate_config(cfg: TrainConfig) -> None:
         raise ValueError(f"render size must be between 8 and {MAX_RENDER_SIZE} pixels, got {cfg.render_size}")
     if not 8 <= cfg.field.resolution <= 256:
         raise ValueError(f"grid resolution must be between 8 and 256, got {cfg.field.resolution}")
-    if any(not 4 <= r < cfg.field.resolution for r in cfg.field.coarse_resolutions) or list(cfg.field.coarse_resolutions) != sorted(cfg.field.coarse_resolutions):
+    coarse = list(cfg.field.coarse_resolutions)
+    if any(not 4 <= r < cfg.field.resolution for r in coarse) or coarse != sorted(coarse):
         raise ValueError(f"coarse resolutions must rise from 4 to below the grid's {cfg.field.resolution}, got {cfg.field.coarse_resolutions}")
     if cfg.field.density_activation not in ("softplus", "exp"):
         raise ValueError(f"unknown density activation {cfg.field.density_activation!r}; use softplus or exp")

@@ -57,8 +57,9 @@ class GridField(nn.Module):
     ``grid_sample`` expects: (1, C, z, y, x). Two parameters, so each can have its own learning
     rate."""
 
-    def __init__(self, cfg: FieldConfig = FieldConfig(), resolution: int | None = None):
+    def __init__(self, cfg: FieldConfig | None = None, resolution: int | None = None):
         super().__init__()
+        cfg = cfg or FieldConfig()
         self.cfg = cfg
         r = resolution or grid_resolution(cfg, 0.0)
         self.density_grid = nn.Parameter(torch.zeros(1, 1, r, r, r))

@@ -9,8 +9,8 @@ of per-pixel means below are large; each term's gradient norm can be logged to c
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

@@ -13,6 +13,7 @@ Shading happens per sample (``dreamfusion.shading``) and is composited over the 
 from __future__ import annotations
 
 import math
+
 import nerfacc
 import torch
 from torch.profiler import record_function
@@ -21,7 +22,6 @@ from .cameras import Cameras, Lights, camera_rays, ray_box
 from .config import RenderConfig
 from .field import Background, GridField
 from .shading import SHADING_MODES, normals_to_rgb, shade
-
 
 SAMPLERS = ("auto", "torch", "dense")
 
@@ -104,8 +104,9 @@ class Renderer(torch.nn.Module):
     """Renders a :class:`GridField` with a background, skipping empty space with nerfacc's
     occupancy grid."""
 
-    def __init__(self, field: GridField, background: Background, cfg: RenderConfig = RenderConfig()):
+    def __init__(self, field: GridField, background: Background, cfg: RenderConfig | None = None):
         super().__init__()
+        cfg = cfg or RenderConfig()
         if cfg.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {cfg.sampler!r}; expected one of {', '.join(SAMPLERS)}")
         self.cfg = cfg
@@ -172,7 +173,10 @@ class Renderer(torch.nn.Module):
                 colours = torch.zeros_like(pts)
         with record_function("render.compositing"):
             weights = self._weights(t_starts, t_ends, sigmas, ray_idx, n)
-            accumulate = lambda values: torch.zeros(n, values.shape[-1], device=values.device, dtype=values.dtype).index_add_(0, ray_idx, values * weights[:, None])  # noqa: E731
+            def accumulate(values: torch.Tensor) -> torch.Tensor:
+                out = torch.zeros(n, values.shape[-1], device=values.device, dtype=values.dtype)
+                return out.index_add_(0, ray_idx, values * weights[:, None])
+
             opacity = torch.zeros(n, device=origins.device).index_add_(0, ray_idx, weights)
             depth = accumulate(((t_starts + t_ends) * 0.5)[:, None])[:, 0]
             rgb = accumulate(colours)

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict
 import warnings
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 
-from .config import MESH_FORMATS, VIDEO_FORMATS, ExportOptions
 from .cameras import default_light
+from .config import MESH_FORMATS, VIDEO_FORMATS, ExportOptions
 from .export import extract_mesh, save_mesh, save_turntable, silhouette_level, to_uint8
 from .trainer import Trainer, config_to_dict
+
 
 def validate_export(opts: ExportOptions) -> None:
     if opts.level not in ("silhouette", "fixed"):

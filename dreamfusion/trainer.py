@@ -15,8 +15,8 @@ import dataclasses
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch.profiler import record_function
@@ -232,7 +232,7 @@ class Trainer:
             with record_function("step.render"):
                 out = self.renderer.render(cams_d, lights_d, cfg.render_size, cfg.render_size, mode, stratified=True, generator=self.generator)
             renders = RenderBatch(out["image"], out["opacity"], cams_d, lights_d, [mode] * len(cams))
-            texts = [f"{self.prompt}, {view_label(float(a), float(e))}" for a, e in zip(cams.azimuth, cams.elevation)]
+            texts = [f"{self.prompt}, {view_label(float(a), float(e))}" for a, e in zip(cams.azimuth, cams.elevation, strict=True)]
             t_range = timestep_bounds(self.step_count, self.total_steps, cfg.guidance.t_min, cfg.guidance.t_max, cfg.guidance.t_max_end)
             with record_function("step.guidance"):
                 graded = guidance.loss(renders, texts, t_range, self.generator)
@@ -243,7 +243,8 @@ class Trainer:
                 values[term.name] = term.value(out, self.field)
                 weights[term.name] = term.weight(frac)
             loss = sum(weights[k] * v for k, v in values.items())
-            grad_norms = self._term_grad_norms(values, weights) if cfg.optim.grad_norm_every and self.step_count % cfg.optim.grad_norm_every == 0 else {}
+            every = cfg.optim.grad_norm_every
+            grad_norms = self._term_grad_norms(values, weights) if every and self.step_count % every == 0 else {}
             self._set_learning_rates()
             self.optimizer.zero_grad(set_to_none=True)
             with record_function("step.backward"):
@@ -283,7 +284,7 @@ class Trainer:
             if not value.requires_grad:
                 continue
             grads = torch.autograd.grad(weights[name] * value, params, retain_graph=True, allow_unused=True)
-            norms[name] = {p: 0.0 if g is None else float(g.norm()) for p, g in zip(("density", "albedo"), grads)}
+            norms[name] = {p: 0.0 if g is None else float(g.norm()) for p, g in zip(("density", "albedo"), grads, strict=True)}
         return norms
 
     # ------------------------------------------------------------------ viewing

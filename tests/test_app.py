@@ -257,7 +257,7 @@ def test_viewer_and_page_in_browser(app, clients, tiny_prior_dir, tmp_path):
             cam = run.cfg.camera
             assert all(cam.distance_range[0] - 1e-4 <= r <= cam.distance_range[1] + 1e-4 for r in radii)
             first = [p.copy() for p, _ in poses]
-            wait_for(lambda: any(not np.allclose(p, q) for (p, _), q in zip(app.viewer.frustum_poses, first)), timeout=10)
+            wait_for(lambda: any(not np.allclose(p, q) for (p, _), q in zip(app.viewer.frustum_poses, first, strict=False)), timeout=10)
             # the render follows training
             n = view.renders
             wait_for(lambda: view.renders >= n + 2, timeout=30)

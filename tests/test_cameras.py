@@ -99,7 +99,7 @@ def test_sample_cameras_wraps_azimuth():
     cams = sample_cameras(cfg, 2000, torch.Generator().manual_seed(1))
     az = cams.azimuth
     assert ((az >= 0) & (az < 360)).all()
-    assert (((az <= 30) | (az >= 330))).all()
+    assert ((az <= 30) | (az >= 330)).all()
     assert (az <= 30).any() and (az >= 330).any()
 
 
@@ -297,7 +297,7 @@ def test_orbit_cameras_start_at_front():
     assert torch.allclose(cams.distance, torch.full((8,), 1.9))
     assert torch.allclose(cams.position.norm(dim=-1), torch.full((8,), 1.9), atol=1e-5)
     assert torch.allclose(cams.position[:, 2], torch.full((8,), 1.9 * math.sin(math.radians(20.0))), atol=1e-5)
-    labels = [view_label(float(a), float(e)) for a, e in zip(cams.azimuth, cams.elevation)]
+    labels = [view_label(float(a), float(e)) for a, e in zip(cams.azimuth, cams.elevation, strict=True)]
     assert labels == ["front view", "front view", "side view", "back view", "back view", "back view", "side view", "front view"]
 
 

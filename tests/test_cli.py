@@ -278,9 +278,9 @@ def test_render_a_checkpoint(generated, tmp_path, capsys):
 
 def test_advanced_settings_are_kept_unless_a_top_level_option_is_given(tiny_prior_dir):
     """``--advanced.steps 7`` must not be replaced by the top-level default (it was, silently)."""
-    from dreamfusion.cli import Generate, train_config
-
     import tyro
+
+    from dreamfusion.cli import Generate, train_config
 
     def parse(*argv):
         return train_config(tyro.cli(Generate, args=list(argv)))

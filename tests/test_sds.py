@@ -6,8 +6,7 @@ from dreamfusion.cameras import CameraConfig, sample_cameras, sample_lights
 from dreamfusion.field import Background, FieldConfig, GridField
 from dreamfusion.guidance.base import Guidance, GuidanceConfig
 from dreamfusion.render import RenderConfig, Renderer
-from dreamfusion.sds import (classifier_free_guidance, noise_images, sds_gradient, sds_surrogate_loss, timestep_bounds,
-                             timestep_weight)
+from dreamfusion.sds import classifier_free_guidance, noise_images, sds_gradient, sds_surrogate_loss, timestep_bounds, timestep_weight
 
 
 def test_classifier_free_guidance_matches_dreamfusion_form():

@@ -104,8 +104,8 @@ def test_broadcasting_over_images():
             for h in range(H):
                 for w in range(W):
                     n, x, a = normals[b, h, w], points[b, h, w], albedo[b, h, w]
-                    l = light_pos[b, 0, 0]
-                    cos = max(0.0, float((n * (l - x)).sum() / (l - x).norm()))
+                    light = light_pos[b, 0, 0]
+                    cos = max(0.0, float((n * (light - x)).sum() / (light - x).norm()))
                     base = a if mode != "textureless" else torch.ones(3)
                     if mode == "albedo":
                         exp = a

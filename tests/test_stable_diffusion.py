@@ -9,10 +9,9 @@ import time
 
 import pytest
 import torch
+from tiny_sd import build_tiny_sd  # tests/ is on sys.path (rootdir-less test modules)
 
 from dreamfusion.guidance import GuidanceConfig, GuidanceError, load_guidance
-
-from tiny_sd import build_tiny_sd  # tests/ is on sys.path (rootdir-less test modules)
 
 pytest.importorskip("diffusers")
 

@@ -106,7 +106,7 @@ def colour_at(obj, *xyz) -> tuple:
 
 def assert_rgb(actual, expected, atol=1e-6):
     assert len(actual) == 3
-    for a, e in zip(actual, expected):
+    for a, e in zip(actual, expected, strict=True):
         assert a == pytest.approx(e, abs=atol), (actual, expected)
 
 
@@ -481,7 +481,7 @@ def test_render_batch_captions(batch):
 
 def test_render_batch_many_never_held_out():
     b = render_batch(24, 8, random.Random(3), torch.Generator().manual_seed(3), supersample=1)
-    for c, n, cap in zip(b.colours, b.nouns, b.captions):
+    for c, n, cap in zip(b.colours, b.nouns, b.captions, strict=True):
         assert c is None or not is_held_out(c, n)
         for w in _colour_words(cap):
             assert not is_held_out(w, n)

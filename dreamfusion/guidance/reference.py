@@ -60,9 +60,7 @@ class ReferenceGuidance(Guidance):
         cams, lights = renders.cameras.to("cpu"), renders.lights.to("cpu")
         for i, text in enumerate(texts):  # usually one object for the whole batch; rendered per view
             obj = reference_object(text)
-            cam = type(cams)(*(v[i:i + 1] for v in (cams.c2w, cams.focal, cams.azimuth, cams.elevation, cams.distance)))
-            light = type(lights)(lights.position[i:i + 1], lights.intensity[i:i + 1], lights.ambient[i:i + 1])
-            out.append(render_object(obj, cam, light, [renders.modes[i]], size, self.supersample))
+            out.append(render_object(obj, cams[i], lights[i], [renders.modes[i]], size, self.supersample))
         return torch.cat(out).to(renders.images.device)
 
     def loss(self, renders: RenderBatch, texts: list[str], t_range: tuple[float, float], generator: torch.Generator | None = None) -> dict:

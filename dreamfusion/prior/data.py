@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..config import SHADING_PROBS
 from ..cameras import CameraConfig, Cameras, Lights, camera_rays, ray_box, sample_cameras, sample_lights
+from ..config import SHADING_PROBS
 from ..shading import TRAINING_SHADING_MODES, shade
 from .world import WorldObject, build_object, caption, draw_example
 
@@ -91,9 +91,11 @@ class Batch:
     lights: Lights
 
 
-def render_batch(n: int, size: int, rng: random.Random, generator: torch.Generator, camera_cfg: CameraConfig = CameraConfig(),
+def render_batch(n: int, size: int, rng: random.Random, generator: torch.Generator, camera_cfg: CameraConfig | None = None,
                  supersample: int = 2, with_alpha: bool = False, synonyms: bool = False) -> Batch:
-    """``n`` random training examples (objects grouped so that each SDF is evaluated once per group)."""
+    """``n`` random training examples (objects grouped so that each SDF is evaluated once per group),
+    drawn from ``camera_cfg`` (default: the current CameraConfig)."""
+    camera_cfg = camera_cfg or CameraConfig()
     draws = [draw_example(rng, synonyms) for _ in range(n)]
     cams = sample_cameras(camera_cfg, n, generator)
     lights = sample_lights(camera_cfg, cams, generator)
@@ -104,8 +106,7 @@ def render_batch(n: int, size: int, rng: random.Random, generator: torch.Generat
         groups.setdefault(dr.noun, []).append(i)
     for noun, idx in groups.items():  # a shape does not depend on its colour: one trace per noun
         sel = torch.tensor(idx)
-        sub_cams = Cameras(cams.c2w[sel], cams.focal[sel], cams.azimuth[sel], cams.elevation[sel], cams.distance[sel])
-        sub_lights = Lights(lights.position[sel], lights.intensity[sel], lights.ambient[sel])
+        sub_cams, sub_lights = cams[sel], lights[sel]
         colours = torch.tensor([build_object(noun, draws[i].colour).colours for i in idx])
         images[sel] = render_object(build_object(noun, draws[idx[0]].colour), sub_cams, sub_lights, [modes[i] for i in idx], size,
                                     supersample, with_alpha=with_alpha, part_colours=colours)

@@ -1,5 +1,15 @@
-"""Does the prior follow text? A diffusion classifier: rank candidate captions of an image by
-the prior's denoising error (lower is a better match), with shared noise and timesteps."""
+"""What the prior learned, by diffusion classifiers: rank candidate conditions of an image by the
+prior's denoising error (lower is a better match), with shared noise and timesteps.
+
+- :func:`text_following`: the true noun among all 16 (colour kept) and the true colour among all
+  12 (noun kept), held-out pairs included.
+- :func:`camera_following`: for renders of the asymmetric objects, the true azimuth among 8
+  azimuths 45 degrees apart (the candidate's whole render condition: camera features and view
+  label), for a camera-aware prior.
+
+Images are rendered from the distribution the prior was trained on (its own camera config) and
+with its channels (RGB, plus coverage for a 4-channel prior).
+"""
 
 from __future__ import annotations
 
@@ -8,30 +18,36 @@ from dataclasses import dataclass
 
 import torch
 
-from ..cameras import CameraConfig
-from .data import render_batch
+from ..cameras import default_light, make_cameras, render_condition_features, sample_lights
+from .data import render_batch, render_object
 from .model import PriorConfig, TextCondition, TextEncoder, predict_noise
-from .world import COLOUR_NAMES, FIXED_COMPOSITES, NOUNS, caption, phrase
+from .world import ASYMMETRIC_NOUNS, COLOUR_NAMES, FIXED_COMPOSITES, HELD_OUT_PAIRS, NOUNS, build_object, caption, phrase
+
+TIMESTEPS = (100, 250, 400, 550, 700)
 
 
 @torch.no_grad()
 def denoising_errors(unet, cfg: PriorConfig, encoder: TextEncoder, image: torch.Tensor, captions: list[str],
-                     timesteps: list[int], seed: int = 0) -> torch.Tensor:
-    """Mean squared noise-prediction error of one image (3, S, S) in [0, 1] under each caption:
-    (len(captions),). The same noise and timesteps for every caption."""
+                     timesteps: list[int], seed: int = 0, features: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared noise-prediction error of one image (C, S, S) in [0, 1] under each candidate:
+    (len(captions),). ``features``: None, or the render conditions (F,) shared by every caption, or
+    (len(captions), F) one per candidate. The same noise and timesteps for every candidate."""
     g = torch.Generator().manual_seed(seed)
     x0 = image * 2 - 1
     alphas = cfg.scheduler().alphas_cumprod
     t = torch.tensor(timesteps)
     eps = torch.randn(len(timesteps), *x0.shape, generator=g)
     a = alphas[t].view(-1, 1, 1, 1)
-    x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps  # (T, 3, S, S)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps  # (T, C, S, S)
     cond = encoder.condition(captions)
     errors = []
     for i in range(len(captions)):
         c = TextCondition(cond.states[i:i + 1].expand(len(timesteps), -1, -1), cond.mask[i:i + 1].expand(len(timesteps), -1),
                           cond.pooled[i:i + 1].expand(len(timesteps), -1))
-        errors.append(((predict_noise(unet, x_t, t, c) - eps) ** 2).mean())
+        f = None
+        if features is not None:
+            f = (features if features.dim() == 1 else features[i]).expand(len(timesteps), -1)
+        errors.append(((predict_noise(unet, x_t, t, c, f) - eps) ** 2).mean())
     return torch.stack(errors)
 
 
@@ -45,43 +61,93 @@ class ClassifierReport:
     n_colour_images: int
 
 
+def _features(cfg: PriorConfig, cams, lights, modes) -> torch.Tensor | None:
+    return render_condition_features(cams, lights, modes) if cfg.condition_features else None
+
+
 def text_following(unet, cfg: PriorConfig, encoder: TextEncoder, n_images: int = 24, held_out: int = 8, seed: int = 0,
-                   timesteps: tuple[int, ...] = (100, 250, 400, 550, 700)) -> ClassifierReport:
+                   timesteps: tuple[int, ...] = TIMESTEPS) -> ClassifierReport:
     """Render fresh images (``held_out`` of them of held-out pairs), and check that the caption
     with the true noun (among all 16, true colour kept) and the true colour (among all 12, true
     noun kept) has the lowest denoising error."""
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
-    batch = render_batch(n_images, cfg.image_size, rng, gen, CameraConfig())
+    camera_cfg = cfg.camera_config()
+    with_alpha = cfg.channels == 4
+    batch = render_batch(n_images, cfg.image_size, rng, gen, camera_cfg, with_alpha=with_alpha)
     images, nouns, colours = list(batch.images), list(batch.nouns), list(batch.colours)
     # replace the first ``held_out`` examples by held-out pairs rendered from the same cameras
-    from ..cameras import Cameras, Lights, sample_lights
-    from .data import render_object
-    from .world import HELD_OUT_PAIRS, build_object
-
-    lights = sample_lights(CameraConfig(), batch.cameras, gen)
+    lights = sample_lights(camera_cfg, batch.cameras, gen)
     for i in range(held_out):
         colour, noun = HELD_OUT_PAIRS[(i * 5 + seed) % len(HELD_OUT_PAIRS)]
-        cam = Cameras(*(v[i:i + 1] for v in (batch.cameras.c2w, batch.cameras.focal, batch.cameras.azimuth, batch.cameras.elevation, batch.cameras.distance)))
-        light = Lights(lights.position[i:i + 1], lights.intensity[i:i + 1], lights.ambient[i:i + 1])
-        images[i] = render_object(build_object(noun, colour), cam, light, ["lit"], cfg.image_size)[0]
+        images[i] = render_object(build_object(noun, colour), batch.cameras[i], lights[i], ["lit"], cfg.image_size, with_alpha=with_alpha)[0]
         nouns[i], colours[i] = noun, colour
         batch.modes[i] = "lit"
+        batch.lights.position[i], batch.lights.intensity[i], batch.lights.ambient[i] = lights.position[i], lights.intensity[i], lights.ambient[i]
     noun_hits, colour_hits, colour_n = [], [], 0
     for i, img in enumerate(images):
         az, el = float(batch.cameras.azimuth[i]), float(batch.cameras.elevation[i])
+        feats = _features(cfg, batch.cameras[i], batch.lights[i], [batch.modes[i]])
+        feats = None if feats is None else feats[0]
         colour = colours[i] if batch.modes[i] != "textureless" else None
         cand_nouns = [n for n in NOUNS if colour is None or n not in FIXED_COMPOSITES]
-        noun_caps = [caption(phrase(n, colour, "a {colour} {noun}" if colour and n not in FIXED_COMPOSITES else "a {noun}"), az, el) for n in cand_nouns]
-        err = denoising_errors(unet, cfg, encoder, img, noun_caps, list(timesteps), seed + i)
+        noun_caps = [caption(phrase(n, colour, "a {colour} {noun}" if colour and n not in FIXED_COMPOSITES else "a {noun}"), az, el)
+                     for n in cand_nouns]
+        err = denoising_errors(unet, cfg, encoder, img, noun_caps, list(timesteps), seed + i, feats)
         noun_hits.append(cand_nouns[int(err.argmin())] == nouns[i])
         if colour is not None and nouns[i] not in FIXED_COMPOSITES:
             col_caps = [caption(phrase(nouns[i], c, "a {colour} {noun}"), az, el) for c in COLOUR_NAMES]
-            err = denoising_errors(unet, cfg, encoder, img, col_caps, list(timesteps), seed + i)
+            err = denoising_errors(unet, cfg, encoder, img, col_caps, list(timesteps), seed + i, feats)
             colour_hits.append((COLOUR_NAMES[int(err.argmin())] == colour, i < held_out))
             colour_n += 1
-    mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
+
+    def mean(xs):
+        return sum(xs) / max(len(xs), 1)
+
     return ClassifierReport(
         noun_accuracy=mean(noun_hits), colour_accuracy=mean([h for h, _ in colour_hits]),
         held_out_noun_accuracy=mean(noun_hits[:held_out]), held_out_colour_accuracy=mean([h for h, ho in colour_hits if ho]),
         n_images=len(images), n_colour_images=colour_n)
+
+
+@dataclass
+class CameraReport:
+    top1: float
+    within_45: float
+    """the best candidate is the true azimuth or one of its two neighbours"""
+    per_noun: dict[str, float]
+    n_images: int
+
+
+def camera_following(unet, cfg: PriorConfig, encoder: TextEncoder, nouns: tuple[str, ...] = ASYMMETRIC_NOUNS, views: int = 8,
+                     elevations: tuple[float, ...] = (10.0, 35.0), seed: int = 0, timesteps: tuple[int, ...] = TIMESTEPS) -> CameraReport:
+    """For each noun, render it at ``views`` azimuths 45 degrees apart (each elevation, lit, light
+    at the camera) and rank the 8 candidate azimuths by the prior's denoising error under each
+    candidate's render conditions and view label: the true azimuth should win (chance 1/8)."""
+    if not cfg.condition_features:
+        raise ValueError("this prior takes no render conditions: it cannot tell cameras apart beyond its view labels")
+    camera_cfg = cfg.camera_config()
+    distance = sum(camera_cfg.distance_range) / 2
+    zoom = camera_cfg.zoom_range
+    focal = distance * sum(zoom) / 2 if zoom is not None else sum(camera_cfg.focal_range) / 2
+    azimuths = torch.arange(views, dtype=torch.float32) * (360.0 / views)
+    hits, near, per = [], [], {}
+    for noun in nouns:
+        colour = None if noun in FIXED_COMPOSITES else {"mug": "white", "chair": "brown", "house": "white"}.get(noun)
+        obj = build_object(noun, colour)
+        text = phrase(noun, colour, "a {colour} {noun}" if colour else "a {noun}")
+        noun_hits = []
+        for el in elevations:
+            cams = make_cameras(azimuths, el, distance, focal)
+            lights = default_light(cams, intensity=0.7, ambient=0.15)
+            images = render_object(obj, cams, lights, ["lit"] * views, cfg.image_size, with_alpha=cfg.channels == 4)
+            feats = render_condition_features(cams, lights, ["lit"] * views)
+            caps = [caption(text, float(a), el) for a in azimuths]
+            for i in range(views):
+                err = denoising_errors(unet, cfg, encoder, images[i], caps, list(timesteps), seed + i, feats)
+                best = int(err.argmin())
+                noun_hits.append(best == i)
+                near.append(min((best - i) % views, (i - best) % views) <= 1)
+        per[noun] = sum(noun_hits) / len(noun_hits)
+        hits += noun_hits
+    return CameraReport(top1=sum(hits) / len(hits), within_45=sum(near) / len(near), per_noun=per, n_images=len(hits))

@@ -72,7 +72,7 @@ class PriorConfig:
         (Path(folder) / CONFIG_FILE).write_text(json.dumps(asdict(self), indent=2))
 
     @classmethod
-    def load(cls, folder: Path) -> "PriorConfig":
+    def load(cls, folder: Path) -> PriorConfig:
         data = json.loads((Path(folder) / CONFIG_FILE).read_text())
         data["block_out_channels"] = tuple(data["block_out_channels"])
         # a version-1 folder (the first shipped prior) predates these fields: RGB, text only, old framing
@@ -132,13 +132,13 @@ class TextEncoder:
         for i in range(0, len(missing), 256):
             chunk = missing[i:i + 256]
             states, mask = self._encode_uncached(chunk)
-            for t, s, m in zip(chunk, states, mask):
+            for t, s, m in zip(chunk, states, mask, strict=True):
                 self._cache[t] = (s, m)
         states = torch.stack([self._cache[t][0] for t in texts])
         mask = torch.stack([self._cache[t][1] for t in texts])
         return states, mask
 
-    def condition(self, texts: list[str]) -> "TextCondition":
+    def condition(self, texts: list[str]) -> TextCondition:
         states, mask = self(texts)
         return TextCondition(states, mask, pooled(states, mask))
 
@@ -152,17 +152,17 @@ class TextCondition:
     mask: torch.Tensor
     pooled: torch.Tensor
 
-    def __getitem__(self, idx) -> "TextCondition":
+    def __getitem__(self, idx) -> TextCondition:
         return TextCondition(self.states[idx], self.mask[idx], self.pooled[idx])
 
-    def expand(self, n: int) -> "TextCondition":
+    def expand(self, n: int) -> TextCondition:
         return TextCondition(self.states.expand(n, -1, -1), self.mask.expand(n, -1), self.pooled.expand(n, -1))
 
     @staticmethod
-    def cat(conds: list["TextCondition"]) -> "TextCondition":
+    def cat(conds: list[TextCondition]) -> TextCondition:
         return TextCondition(*(torch.cat([getattr(c, k) for c in conds]) for k in ("states", "mask", "pooled")))
 
-    def to(self, device) -> "TextCondition":
+    def to(self, device) -> TextCondition:
         return TextCondition(self.states.to(device), self.mask.to(device), self.pooled.to(device))
 
 

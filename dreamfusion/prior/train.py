@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from ..config import TrainPriorConfig
 from ..cameras import default_light, orbit_cameras, render_condition_features
+from ..config import TrainPriorConfig
 from ..export import to_uint8
 from .data import render_batch
-from .model import ASSET_DIR, RESUME_FILE, WEIGHTS_FILE, PriorConfig, TextEncoder, predict_noise, save_prior_weights
+from .model import RESUME_FILE, WEIGHTS_FILE, PriorConfig, TextEncoder, predict_noise, save_prior_weights
 from .sampling import image_grid, sample_images
 from .vocabulary import VOCABULARY_FILE, Vocabulary
 
@@ -65,7 +65,7 @@ def write_sample_grid(unet, prior_cfg: PriorConfig, encoder: TextEncoder, path: 
         feats = render_condition_features(cams, default_light(cams), ["lit"] * len(cams))
         from .world import caption
 
-        prompts = [caption(p, float(a), float(e)) for p in AZIMUTH_GRID_PHRASES for a, e in zip(cams.azimuth, cams.elevation)]
+        prompts = [caption(p, float(a), float(e)) for p in AZIMUTH_GRID_PHRASES for a, e in zip(cams.azimuth, cams.elevation, strict=True)]
         seeds_ = [i for i in range(len(AZIMUTH_GRID_PHRASES)) for _ in range(len(cams))]
         imgs = sample_images(unet, prior_cfg, encoder, prompts, seeds_, features=feats.repeat(len(AZIMUTH_GRID_PHRASES), 1))
         rows = len(AZIMUTH_GRID_PHRASES)

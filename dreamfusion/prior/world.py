@@ -130,7 +130,7 @@ class Frustum:
     def bounds(self):
         r = max(self.ra, self.rb)
         lo, hi = [], []
-        for ai, bi in zip(self.a, self.b):
+        for ai, bi in zip(self.a, self.b, strict=True):
             along = ai != bi  # all frustums of the world are axis-aligned
             lo.append(min(ai, bi) if along else ai - r)
             hi.append(max(ai, bi) if along else ai + r)
@@ -154,7 +154,7 @@ class Torus:
     def bounds(self):
         ext = [self.major + self.minor] * 3
         ext[self.axis] = self.minor
-        return tuple(c - e for c, e in zip(self.centre, ext)), tuple(c + e for c, e in zip(self.centre, ext))
+        return tuple(c - e for c, e in zip(self.centre, ext, strict=True)), tuple(c + e for c, e in zip(self.centre, ext, strict=True))
 
 
 @dataclass(frozen=True)
@@ -170,8 +170,8 @@ class Capsule:
         return (pa - h[:, None] * ba).norm(dim=-1) - self.radius
 
     def bounds(self):
-        return (tuple(min(x, y) - self.radius for x, y in zip(self.a, self.b)),
-                tuple(max(x, y) + self.radius for x, y in zip(self.a, self.b)))
+        return (tuple(min(x, y) - self.radius for x, y in zip(self.a, self.b, strict=True)),
+                tuple(max(x, y) + self.radius for x, y in zip(self.a, self.b, strict=True)))
 
 
 @dataclass(frozen=True)
@@ -279,7 +279,7 @@ class WorldObject:
 
     def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Axis-aligned bounding box (after centring): two (3,) tensors."""
-        los, his = zip(*(part.bounds() for part in self.parts))
+        los, his = zip(*(part.bounds() for part in self.parts), strict=True)
         lo = torch.tensor(los).min(dim=0).values - torch.tensor(self.offset)
         hi = torch.tensor(his).max(dim=0).values - torch.tensor(self.offset)
         return lo, hi
