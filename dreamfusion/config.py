@@ -114,6 +114,9 @@ class GuidanceConfig:
     t_max_end: float | None = 0.5
     """anneal t_max linearly to this over the run (None: no annealing)"""
     weighting: str = "sds"
+    draws: int = 1
+    """independent (t, eps) draws per render, their gradients averaged: lower-variance SDS at the
+    cost of a larger U-Net batch"""
     half_precision: bool = False
     """fp16 weights on CUDA (stable-diffusion)"""
     use_render_conditions: bool = True
@@ -274,6 +277,8 @@ def validate_config(cfg: TrainConfig) -> None:
     g = cfg.guidance
     if not 0 <= g.t_min < g.t_max <= 1:
         raise ValueError(f"need 0 <= t_min < t_max <= 1, got {g.t_min}, {g.t_max}")
+    if not 1 <= g.draws <= 16:
+        raise ValueError(f"SDS draws per render must be between 1 and 16, got {g.draws}")
     if g.guidance_scale is not None and (g.guidance_scale < 0 or not math.isfinite(g.guidance_scale)):
         raise ValueError(f"guidance scale must be a non-negative number, got {g.guidance_scale}")
 

@@ -87,6 +87,28 @@ def test_sds_loss_gradient_equals_weighted_residual_for_a_stub_predictor():
     assert torch.allclose(images.grad, expected * 2 / 2, atol=1e-5)
 
 
+def test_several_draws_average_their_gradients():
+    """draws=2: each render is graded under two independent (t, eps) draws and the gradient is
+    the mean of the two single-draw gradients."""
+    predictor = lambda x_t, t, cond: 0.3 * x_t + cond.view(-1, 1, 1, 1)  # noqa: E731
+    guidance = StubGuidance(predictor, guidance_scale=5.0)
+    guidance.cfg.draws = 2
+    images = torch.rand(2, 3, 8, 8, requires_grad=True)
+    out = guidance.sds_loss(images, ["a", "b"], (0.2, 0.6), torch.Generator().manual_seed(3))
+    out["loss"].backward()
+    g = torch.Generator().manual_seed(3)
+    t = torch.randint(200, 600, (4,), generator=g)
+    eps = torch.randn(4, 3, 8, 8, generator=g)
+    a = guidance.alphas_cumprod[t].view(-1, 1, 1, 1)
+    x = (images.detach() * 2 - 1).repeat(2, 1, 1, 1)
+    z = a.sqrt() * x + (1 - a).sqrt() * eps
+    eps_hat = 6.0 * (0.3 * z + 1.0) - 5.0 * (0.3 * z)
+    per_copy = (1 - a) * (eps_hat - eps)  # (4, ...): copies 0-1 are the first draw, 2-3 the second
+    expected = (per_copy[:2] + per_copy[2:]) / 2 / 2 * 2  # mean over draws, mean over the batch, d x / d image = 2
+    assert torch.equal(out["t"], t)
+    assert torch.allclose(images.grad, expected, atol=1e-5)
+
+
 def test_sds_with_an_exact_denoiser_drives_renders_to_the_target():
     """With eps(z_t) = (z_t - alpha_t x*) / sigma_t the SDS gradient is proportional to x - x*:
     optimising a NeRF must bring its renders towards x*."""

@@ -120,6 +120,11 @@ class Guidance:
         renders = as_render_batch(renders)
         x = self.renders_input(renders)
         features = self.render_features(renders)
+        draws = max(1, int(getattr(self.cfg, "draws", 1)))
+        if draws > 1:  # independent (t, eps) per copy; the mean over copies is the gradient
+            x = x.repeat(draws, *([1] * (x.dim() - 1)))
+            texts = list(texts) * draws
+            features = None if features is None else features.repeat(draws, 1)
         b = x.shape[0]
         n_t = self.alphas_cumprod.shape[0]
         lo, hi = int(t_range[0] * n_t), max(int(t_range[0] * n_t) + 1, int(t_range[1] * n_t))
