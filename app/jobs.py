@@ -159,6 +159,17 @@ class RunManager:
             raise RunError(str(exc)) from None
         return cfg
 
+    def preload(self) -> str | None:
+        """Load the default prior into the process's shared cache. Returns why it could not be
+        loaded (None when it was): the page still starts, and a run reports the same error."""
+        from dreamfusion.guidance import load_guidance
+
+        try:
+            load_guidance(self.base.guidance, self.base.device)
+        except Exception as exc:  # noqa: BLE001 - e.g. a Stable Diffusion default without its weights
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
     def vocabulary_note(self, cfg: TrainConfig, prompt: str) -> str | None:
         """The prior's note for a prompt far from what it knows (None for a known prompt, for a
         prior that knows the open world, or when the prior cannot be loaded: the run says why)."""

@@ -76,10 +76,8 @@ def one_client(url: str, index: int, steps: int, poll: float, out: dict) -> None
         client = Client(url, verbose=False)
         t0 = time.perf_counter()
         client.predict(f"a red cube {index}", steps, index, "embedded", "", 10.0, 64, token, api_name="/generate")
-        version = -1
         while True:
-            result = client.predict(version, token, api_name="/poll")
-            info, version = result[1], result[-1]
+            info = client.predict(token, api_name="/poll")[1]
             now = time.perf_counter() - t0
             if info.get("queue_position"):
                 rec["queue_positions"].append(info["queue_position"])
