@@ -109,10 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     runs_dir = Path(tempfile.mkdtemp(prefix="app-load-"))
     proc, url = start_server(runs_dir, args.threads)
     print(f"app at {url} (pid {proc.pid}); server memory at start: {rss_mb(proc.pid):.0f} MB", flush=True)
-    print("\n| round | runs done | client errors | queue positions seen | queue wait p50 / p95 s | first preview p50 / p95 s "
-          "| it/s while others poll | server MB after |")
-    print("|---|---|---|---|---|---|---|---|", flush=True)
-    totals = {"done": 0, "errors": 0, "preview": [], "wait": [], "its": []}
+    print("\n| round | runs done | client errors | queue positions seen | queue wait p50 / p95 s | Generate to first preview, "
+          "empty queue, s | run start to first preview p50 / p95 s | it/s while others poll | server MB after |")
+    print("|---|---|---|---|---|---|---|---|---|", flush=True)
+    totals = {"done": 0, "errors": 0, "preview": [], "start_preview": [], "wait": [], "its": []}
     memory = []
     try:
         for rnd in range(1, args.rounds + 1):
@@ -127,7 +127,11 @@ def main(argv: list[str] | None = None) -> int:
             errors = [r["error"] for r in recs if r["error"]]
             positions = sorted({p for r in recs for p in r["queue_positions"]})
             waits = [r["queue_wait"] for r in recs if r["queue_wait"] is not None]
-            previews = [r["first_preview"] for r in recs if r["first_preview"] is not None]
+            # Generate -> first preview for the runs that started at once (an empty queue), and run
+            # start -> first preview for every run
+            previews = [r["first_preview"] for r in recs if r["first_preview"] is not None and r["queue_wait"] is not None
+                        and not r["queue_positions"]]
+            starts = [r["first_preview"] - r["queue_wait"] for r in recs if r["first_preview"] is not None and r["queue_wait"] is not None]
             its = [statistics.median(r["its"]) for r in recs if r["its"]]
             time.sleep(1.0)  # let the last finish settle
             mem = rss_mb(proc.pid)
@@ -135,20 +139,24 @@ def main(argv: list[str] | None = None) -> int:
             totals["done"] += done
             totals["errors"] += len(errors)
             totals["preview"] += previews
+            totals["start_preview"] += starts
             totals["wait"] += waits
             totals["its"] += its
 
             def pq(v):
                 return f"{percentile(v, 50):.1f} / {percentile(v, 95):.1f}" if v else "-"
 
-            print(f"| {rnd} | {done}/{args.clients} | {len(errors)} | {positions[:1] + positions[-1:] if positions else '-'} | {pq(waits)} | "
-                  f"{pq(previews)} | {statistics.median(its):.1f} | {mem:.0f} |" if its else
-                  f"| {rnd} | {done}/{args.clients} | {len(errors)} | {positions} | {pq(waits)} | {pq(previews)} | - | {mem:.0f} |", flush=True)
+            seen = f"{positions[0]}..{positions[-1]}" if positions else "-"
+            rate = f"{statistics.median(its):.1f}" if its else "-"
+            print(f"| {rnd} | {done}/{args.clients} | {len(errors)} | {seen} | {pq(waits)} | {pq(previews)} | {pq(starts)} | {rate} | {mem:.0f} |",
+                  flush=True)
             for e in errors:
                 print(f"    error: {e}", flush=True)
         print(f"\nruns completed {totals['done']} of {args.clients * args.rounds}, client errors {totals['errors']}")
-        p50, p95 = percentile(totals["preview"], 50), percentile(totals["preview"], 95)
-        print(f"Generate to first preview over all runs: p50 {p50:.1f} s, p95 {p95:.1f} s")
+        for key, what in (("preview", "Generate to first preview, runs that did not queue"), ("start_preview", "run start to first preview")):
+            if totals[key]:
+                print(f"{what}: p50 {percentile(totals[key], 50):.1f} s, p95 {percentile(totals[key], 95):.1f} s, "
+                      f"max {max(totals[key]):.1f} s (n = {len(totals[key])})")
         if totals["its"]:
             print(f"training it/s while the others poll: median {statistics.median(totals['its']):.1f}")
         print(f"server memory: after round 1 {memory[0]:.0f} MB, after round {len(memory)} {memory[-1]:.0f} MB "

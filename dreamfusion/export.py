@@ -99,6 +99,50 @@ def silhouette_level(opacity: torch.Tensor, max_density: torch.Tensor, levels: i
     return float(candidates[best[len(best) // 2]])
 
 
+FILL_VOIDS = ("none", "enclosed", "axes")
+
+
+def axis_enclosed(solid: np.ndarray, min_axes: int = 5) -> np.ndarray:
+    """(R, R, R) bool: voxels from which at least ``min_axes`` of the 6 axis directions (+-x, +-y,
+    +-z) run into ``solid`` before leaving the grid. A shell open on one side (a mug whose bottom
+    never formed) still encloses its inside this way; a torus's hole (open up and down) or the space
+    under a chair's seat (open down and to the sides) does not."""
+    votes = np.zeros(solid.shape, dtype=np.int8)
+    for axis in range(3):
+        for flip in (False, True):
+            s = np.flip(solid, axis) if flip else solid
+            hit = np.logical_or.accumulate(s, axis=axis)  # solid at or before this voxel along the axis
+            votes += np.flip(hit, axis) if flip else hit
+    return votes >= min_axes
+
+
+def fill_enclosed(grid: np.ndarray, level: float, mode: str = "axes") -> np.ndarray:
+    """A copy of a density grid whose voids are raised to twice ``level`` (solid):
+
+    - ``enclosed``: regions below the level that no path of voxels connects to the grid's border
+      (the inside of a closed shell; no view can see it, so renders are unchanged);
+    - ``axes``: those, and voxels enclosed from at least 5 of the 6 axis directions
+      (:func:`axis_enclosed`) where they form a thick region (a morphological opening of two
+      voxels drops the thin slivers the rule also finds along concave surfaces, such as the inner
+      rim of a torus).
+
+    Photometric and SDS gradients only reach a scene's visible surface, so a scene grown from a
+    small blob is a shell; without this its mesh would be one too."""
+    from scipy.ndimage import binary_fill_holes, binary_opening
+
+    if mode not in FILL_VOIDS:
+        raise ValueError(f"unknown void filling {mode!r}; expected one of {', '.join(FILL_VOIDS)}")
+    solid = grid > level
+    if mode == "none":
+        return grid
+    filled = binary_fill_holes(solid)
+    if mode == "axes":
+        filled |= binary_opening(axis_enclosed(solid) & ~solid, iterations=2)
+    out = grid.copy()
+    out[filled & ~solid] = 2.0 * level
+    return out
+
+
 def drop_small_components(mesh: trimesh.Trimesh, min_fraction: float = MIN_COMPONENT_FRACTION) -> trimesh.Trimesh:
     """Remove connected components (by shared edges) with fewer than ``min_fraction`` of the faces,
     in place; vertex colours follow. Returns the mesh."""
@@ -112,14 +156,16 @@ def drop_small_components(mesh: trimesh.Trimesh, min_fraction: float = MIN_COMPO
 
 
 def extract_mesh(density_fn: Callable[[torch.Tensor], torch.Tensor], albedo_fn: Callable[[torch.Tensor], torch.Tensor],
-                 resolution: int = 128, bound: float = 1.0, threshold: float | None = None, device="cpu") -> trimesh.Trimesh:
+                 resolution: int = 128, bound: float = 1.0, threshold: float | None = None, device="cpu",
+                 fill_voids: str = "axes") -> trimesh.Trimesh:
     """Marching-cubes mesh of a density field, with vertex colours.
 
     ``density_fn``: (N, 3) float32 points -> (N,) density >= 0, sampled on a ``resolution``^3 grid
     over [-bound, bound]^3 (outside it the density counts as 0, so the mesh is closed at the grid's
     faces). ``albedo_fn``: (N, 3) points -> (N, 3) RGB in [0, 1], sampled at the vertices and stored
     as uint8 RGBA (value x 255, rounded). ``threshold``: the surface's density level; None picks it
-    with :func:`auto_threshold`. Components with < 1% of the faces (floaters) are dropped.
+    with :func:`auto_threshold`. ``fill_voids``: which voids become solid (:func:`fill_enclosed`).
+    Components with < 1% of the faces (floaters) are dropped.
 
     Returns a mesh in world coordinates (+Z up) whose faces wind counter-clockwise seen from
     outside, i.e. face normals point towards lower density.
@@ -134,6 +180,7 @@ def extract_mesh(density_fn: Callable[[torch.Tensor], torch.Tensor], albedo_fn: 
         raise ValueError(f"the surface's density level must be positive, got {level:.3g}")
     if grid.max() <= level:
         raise ValueError(f"density is empty at level {level:.3g} (its maximum is {grid.max():.3g}): nothing to export")
+    grid = fill_enclosed(grid, level, fill_voids)
     padded = np.pad(grid, 1, constant_values=0.0)
     # 'ascent': the object is where the values are high, so the winding makes normals point outward
     verts, faces, _, _ = marching_cubes(padded, level, gradient_direction="ascent")

@@ -20,6 +20,8 @@ from .trainer import Trainer, config_to_dict
 
 
 def validate_export(opts: ExportOptions) -> None:
+    if opts.fill_voids not in ("none", "enclosed", "axes"):
+        raise ValueError(f"unknown void filling {opts.fill_voids!r}; use none, enclosed or axes")
     if opts.level not in ("silhouette", "fixed"):
         raise ValueError(f"unknown surface level rule {opts.level!r}; use silhouette or fixed")
     if opts.threshold is not None and not opts.threshold > 0:
@@ -109,7 +111,7 @@ def export_renderer(scene, folder: Path, opts: ExportOptions) -> list[str]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         mesh = extract_mesh(scene.field.density, scene.field.albedo, resolution=opts.mesh_resolution,
-                            bound=scene.field.cfg.bound, threshold=threshold, device=device)
+                            bound=scene.field.cfg.bound, threshold=threshold, device=device, fill_voids=opts.fill_voids)
     for fmt in opts.formats:
         save_mesh(mesh, folder / f"mesh.{fmt}")
     if opts.video != "none":

@@ -152,3 +152,39 @@ def test_trainer_grows_its_grid_and_resumes_across_growth(fast_config, tmp_path)
     assert resumed.field.resolution == 24
     resumed.run()
     assert torch.allclose(resumed.field.density_grid, straight.field.density_grid, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- solid exports
+
+
+def _shells(n: int = 40):
+    c = (torch.arange(n) - (n - 1) / 2).float()
+    x, y, z = torch.meshgrid(c, c, c, indexing="ij")
+    r = torch.sqrt(x * x + y * y + z * z)
+    sphere_shell = ((r > 12) & (r < 15)).numpy()
+    cup = (((x * x + y * y).sqrt() < 15) & ((x * x + y * y).sqrt() > 12) & (z.abs() < 12)) | (((x * x + y * y).sqrt() < 15) & (z > -15) & (z < -11))
+    ring_r = (x * x + y * y).sqrt()
+    torus = ((ring_r - 12) ** 2 + z * z < 16).numpy()
+    return sphere_shell, cup.numpy(), torus, r.numpy()
+
+
+def test_void_filling_makes_shells_solid_and_leaves_holes_open():
+    import numpy as np
+
+    from dreamfusion.export import axis_enclosed, fill_enclosed
+
+    sphere_shell, cup, torus, r = _shells()
+    as_grid = lambda solid: solid.astype(np.float32) * 10.0  # noqa: E731 - density 10 inside, 0 outside
+    # a closed shell: both rules fill it (nothing can see its inside)
+    for mode in ("enclosed", "axes"):
+        filled = fill_enclosed(as_grid(sphere_shell), 5.0, mode) > 5.0
+        assert filled[r < 12].all() and not filled[r > 15.5].any()
+    assert np.array_equal(fill_enclosed(as_grid(sphere_shell), 5.0, "none") > 5.0, sphere_shell)
+    # a cup open at the top: not enclosed, but enclosed from 5 of 6 axis directions
+    assert not (fill_enclosed(as_grid(cup), 5.0, "enclosed") > 5.0)[20, 20, 25]
+    assert (fill_enclosed(as_grid(cup), 5.0, "axes") > 5.0)[20, 20, 25]
+    # a torus's hole is open up and down: only 4 axes run into the ring, it stays empty
+    assert axis_enclosed(torus)[20, 20, 20] == False  # noqa: E712
+    assert not (fill_enclosed(as_grid(torus), 5.0, "axes") > 5.0)[19:21, 19:21, :].any()
+    with pytest.raises(ValueError, match="void filling"):
+        fill_enclosed(as_grid(torus), 5.0, "everything")
