@@ -42,12 +42,12 @@ class Cameras:
     def __len__(self) -> int:
         return self.c2w.shape[0]
 
-    def __getitem__(self, idx) -> Cameras:
+    def __getitem__(self, idx: int | slice | torch.Tensor) -> Cameras:
         """A sub-batch (an index, slice or mask; an int keeps the batch dimension)."""
         idx = slice(idx, idx + 1) if isinstance(idx, int) else idx
         return Cameras(self.c2w[idx], self.focal[idx], self.azimuth[idx], self.elevation[idx], self.distance[idx])
 
-    def to(self, device) -> Cameras:
+    def to(self, device: torch.device | str) -> Cameras:
         return Cameras(*(t.to(device) for t in (self.c2w, self.focal, self.azimuth, self.elevation, self.distance)))
 
 
@@ -59,11 +59,11 @@ class Lights:
     intensity: torch.Tensor
     ambient: torch.Tensor
 
-    def __getitem__(self, idx) -> Lights:
+    def __getitem__(self, idx: int | slice | torch.Tensor) -> Lights:
         idx = slice(idx, idx + 1) if isinstance(idx, int) else idx
         return Lights(self.position[idx], self.intensity[idx], self.ambient[idx])
 
-    def to(self, device) -> Lights:
+    def to(self, device: torch.device | str) -> Lights:
         return Lights(self.position.to(device), self.intensity.to(device), self.ambient.to(device))
 
 
@@ -104,19 +104,20 @@ def look_at(position: torch.Tensor, azimuth_deg: torch.Tensor) -> torch.Tensor:
     return torch.stack([right, up, back, position], dim=-1)
 
 
-def make_cameras(azimuth, elevation, distance, focal) -> Cameras:
+def make_cameras(azimuth: float | torch.Tensor, elevation: float | torch.Tensor, distance: float | torch.Tensor,
+                 focal: float | torch.Tensor) -> Cameras:
     """Cameras from angles in degrees (tensors or floats broadcast to a batch)."""
     az, el, dist, f = torch.broadcast_tensors(*(torch.as_tensor(v, dtype=torch.float32) for v in (azimuth, elevation, distance, focal)))
     az, el, dist, f = (v.reshape(-1) for v in (az, el, dist, f))
     return Cameras(look_at(spherical_to_position(az, el, dist), az), f, az, el, dist)
 
 
-def _uniform(lo_hi, n, generator, device) -> torch.Tensor:
+def _uniform(lo_hi: tuple[float, float], n: int, generator: torch.Generator | None, device: torch.device | str) -> torch.Tensor:
     lo, hi = lo_hi
     return lo + (hi - lo) * torch.rand(n, generator=generator, device=device)
 
 
-def sample_cameras(cfg: CameraConfig, n: int, generator: torch.Generator | None = None, device="cpu") -> Cameras:
+def sample_cameras(cfg: CameraConfig, n: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> Cameras:
     """Draw ``n`` random cameras. Elevation is drawn uniformly in sin(theta) would bias towards
     the equator; the paper draws angles uniformly, and so does this."""
     az = _uniform(cfg.azimuth_range, n, generator, device) % 360.0
@@ -163,7 +164,8 @@ def camera_rays(cameras: Cameras, height: int, width: int) -> tuple[torch.Tensor
     return origins, dirs
 
 
-def ray_box(origins: torch.Tensor, dirs: torch.Tensor, lo, hi) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def ray_box(origins: torch.Tensor, dirs: torch.Tensor, lo: float | torch.Tensor,
+            hi: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Entry and exit distances of rays through the box [lo, hi] (scalars or (3,) corners).
     (N, 3), (N, 3) -> near (N,), far (N,), hit (N,) bool."""
     inv = 1.0 / torch.where(dirs.abs() < 1e-9, torch.full_like(dirs, 1e-9), dirs)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
@@ -17,6 +18,9 @@ from safetensors.torch import save_file
 
 from .config import TrainConfig, config_from_dict, config_to_dict
 from .files import atomic_write
+
+if TYPE_CHECKING:
+    from .render import Renderer
 
 #: version 2: density and albedo grids stored apart (version 1 had one 4-channel grid; still read)
 CHECKPOINT_VERSION = 2
@@ -27,7 +31,7 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read: corrupt, not ours, or from another version."""
 
 
-def scene_tensors(renderer) -> dict[str, torch.Tensor]:
+def scene_tensors(renderer: Renderer) -> dict[str, torch.Tensor]:
     """The scene of a :class:`~dreamfusion.render.Renderer` as CPU tensors."""
     tensors = {"field.density": renderer.field.density_grid.detach().cpu(), "field.albedo": renderer.field.albedo_grid.detach().cpu()}
     for k, v in renderer.background.state_dict().items():
@@ -37,7 +41,7 @@ def scene_tensors(renderer) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_scene_tensors(renderer, tensors: dict[str, torch.Tensor]) -> None:
+def load_scene_tensors(renderer: Renderer, tensors: dict[str, torch.Tensor]) -> None:
     """Put a checkpoint's scene into a renderer (whatever its grid resolution was)."""
     try:
         if "field.grid" in tensors:  # version 1
@@ -104,7 +108,7 @@ def checkpoint_config(path: str | Path, meta: dict[str, str], overrides: dict | 
         raise CheckpointError(f"{path} holds a configuration this dreamfusion cannot read ({exc})") from None
 
 
-def build_scene(cfg: TrainConfig, device="cpu"):
+def build_scene(cfg: TrainConfig, device: torch.device | str = "cpu") -> Renderer:
     """An empty scene (field, background, renderer) for a configuration."""
     from .field import Background, GridField
     from .render import Renderer
@@ -113,7 +117,7 @@ def build_scene(cfg: TrainConfig, device="cpu"):
     return Renderer(field, Background(cfg.field.background), cfg.render).to(device)
 
 
-def load_scene(path: str | Path, device="cpu"):
+def load_scene(path: str | Path, device: torch.device | str = "cpu") -> tuple[Renderer, dict[str, str], TrainConfig]:
     """The scene of a checkpoint as a :class:`~dreamfusion.render.Renderer`, plus its metadata
     and configuration. No prior is loaded."""
     meta, tensors = read_checkpoint(path)

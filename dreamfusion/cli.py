@@ -161,7 +161,7 @@ def run_render(args: Render) -> Path:
     import imageio.v3 as iio
     import torch
 
-    from .cameras import VIEW_FOCAL, Lights, make_cameras, spherical_to_position
+    from .cameras import VIEW_FOCAL, Cameras, Lights, make_cameras, spherical_to_position
     from .checkpoint import load_scene
     from .export import save_turntable, to_uint8
     from .shading import SHADING_MODES
@@ -177,7 +177,7 @@ def run_render(args: Render) -> Path:
         raise ValueError(f"{args.out} already exists; pass --overwrite to replace it")
     scene, _, _ = load_scene(args.checkpoint)
 
-    def lights_for(cams):
+    def lights_for(cams: Cameras) -> Lights:
         n = len(cams)
         if args.light_azimuth is None:
             pos = cams.position.clone()
@@ -185,7 +185,7 @@ def run_render(args: Render) -> Path:
             pos = spherical_to_position(torch.tensor([args.light_azimuth]), torch.tensor([args.light_elevation]), torch.tensor([3.0])).expand(n, 3)
         return Lights(pos, torch.full((n,), args.light_intensity), torch.full((n,), args.ambient))
 
-    def render(cams):
+    def render(cams: Cameras) -> torch.Tensor:
         with torch.no_grad():
             return scene.render(cams, lights_for(cams), args.size, args.size, args.mode)["image"].clamp(0, 1)
 

@@ -307,11 +307,11 @@ def with_settings(cfg: TrainConfig, *, steps: int | None = None, seed: int | Non
     return replace(cfg, guidance=g, **{k: v for k, v in top.items() if v is not None})
 
 
-def config_to_dict(cfg) -> dict:
+def config_to_dict(cfg: object) -> dict:
     return asdict(cfg)
 
 
-def _from_dict(cls, data: dict):
+def _from_dict(cls: type, data: dict) -> object:
     """A dataclass from a (JSON) dict: nested dataclasses rebuilt, lists back to tuples where the
     default is a tuple; unknown keys are an error (``TypeError``), missing ones take defaults."""
     kwargs = {}

@@ -41,7 +41,7 @@ _Z_UP_TO_Y_UP = np.array([[1.0, 0, 0, 0], [0, 0, 1, 0], [0, -1, 0, 0], [0, 0, 0,
 # ----------------------------------------------------------------------------- extraction
 
 
-def _evaluate(fn: Callable[[torch.Tensor], torch.Tensor], points: np.ndarray, device) -> np.ndarray:
+def _evaluate(fn: Callable[[torch.Tensor], torch.Tensor], points: np.ndarray, device: torch.device | str) -> np.ndarray:
     """Apply ``fn`` to (N, 3) points in chunks, without gradients; returns a float32 numpy array
     with the first dimension N."""
     out = []
@@ -52,7 +52,7 @@ def _evaluate(fn: Callable[[torch.Tensor], torch.Tensor], points: np.ndarray, de
     return np.concatenate(out)
 
 
-def _density_grid(density_fn: Callable[[torch.Tensor], torch.Tensor], resolution: int, bound: float, device) -> np.ndarray:
+def _density_grid(density_fn: Callable[[torch.Tensor], torch.Tensor], resolution: int, bound: float, device: torch.device | str) -> np.ndarray:
     """(R, R, R) float32 density at the nodes of a regular grid over [-bound, bound]^3, indexed
     [x, y, z]. Evaluated slab by slab along X so that the point grid is never built whole."""
     axis = torch.linspace(-bound, bound, resolution, device=device)
@@ -156,7 +156,7 @@ def drop_small_components(mesh: trimesh.Trimesh, min_fraction: float = MIN_COMPO
 
 
 def extract_mesh(density_fn: Callable[[torch.Tensor], torch.Tensor], albedo_fn: Callable[[torch.Tensor], torch.Tensor],
-                 resolution: int = 128, bound: float = 1.0, threshold: float | None = None, device="cpu",
+                 resolution: int = 128, bound: float = 1.0, threshold: float | None = None, device: torch.device | str = "cpu",
                  fill_voids: str = "axes") -> trimesh.Trimesh:
     """Marching-cubes mesh of a density field, with vertex colours.
 
@@ -204,7 +204,7 @@ def to_y_up(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
     return out
 
 
-def to_uint8(image) -> np.ndarray:
+def to_uint8(image: torch.Tensor | np.ndarray) -> np.ndarray:
     """An image (3, H, W) tensor or (H, W, 3) array in [0, 1] -> (H, W, 3) uint8 (value x 255,
     rounded, clipped): the one conversion for every PNG, frame and sheet."""
     if isinstance(image, torch.Tensor):
@@ -228,7 +228,7 @@ def save_mesh(mesh: trimesh.Trimesh, path: str | Path) -> Path:
     return atomic_write(path, lambda tmp: out.export(tmp, file_type=suffix[1:]))
 
 
-def rasterize_triangles(vertices: np.ndarray, faces: np.ndarray, shape: tuple[int, int]):
+def rasterize_triangles(vertices: np.ndarray, faces: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Which integer lattice points (i, j), 0 <= i < shape[0], 0 <= j < shape[1], each 2D triangle
     covers, with barycentric coordinates.
 
@@ -327,7 +327,7 @@ def save_textured_obj(mesh: trimesh.Trimesh, path: str | Path, texture_size: int
 # ----------------------------------------------------------------------------- turntable
 
 
-def _to_frames(images, size: int) -> np.ndarray:
+def _to_frames(images: torch.Tensor | np.ndarray, size: int) -> np.ndarray:
     """(B, 3, H, W) images in [0, 1] (tensor or array) -> (B, H, W, 3) uint8, checking H = W = size."""
     images = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
     if images.ndim != 4 or images.shape[1] != 3 or images.shape[2:] != (size, size):

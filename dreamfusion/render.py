@@ -33,7 +33,7 @@ def ray_aabb(origins: torch.Tensor, dirs: torch.Tensor, bound: float) -> tuple[t
 
 
 def march(near: torch.Tensor, far: torch.Tensor, step: float, n_steps: int, jitter: torch.Tensor | None = None,
-          first: torch.Tensor | None = None, count: int | None = None):
+          first: torch.Tensor | None = None, count: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Samples at a fixed step from ``near``: t_starts, t_ends (N, K) and a valid mask (N, K)
     for samples whose midpoint lies before ``far``. ``jitter`` (N, 1) in [0, 1) shifts each ray's
     samples by a fraction of a step (stratified training).
@@ -194,7 +194,8 @@ class Renderer(torch.nn.Module):
         return {"rgb": rgb, "opacity": opacity, "depth": depth, "normal": normal, "orientation": orientation,
                 "n_samples": int(t_starts.shape[0])}
 
-    def _sample_torch(self, origins, dirs, stratified, generator, dense: bool):
+    def _sample_torch(self, origins: torch.Tensor, dirs: torch.Tensor, stratified: bool, generator: torch.Generator | None,
+                      dense: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """PyTorch sampler on the occupancy grid: packed (ray index, t_start, t_end) of the
         samples that lie in occupied cells (all samples inside the box when ``dense``).
 
@@ -229,8 +230,9 @@ class Renderer(torch.nn.Module):
         ray_idx, k = valid.nonzero(as_tuple=True)
         return ray_idx, t_starts[ray_idx, k], t_ends[ray_idx, k]
 
-    def _sample_nerfacc(self, origins, dirs, stratified):  # pragma: no cover - needs CUDA
-        def sigma_fn(t_starts, t_ends, ray_indices):
+    def _sample_nerfacc(self, origins: torch.Tensor, dirs: torch.Tensor,
+                        stratified: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # pragma: no cover - needs CUDA
+        def sigma_fn(t_starts: torch.Tensor, t_ends: torch.Tensor, ray_indices: torch.Tensor) -> torch.Tensor:
             p = origins[ray_indices] + dirs[ray_indices] * ((t_starts + t_ends) * 0.5)[:, None]
             return self.field.density(p)
 
@@ -239,7 +241,7 @@ class Renderer(torch.nn.Module):
         return ray_idx.long(), t_starts, t_ends
 
     @staticmethod
-    def _weights(t_starts, t_ends, sigmas, ray_idx, n_rays):
+    def _weights(t_starts: torch.Tensor, t_ends: torch.Tensor, sigmas: torch.Tensor, ray_idx: torch.Tensor, n_rays: int) -> torch.Tensor:
         """Volume-rendering weights of packed samples (ray indices sorted, as both samplers give)."""
         if sigmas.is_cuda:  # pragma: no cover - nerfacc's packed CUDA path
             weights, _, _ = nerfacc.render_weight_from_density(t_starts, t_ends, sigmas, ray_indices=ray_idx, n_rays=n_rays)

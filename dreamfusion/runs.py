@@ -9,14 +9,22 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .cameras import default_light
 from .config import MESH_FORMATS, VIDEO_FORMATS, ExportOptions
 from .export import extract_mesh, save_mesh, save_turntable, silhouette_level, to_uint8
 from .trainer import Trainer, config_to_dict
+
+if TYPE_CHECKING:
+    import torch
+
+    from .cameras import Cameras
+    from .render import Renderer
 
 
 def validate_export(opts: ExportOptions) -> None:
@@ -61,7 +69,7 @@ def finish_output(staging: Path, out: Path) -> Path:
 
 
 @contextmanager
-def staged_output(out: Path, overwrite: bool):
+def staged_output(out: Path, overwrite: bool) -> Iterator[Path]:
     """Write a run into a staging folder, moved into place only if the block succeeds; on any
     failure (or Ctrl-C) the staging folder is removed and ``out`` is untouched."""
     staging = prepare_output(out, overwrite)
@@ -78,7 +86,7 @@ def staged_output(out: Path, overwrite: bool):
 SILHOUETTE_SIZE = 64
 
 
-def silhouette_cameras():
+def silhouette_cameras() -> Cameras:
     import torch
 
     from .cameras import VIEW_DISTANCE, VIEW_FOCAL, make_cameras
@@ -89,7 +97,7 @@ def silhouette_cameras():
     return make_cameras(azimuths, elevations, VIEW_DISTANCE, VIEW_FOCAL)
 
 
-def surface_level(scene) -> float:
+def surface_level(scene: Renderer) -> float:
     """The density level of a scene's surface: the one whose silhouettes match its renders
     (:func:`dreamfusion.export.silhouette_level`)."""
     cams = silhouette_cameras().to(scene.field.density_grid.device)
@@ -97,7 +105,7 @@ def surface_level(scene) -> float:
     return silhouette_level(opacity.cpu(), peak.cpu())
 
 
-def export_renderer(scene, folder: Path, opts: ExportOptions) -> list[str]:
+def export_renderer(scene: Renderer, folder: Path, opts: ExportOptions) -> list[str]:
     """Write meshes and the turntable of a scene (a :class:`~dreamfusion.render.Renderer`, e.g. a
     snapshot or :func:`~dreamfusion.checkpoint.load_scene`'s) into ``folder``. Returns the notes
     for the user (such as a surface level lowered for a faint scene)."""
@@ -115,7 +123,7 @@ def export_renderer(scene, folder: Path, opts: ExportOptions) -> list[str]:
     for fmt in opts.formats:
         save_mesh(mesh, folder / f"mesh.{fmt}")
     if opts.video != "none":
-        def render(cams):
+        def render(cams: Cameras) -> torch.Tensor:
             with torch.no_grad():
                 return scene.render(cams.to(device), default_light(cams).to(device), opts.video_size, opts.video_size,
                                     opts.video_mode)["image"].clamp(0, 1).cpu()

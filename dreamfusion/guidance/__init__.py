@@ -6,6 +6,8 @@ import copy
 import importlib
 import threading
 
+import torch
+
 from ..config import GUIDANCES, USER_GUIDANCES, GuidanceConfig, guidance_spec, resolve_guidance
 from .base import Guidance, GuidanceError, RenderBatch
 
@@ -15,12 +17,12 @@ _SHARED: dict[tuple, Guidance] = {}
 _SHARED_LOCK = threading.Lock()
 
 
-def _model_key(cfg: GuidanceConfig, device) -> tuple:
+def _model_key(cfg: GuidanceConfig, device: torch.device | str) -> tuple:
     """What makes two loaded priors different (per-run settings such as the guidance weight do not)."""
     return (cfg.name, cfg.model, str(device), bool(cfg.half_precision))
 
 
-def load_guidance(cfg: GuidanceConfig, device="cpu", shared: bool = True) -> Guidance:
+def load_guidance(cfg: GuidanceConfig, device: torch.device | str = "cpu", shared: bool = True) -> Guidance:
     """The prior named by ``cfg.name``, configured by ``cfg``; a :class:`GuidanceError` says what
     went wrong. ``shared``: the model is loaded once per process for each (name, model, device,
     precision) and every caller gets a light copy that shares its weights (frozen, inference only)

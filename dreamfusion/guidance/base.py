@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..cameras import Cameras, Lights
-from ..config import GuidanceConfig
+from ..config import CameraConfig, GuidanceConfig
 from ..sds import classifier_free_guidance, noise_images, sds_gradient, sds_surrogate_loss, timestep_weight
 
 
@@ -51,19 +51,19 @@ class Guidance:
     alphas_cumprod: torch.Tensor
     max_tokens: int = 77
 
-    def __init__(self, cfg: GuidanceConfig, device="cpu"):
+    def __init__(self, cfg: GuidanceConfig, device: torch.device | str = "cpu"):
         self.cfg = cfg
         self.device = torch.device(device)
         self._cache: dict[str, object] = {}
 
     # -- to implement
-    def encode(self, texts: list[str]):
+    def encode(self, texts: list[str]) -> object:
         raise NotImplementedError
 
     def model_input(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, cond, features: torch.Tensor | None = None) -> torch.Tensor:
+    def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, cond: object, features: torch.Tensor | None = None) -> torch.Tensor:
         """eps for a batch; ``cond`` is what :meth:`encode` returned for as many texts; ``features``
         what :meth:`render_features` returned (priors that take none never receive any)."""
         raise NotImplementedError
@@ -85,19 +85,19 @@ class Guidance:
         a prior that knows the open world)."""
         return None
 
-    def camera_config(self):
+    def camera_config(self) -> CameraConfig | None:
         """The camera/light distribution this prior was trained on (a CameraConfig), or None:
         training then draws from its own config."""
         return None
 
-    def concat(self, conds: list):
+    def concat(self, conds: list) -> object:
         raise NotImplementedError
 
     def truncation_note(self, text: str) -> str | None:
         return None
 
     # -- shared
-    def condition(self, texts: list[str]):
+    def condition(self, texts: list[str]) -> object:
         """Encoded texts, each computed once per prior."""
         for t in texts:
             if t not in self._cache:

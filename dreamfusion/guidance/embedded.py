@@ -16,7 +16,7 @@ from .base import Guidance, GuidanceConfig, GuidanceError, RenderBatch
 class EmbeddedGuidance(Guidance):
     name = "embedded"
 
-    def __init__(self, cfg: GuidanceConfig, device="cpu"):
+    def __init__(self, cfg: GuidanceConfig, device: torch.device | str = "cpu"):
         super().__init__(cfg, device)
         folder = Path(cfg.model) if cfg.model else ASSET_DIR
         try:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..prior.data import render_object
-from ..prior.world import NOUNS, build_object, parse_prompt
+from ..prior.world import NOUNS, WorldObject, build_object, parse_prompt
 from .base import Guidance, GuidanceConfig, GuidanceError, RenderBatch
 
 
@@ -23,7 +23,7 @@ def photometric_loss(images: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
     return 0.5 * ((images - targets.detach()) ** 2).sum() / images.shape[0]
 
 
-def reference_object(prompt: str):
+def reference_object(prompt: str) -> WorldObject:
     """The world object a prompt names (its view label, if any, is ignored); a
     :class:`GuidanceError` if it names none."""
     text = prompt.rsplit(",", 1)[0] if prompt.rstrip().endswith(" view") else prompt
@@ -44,7 +44,7 @@ class ReferenceGuidance(Guidance):
     name = "reference"
     user_facing = False
 
-    def __init__(self, cfg: GuidanceConfig, device="cpu"):
+    def __init__(self, cfg: GuidanceConfig, device: torch.device | str = "cpu"):
         super().__init__(cfg, device)
         self.supersample = 2  # antialiased, as the prior's training renders
 

@@ -93,7 +93,7 @@ def _check_hub(repo_id: str) -> str | None:
 class StableDiffusionGuidance(Guidance):
     name = "stable-diffusion"
 
-    def __init__(self, cfg: GuidanceConfig, device="cpu"):
+    def __init__(self, cfg: GuidanceConfig, device: torch.device | str = "cpu"):
         super().__init__(cfg, device)
         source = cfg.model or DEFAULT_MODEL
         parts = self._load(source)

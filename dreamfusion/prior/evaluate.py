@@ -17,8 +17,9 @@ import random
 from dataclasses import dataclass
 
 import torch
+from diffusers import UNet2DConditionModel
 
-from ..cameras import default_light, make_cameras, render_condition_features, sample_lights
+from ..cameras import Cameras, Lights, default_light, make_cameras, render_condition_features, sample_lights
 from .data import render_batch, render_object
 from .model import PriorConfig, TextCondition, TextEncoder, predict_noise
 from .world import ASYMMETRIC_NOUNS, COLOUR_NAMES, FIXED_COMPOSITES, HELD_OUT_PAIRS, NOUNS, build_object, caption, phrase
@@ -27,7 +28,7 @@ TIMESTEPS = (100, 250, 400, 550, 700)
 
 
 @torch.no_grad()
-def denoising_errors(unet, cfg: PriorConfig, encoder: TextEncoder, image: torch.Tensor, captions: list[str],
+def denoising_errors(unet: UNet2DConditionModel, cfg: PriorConfig, encoder: TextEncoder, image: torch.Tensor, captions: list[str],
                      timesteps: list[int], seed: int = 0, features: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared noise-prediction error of one image (C, S, S) in [0, 1] under each candidate:
     (len(captions),). ``features``: None, or the render conditions (F,) shared by every caption, or
@@ -61,11 +62,11 @@ class ClassifierReport:
     n_colour_images: int
 
 
-def _features(cfg: PriorConfig, cams, lights, modes) -> torch.Tensor | None:
+def _features(cfg: PriorConfig, cams: Cameras, lights: Lights, modes: list[str]) -> torch.Tensor | None:
     return render_condition_features(cams, lights, modes) if cfg.condition_features else None
 
 
-def text_following(unet, cfg: PriorConfig, encoder: TextEncoder, n_images: int = 24, held_out: int = 8, seed: int = 0,
+def text_following(unet: UNet2DConditionModel, cfg: PriorConfig, encoder: TextEncoder, n_images: int = 24, held_out: int = 8, seed: int = 0,
                    timesteps: tuple[int, ...] = TIMESTEPS) -> ClassifierReport:
     """Render fresh images (``held_out`` of them of held-out pairs), and check that the caption
     with the true noun (among all 16, true colour kept) and the true colour (among all 12, true
@@ -101,7 +102,7 @@ def text_following(unet, cfg: PriorConfig, encoder: TextEncoder, n_images: int =
             colour_hits.append((COLOUR_NAMES[int(err.argmin())] == colour, i < held_out))
             colour_n += 1
 
-    def mean(xs):
+    def mean(xs: list) -> float:
         return sum(xs) / max(len(xs), 1)
 
     return ClassifierReport(
@@ -119,7 +120,7 @@ class CameraReport:
     n_images: int
 
 
-def camera_following(unet, cfg: PriorConfig, encoder: TextEncoder, nouns: tuple[str, ...] = ASYMMETRIC_NOUNS, views: int = 8,
+def camera_following(unet: UNet2DConditionModel, cfg: PriorConfig, encoder: TextEncoder, nouns: tuple[str, ...] = ASYMMETRIC_NOUNS, views: int = 8,
                      elevations: tuple[float, ...] = (10.0, 35.0), seed: int = 0, timesteps: tuple[int, ...] = TIMESTEPS) -> CameraReport:
     """For each noun, render it at ``views`` azimuths 45 degrees apart (each elevation, lit, light
     at the camera) and rank the 8 candidate azimuths by the prior's denoising error under each

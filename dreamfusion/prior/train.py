@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -42,7 +43,8 @@ def _ema_update(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: flo
                 ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
 
 
-def _save(cfg: TrainPriorConfig, prior_cfg: PriorConfig, model, ema, step: int, log: list[dict]) -> None:
+def _save(cfg: TrainPriorConfig, prior_cfg: PriorConfig, model: torch.nn.Module, ema: dict[str, torch.Tensor], step: int,
+          log: list[dict]) -> None:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     save_prior_weights(ema, prior_cfg, out, step)
@@ -55,7 +57,8 @@ def _save(cfg: TrainPriorConfig, prior_cfg: PriorConfig, model, ema, step: int, 
     log.clear()
 
 
-def write_sample_grid(unet, prior_cfg: PriorConfig, encoder: TextEncoder, path: Path, seeds=(0, 1, 2, 3)) -> None:
+def write_sample_grid(unet: torch.nn.Module, prior_cfg: PriorConfig, encoder: TextEncoder, path: Path,
+                      seeds: tuple[int, ...] = (0, 1, 2, 3)) -> None:
     """A text-only prior: 16 prompts x 4 seeds, two prompts per row. A camera-aware prior: one row
     per prompt of :data:`AZIMUTH_GRID_PHRASES` across 8 azimuths 45 degrees apart (elevation 20,
     lit, light at the camera, one seed per row), so view consistency can be seen; its coverage
@@ -87,7 +90,7 @@ def diffusion_loss(eps_pred: torch.Tensor, noise: torch.Tensor, alphas_cumprod_t
     return per_image.mean()
 
 
-def train_prior(cfg: TrainPriorConfig, prior_cfg: PriorConfig | None = None, on_log=print) -> Path:
+def train_prior(cfg: TrainPriorConfig, prior_cfg: PriorConfig | None = None, on_log: Callable[[str], None] = print) -> Path:
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     resume = out / RESUME_FILE

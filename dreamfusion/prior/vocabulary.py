@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .model import TextEncoder
 from .world import COLOUR_WORDS, FIXED_COMPOSITES, MATERIAL_WORDS, NOUN_WORDS
 
 OOV_THRESHOLD = 0.62
@@ -65,7 +66,7 @@ class Vocabulary:
     _cache: dict[str, torch.Tensor] = {}
     _lock = threading.Lock()
 
-    def __init__(self, encoder, folder: Path | None = None):
+    def __init__(self, encoder: TextEncoder, folder: Path | None = None):
         self.encoder = encoder
         self.phrases = known_phrases()
         key = "|".join(self.phrases)
