@@ -19,10 +19,11 @@ from dataclasses import dataclass
 import torch
 from diffusers import UNet2DConditionModel
 
-from ..cameras import Cameras, Lights, default_light, make_cameras, render_condition_features, sample_lights
+from ..cameras import Cameras, Lights, default_light, make_cameras, render_condition_features, sample_cameras, sample_lights
+from ..config import CameraConfig
 from .data import render_batch, render_object
 from .model import PriorConfig, TextCondition, TextEncoder, predict_noise
-from .world import ASYMMETRIC_NOUNS, COLOUR_NAMES, FIXED_COMPOSITES, HELD_OUT_PAIRS, NOUNS, build_object, caption, phrase
+from .world import ASYMMETRIC_NOUNS, COLOUR_NAMES, FIXED_COMPOSITES, HELD_OUT_PAIRS, NOUNS, all_objects, build_object, caption, phrase
 
 TIMESTEPS = (100, 250, 400, 550, 700)
 
@@ -152,3 +153,27 @@ def camera_following(unet: UNet2DConditionModel, cfg: PriorConfig, encoder: Text
         per[noun] = sum(noun_hits) / len(noun_hits)
         hits += noun_hits
     return CameraReport(top1=sum(hits) / len(hits), within_45=sum(near) / len(near), per_noun=per, n_images=len(hits))
+
+
+@dataclass
+class Coverage:
+    noun: str
+    minimum: float
+    median: float
+    maximum: float
+    touching_edge: float
+    """fraction of views in which the object reaches the image's outermost pixels"""
+
+
+def frame_coverage(camera_cfg: CameraConfig, n: int = 128, size: int = 32, seed: int = 0) -> list[Coverage]:
+    """How much of the image each object of the world fills under a camera distribution: the
+    fraction of pixels its coverage mask holds, over ``n`` random cameras (the same for all)."""
+    cams = sample_cameras(camera_cfg, n, torch.Generator().manual_seed(seed))
+    lights = default_light(cams)
+    out = []
+    for obj in all_objects():
+        alpha = render_object(obj, cams, lights, ["albedo"] * n, size, with_alpha=True)[:, 3]
+        frac = alpha.mean(dim=(1, 2))
+        border = torch.cat([alpha[:, 0], alpha[:, -1], alpha[:, :, 0], alpha[:, :, -1]], dim=1).amax(dim=1)
+        out.append(Coverage(obj.noun, float(frac.min()), float(frac.median()), float(frac.max()), float((border > 0).float().mean())))
+    return out
