@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from ..cameras import default_light, orbit_cameras, render_condition_features
 from ..config import TrainPriorConfig
 from ..export import to_uint8
+from ..files import atomic_write
 from .data import render_batch
 from .model import RESUME_FILE, WEIGHTS_FILE, PriorConfig, TextEncoder, predict_noise, save_prior_weights
 from .sampling import image_grid, sample_images
@@ -48,9 +49,8 @@ def _save(cfg: TrainPriorConfig, prior_cfg: PriorConfig, model: torch.nn.Module,
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     save_prior_weights(ema, prior_cfg, out, step)
-    tmp = out / (RESUME_FILE + ".tmp")
-    save_file({k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata={"step": str(step)})
-    tmp.replace(out / RESUME_FILE)
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    atomic_write(out / RESUME_FILE, lambda tmp: save_file(state, tmp, metadata={"step": str(step)}))
     with open(out / "train_log.jsonl", "a") as f:
         for row in log:
             f.write(json.dumps(row) + "\n")
