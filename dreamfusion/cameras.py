@@ -222,3 +222,17 @@ def render_condition_features(cameras: Cameras, lights: Lights, modes: list[str]
     if present is not None:
         feats = feats * present.to(feats.dtype)[:, None]
     return feats
+
+
+#: channels of :func:`ray_condition_maps`
+RAY_CONDITION_CHANNELS = 6
+
+
+def ray_condition_maps(cameras: Cameras, size: int) -> torch.Tensor:
+    """Per-pixel camera conditions for a prior: the Plücker coordinates of each pixel's ray,
+    (B, 6, size, size) = (unit direction d, moment o x d) in world coordinates. A convolutional
+    prior reads the view from them pixel by pixel (as CAT3D and SPAD do), instead of having to
+    learn it from a global vector."""
+    origins, dirs = camera_rays(cameras, size, size)  # (B, S, S, 3)
+    moment = torch.cross(origins, dirs, dim=-1)
+    return torch.cat([dirs, moment], dim=-1).permute(0, 3, 1, 2).contiguous()

@@ -376,3 +376,26 @@ def default_light_for(cams):
     from dreamfusion.cameras import default_light
 
     return default_light(cams)
+
+
+def test_ray_condition_maps_by_hand():
+    from dreamfusion.cameras import ray_condition_maps
+
+    cams = make_cameras([0.0, 90.0], 0.0, 2.0, 1.0)
+    maps = ray_condition_maps(cams, 4)
+    assert maps.shape == (2, 6, 4, 4)
+    # the four central pixels of a camera on +X look (nearly) along -X and pass (nearly) through the origin
+    centre = maps[0, :, 1:3, 1:3].mean(dim=(1, 2))
+    assert torch.allclose(centre[:3] / centre[:3].norm(), torch.tensor([-1.0, 0.0, 0.0]), atol=1e-6)
+    assert torch.allclose(centre[3:], torch.zeros(3), atol=1e-6)
+    # unit directions; the moment is perpendicular to the direction; |o x d| = the ray's distance from the origin
+    d, m = maps[:, :3], maps[:, 3:]
+    assert torch.allclose(d.norm(dim=1), torch.ones(2, 4, 4), atol=1e-6)
+    assert torch.allclose((d * m).sum(dim=1), torch.zeros(2, 4, 4), atol=1e-5)
+    # pixel (row 0, col 3) of the +X camera: up and to the right (+Y on the right, +Z up), so its moment
+    # o x d = (2, 0, 0) x (-1, y, z) = (0, -2 z, 2 y) has y > 0, z > 0
+    assert float(maps[0, 4, 0, 3]) < 0 and float(maps[0, 5, 0, 3]) > 0
+    # the camera on +Y sees the same rays turned by 90 degrees about Z
+    rot = torch.tensor([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    turned = torch.einsum("ij,jhw->ihw", rot, maps[0, :3])
+    assert torch.allclose(turned, maps[1, :3], atol=1e-6)
