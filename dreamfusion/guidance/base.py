@@ -36,6 +36,15 @@ class RenderBatch:
         return self.images.shape[0]
 
 
+def _repeat(conditions: object, n: int) -> object:
+    """A batch of conditions repeated ``n`` times along its first dimension."""
+    if conditions is None:
+        return None
+    if isinstance(conditions, torch.Tensor):
+        return torch.cat([conditions] * n)
+    return conditions.repeat(n)
+
+
 def as_render_batch(renders: RenderBatch | torch.Tensor) -> RenderBatch:
     return renders if isinstance(renders, RenderBatch) else RenderBatch(renders)
 
@@ -63,7 +72,7 @@ class Guidance:
     def model_input(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, cond: object, features: torch.Tensor | None = None) -> torch.Tensor:
+    def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, cond: object, features: object = None) -> torch.Tensor:
         """eps for a batch; ``cond`` is what :meth:`encode` returned for as many texts; ``features``
         what :meth:`render_features` returned (priors that take none never receive any)."""
         raise NotImplementedError
@@ -73,8 +82,9 @@ class Guidance:
         """What the U-Net denoises, from the whole batch (default: :meth:`model_input` of the images)."""
         return self.model_input(renders.images)
 
-    def render_features(self, renders: RenderBatch) -> torch.Tensor | None:
-        """Per-render conditions for a camera-aware prior: (B, F), or None (the default: text only)."""
+    def render_features(self, renders: RenderBatch) -> object:
+        """Per-render conditions for a camera-aware prior (a tensor (B, F), or any object with a
+        ``repeat(n)`` method that repeats its batch), or None (the default: text only)."""
         return None
 
     def check_prompt(self, prompt: str) -> None:
@@ -124,7 +134,7 @@ class Guidance:
         if draws > 1:  # independent (t, eps) per copy; the mean over copies is the gradient
             x = x.repeat(draws, *([1] * (x.dim() - 1)))
             texts = list(texts) * draws
-            features = None if features is None else features.repeat(draws, 1)
+            features = _repeat(features, draws)
         b = x.shape[0]
         n_t = self.alphas_cumprod.shape[0]
         lo, hi = int(t_range[0] * n_t), max(int(t_range[0] * n_t) + 1, int(t_range[1] * n_t))
@@ -136,7 +146,7 @@ class Guidance:
             cond = self.concat([self.condition(texts), self.condition([""] * b)])
             both = (torch.cat([z_t, z_t]), torch.cat([t, t]), cond)
             eps = eps.float()
-            out = self.predict_noise(*both) if features is None else self.predict_noise(*both, torch.cat([features, features]).to(self.device))
+            out = self.predict_noise(*both) if features is None else self.predict_noise(*both, _repeat(features, 2))
             eps_c, eps_u = out.float().chunk(2)
             eps_hat = classifier_free_guidance(eps_c, eps_u, self.cfg.guidance_scale)
             grad = sds_gradient(eps_hat, eps, timestep_weight(a_t.float(), self.cfg.weighting))

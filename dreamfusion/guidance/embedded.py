@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..cameras import CameraConfig, render_condition_features
-from ..prior.model import ASSET_DIR, TextCondition, TextEncoder, load_unet, predict_noise
+from ..cameras import CameraConfig
+from ..prior.model import ASSET_DIR, RenderConditions, TextCondition, TextEncoder, load_unet, predict_noise
 from .base import Guidance, GuidanceConfig, GuidanceError, RenderBatch
 
 
@@ -68,14 +68,16 @@ class EmbeddedGuidance(Guidance):
         opacity = renders.opacity if self.cfg.use_alpha else renders.opacity.detach()
         return self.model_input(torch.cat([renders.images, opacity], dim=1))
 
-    def render_features(self, renders: RenderBatch) -> torch.Tensor | None:
+    def render_features(self, renders: RenderBatch) -> RenderConditions | None:
         """Cameras, light and shading mode of each render, for a camera-aware prior (None: the
         prior takes none, or ``use_render_conditions`` is off, or the renders came without them)."""
-        if not self.prior_cfg.condition_features or not self.cfg.use_render_conditions:
+        if not (self.prior_cfg.condition_features or self.prior_cfg.ray_channels) or not self.cfg.use_render_conditions:
             return None
         if renders.cameras is None or renders.lights is None or renders.modes is None:
             return None
-        return render_condition_features(renders.cameras.to("cpu"), renders.lights.to("cpu"), renders.modes).to(self.device)
+        cams, lights = renders.cameras.to("cpu"), renders.lights.to("cpu")
+        return RenderConditions.of(self.prior_cfg, cams, lights, renders.modes).to(self.device)
 
-    def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, cond: TextCondition, features: torch.Tensor | None = None) -> torch.Tensor:
+    def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, cond: TextCondition,
+                      features: RenderConditions | None = None) -> torch.Tensor:
         return predict_noise(self.unet, x_t, t, cond, features)

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import torch
 from diffusers import UNet2DConditionModel
 
-from ..cameras import Cameras, Lights, default_light, make_cameras, render_condition_features, sample_cameras, sample_lights
+from ..cameras import Cameras, Lights, default_light, make_cameras, sample_cameras, sample_lights
 from ..config import CameraConfig
 from .data import render_batch, render_object
-from .model import PriorConfig, TextCondition, TextEncoder, predict_noise
+from .model import PriorConfig, RenderConditions, TextCondition, TextEncoder, predict_noise
 from .world import ASYMMETRIC_NOUNS, COLOUR_NAMES, FIXED_COMPOSITES, HELD_OUT_PAIRS, NOUNS, all_objects, build_object, caption, phrase
 
 TIMESTEPS = (100, 250, 400, 550, 700)
@@ -30,10 +30,10 @@ TIMESTEPS = (100, 250, 400, 550, 700)
 
 @torch.no_grad()
 def denoising_errors(unet: UNet2DConditionModel, cfg: PriorConfig, encoder: TextEncoder, image: torch.Tensor, captions: list[str],
-                     timesteps: list[int], seed: int = 0, features: torch.Tensor | None = None) -> torch.Tensor:
+                     timesteps: list[int], seed: int = 0, conditions: RenderConditions | None = None) -> torch.Tensor:
     """Mean squared noise-prediction error of one image (C, S, S) in [0, 1] under each candidate:
-    (len(captions),). ``features``: None, or the render conditions (F,) shared by every caption, or
-    (len(captions), F) one per candidate. The same noise and timesteps for every candidate."""
+    (len(captions),). ``conditions``: None, or render conditions of one row shared by every
+    caption, or of one row per candidate. The same noise and timesteps for every candidate."""
     g = torch.Generator().manual_seed(seed)
     x0 = image * 2 - 1
     alphas = cfg.scheduler().alphas_cumprod
@@ -46,11 +46,16 @@ def denoising_errors(unet: UNet2DConditionModel, cfg: PriorConfig, encoder: Text
     for i in range(len(captions)):
         c = TextCondition(cond.states[i:i + 1].expand(len(timesteps), -1, -1), cond.mask[i:i + 1].expand(len(timesteps), -1),
                           cond.pooled[i:i + 1].expand(len(timesteps), -1))
-        f = None
-        if features is not None:
-            f = (features if features.dim() == 1 else features[i]).expand(len(timesteps), -1)
-        errors.append(((predict_noise(unet, x_t, t, c, f) - eps) ** 2).mean())
+        rc = None
+        if conditions is not None:
+            k = slice(0, 1) if _rows(conditions) == 1 else slice(i, i + 1)
+            rc = RenderConditions(*(None if v is None else v[k] for v in (conditions.features, conditions.rays))).repeat(len(timesteps))
+        errors.append(((predict_noise(unet, x_t, t, c, rc) - eps) ** 2).mean())
     return torch.stack(errors)
+
+
+def _rows(conditions: RenderConditions) -> int:
+    return next(v.shape[0] for v in (conditions.features, conditions.rays) if v is not None)
 
 
 @dataclass
@@ -63,8 +68,8 @@ class ClassifierReport:
     n_colour_images: int
 
 
-def _features(cfg: PriorConfig, cams: Cameras, lights: Lights, modes: list[str]) -> torch.Tensor | None:
-    return render_condition_features(cams, lights, modes) if cfg.condition_features else None
+def _conditions(cfg: PriorConfig, cams: Cameras, lights: Lights, modes: list[str]) -> RenderConditions | None:
+    return RenderConditions.of(cfg, cams, lights, modes) if cfg.condition_features or cfg.ray_channels else None
 
 
 def text_following(unet: UNet2DConditionModel, cfg: PriorConfig, encoder: TextEncoder, n_images: int = 24, held_out: int = 8, seed: int = 0,
@@ -89,8 +94,7 @@ def text_following(unet: UNet2DConditionModel, cfg: PriorConfig, encoder: TextEn
     noun_hits, colour_hits, colour_n = [], [], 0
     for i, img in enumerate(images):
         az, el = float(batch.cameras.azimuth[i]), float(batch.cameras.elevation[i])
-        feats = _features(cfg, batch.cameras[i], batch.lights[i], [batch.modes[i]])
-        feats = None if feats is None else feats[0]
+        feats = _conditions(cfg, batch.cameras[i], batch.lights[i], [batch.modes[i]])
         colour = colours[i] if batch.modes[i] != "textureless" else None
         cand_nouns = [n for n in NOUNS if colour is None or n not in FIXED_COMPOSITES]
         noun_caps = [caption(phrase(n, colour, "a {colour} {noun}" if colour and n not in FIXED_COMPOSITES else "a {noun}"), az, el)
@@ -126,7 +130,7 @@ def camera_following(unet: UNet2DConditionModel, cfg: PriorConfig, encoder: Text
     """For each noun, render it at ``views`` azimuths 45 degrees apart (each elevation, lit, light
     at the camera) and rank the 8 candidate azimuths by the prior's denoising error under each
     candidate's render conditions and view label: the true azimuth should win (chance 1/8)."""
-    if not cfg.condition_features:
+    if not cfg.condition_features and not cfg.ray_channels:
         raise ValueError("this prior takes no render conditions: it cannot tell cameras apart beyond its view labels")
     camera_cfg = cfg.camera_config()
     distance = sum(camera_cfg.distance_range) / 2
@@ -143,7 +147,7 @@ def camera_following(unet: UNet2DConditionModel, cfg: PriorConfig, encoder: Text
             cams = make_cameras(azimuths, el, distance, focal)
             lights = default_light(cams, intensity=0.7, ambient=0.15)
             images = render_object(obj, cams, lights, ["lit"] * views, cfg.image_size, with_alpha=cfg.channels == 4)
-            feats = render_condition_features(cams, lights, ["lit"] * views)
+            feats = RenderConditions.of(cfg, cams, lights, ["lit"] * views)
             caps = [caption(text, float(a), el) for a in azimuths]
             for i in range(views):
                 err = denoising_errors(unet, cfg, encoder, images[i], caps, list(timesteps), seed + i, feats)

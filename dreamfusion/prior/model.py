@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
-from ..cameras import RENDER_CONDITION_FEATURES
+from ..cameras import RAY_CONDITION_CHANNELS, RENDER_CONDITION_FEATURES, Cameras, Lights, ray_condition_maps, render_condition_features
 from ..config import ASSET_DIR, LEGACY_CAMERA, CameraConfig
 
 WEIGHTS_FILE = "unet_ema_fp16.safetensors"
@@ -39,6 +39,9 @@ class PriorConfig:
     and that half-transparent fog is not one"""
     condition_features: int = RENDER_CONDITION_FEATURES
     """length of the render-condition vector (camera, light, shading mode; 0: text only)"""
+    ray_channels: int = RAY_CONDITION_CHANNELS
+    """per-pixel camera conditions beside the noisy image: the Plücker coordinates of each pixel's
+    ray (0: none)"""
     camera: dict = field(default_factory=lambda: asdict(CameraConfig()))
     """the camera and light distribution of its training renders (a CameraConfig's fields)"""
     version: int = 2
@@ -51,7 +54,7 @@ class PriorConfig:
         n = len(self.block_out_channels)
         return UNet2DConditionModel(
             sample_size=self.image_size,
-            in_channels=self.channels,
+            in_channels=self.channels + self.ray_channels,
             out_channels=self.channels,
             layers_per_block=self.layers_per_block,
             block_out_channels=tuple(self.block_out_channels),
@@ -78,6 +81,7 @@ class PriorConfig:
         # a version-1 folder (the first shipped prior) predates these fields: RGB, text only, old framing
         data.setdefault("channels", 3)
         data.setdefault("condition_features", 0)
+        data.setdefault("ray_channels", 0)
         data.setdefault("camera", asdict(LEGACY_CAMERA))
         return cls(**data)
 
@@ -96,7 +100,7 @@ class TextEncoder:
 
     Returns (B, max_tokens, 384) states and a (B, max_tokens) attention mask."""
 
-    def __init__(self, max_tokens: int = 24, device="cpu"):
+    def __init__(self, max_tokens: int = 24, device: torch.device | str = "cpu"):
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
@@ -152,7 +156,7 @@ class TextCondition:
     mask: torch.Tensor
     pooled: torch.Tensor
 
-    def __getitem__(self, idx) -> TextCondition:
+    def __getitem__(self, idx: int | slice | torch.Tensor) -> TextCondition:
         return TextCondition(self.states[idx], self.mask[idx], self.pooled[idx])
 
     def expand(self, n: int) -> TextCondition:
@@ -162,7 +166,7 @@ class TextCondition:
     def cat(conds: list[TextCondition]) -> TextCondition:
         return TextCondition(*(torch.cat([getattr(c, k) for c in conds]) for k in ("states", "mask", "pooled")))
 
-    def to(self, device) -> TextCondition:
+    def to(self, device: torch.device | str) -> TextCondition:
         return TextCondition(self.states.to(device), self.mask.to(device), self.pooled.to(device))
 
 
@@ -173,21 +177,60 @@ def pooled(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return v / v.norm(dim=-1, keepdim=True).clamp_min(1e-8)
 
 
+@dataclass
+class RenderConditions:
+    """What a camera-aware prior is told about each image besides its text: the global vector of
+    :func:`~dreamfusion.cameras.render_condition_features` (B, F) and the per-pixel ray maps of
+    :func:`~dreamfusion.cameras.ray_condition_maps` (B, 6, S, S); either may be None (unknown)."""
+
+    features: torch.Tensor | None = None
+    rays: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, cfg: PriorConfig, cameras: Cameras, lights: Lights, modes: list[str],
+           present: torch.Tensor | None = None) -> RenderConditions:
+        """The conditions of a batch of renders for ``cfg``'s prior; rows where ``present`` is False
+        are zeros (dropped: the prior must guess)."""
+        features = render_condition_features(cameras, lights, modes, present) if cfg.condition_features else None
+        rays = None
+        if cfg.ray_channels:
+            rays = ray_condition_maps(cameras, cfg.image_size)
+            if present is not None:
+                rays = rays * present.to(rays.dtype).view(-1, 1, 1, 1)
+        return cls(features, rays)
+
+    def repeat(self, n: int) -> RenderConditions:
+        """The batch repeated ``n`` times (the branches of guidance, several SDS draws)."""
+        rep = lambda v: None if v is None else torch.cat([v] * n)  # noqa: E731
+        return RenderConditions(rep(self.features), rep(self.rays))
+
+    def to(self, device: torch.device | str) -> RenderConditions:
+        mv = lambda v: None if v is None else v.to(device)  # noqa: E731
+        return RenderConditions(mv(self.features), mv(self.rays))
+
+
 def predict_noise(unet: UNet2DConditionModel, x_t: torch.Tensor, t: torch.Tensor, cond: TextCondition,
-                  features: torch.Tensor | None = None) -> torch.Tensor:
+                  conditions: RenderConditions | torch.Tensor | None = None) -> torch.Tensor:
     """eps(x_t; y, c) for a batch: (B, C, S, S) images, (B,) timesteps, and for a camera-aware prior
-    the render conditions ``features`` (B, F) of :func:`dreamfusion.cameras.render_condition_features`
-    (None: unknown, all zeros). The pooled text and the features enter through the class embedding."""
+    its render conditions (a :class:`RenderConditions`, or just the global features (B, F); None:
+    unknown, all zeros). The pooled text and the global features enter through the class
+    embedding, the ray maps as extra input channels."""
+    if isinstance(conditions, torch.Tensor) or conditions is None:
+        conditions = RenderConditions(conditions)
     labels = cond.pooled
     extra = unet.config.projection_class_embeddings_input_dim - labels.shape[-1]
     if extra:
-        if features is None:
-            features = labels.new_zeros(labels.shape[0], extra)
+        features = conditions.features if conditions.features is not None else labels.new_zeros(labels.shape[0], extra)
         labels = torch.cat([labels, features.to(labels)], dim=-1)
+    ray_channels = unet.config.in_channels - x_t.shape[1]
+    if ray_channels:
+        rays = conditions.rays if conditions.rays is not None else x_t.new_zeros(x_t.shape[0], ray_channels, *x_t.shape[2:])
+        x_t = torch.cat([x_t, rays.to(x_t)], dim=1)
     return unet(x_t, t, encoder_hidden_states=cond.states, encoder_attention_mask=cond.mask, class_labels=labels).sample
 
 
-def load_unet(folder: Path | str = ASSET_DIR, device="cpu", dtype=torch.float32) -> tuple[UNet2DConditionModel, PriorConfig]:
+def load_unet(folder: Path | str = ASSET_DIR, device: torch.device | str = "cpu",
+              dtype: torch.dtype = torch.float32) -> tuple[UNet2DConditionModel, PriorConfig]:
     """Load the shipped EMA weights (fp16 on disk) into a fresh U-Net."""
     from safetensors.torch import load_file
 

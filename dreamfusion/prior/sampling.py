@@ -5,17 +5,18 @@ from __future__ import annotations
 import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
 
-from .model import PriorConfig, TextCondition, TextEncoder, predict_noise
+from .model import PriorConfig, RenderConditions, TextCondition, TextEncoder, predict_noise
 
 
 @torch.no_grad()
 def sample_images(unet: UNet2DConditionModel, cfg: PriorConfig, encoder: TextEncoder, prompts: list[str], seeds: list[int],
-                  guidance_scale: float = 3.0, steps: int = 40, features: torch.Tensor | None = None) -> torch.Tensor:
+                  guidance_scale: float = 3.0, steps: int = 40,
+                  conditions: RenderConditions | None = None) -> torch.Tensor:
     """One image per (prompt, seed) pair, zipped. Returns (B, C, S, S) in [0, 1] (C = the prior's
     channels: RGB, then coverage for a 4-channel prior).
 
     ``guidance_scale`` is diffusers' s (eps_u + s (eps_c - eps_u)), i.e. DreamFusion's w + 1.
-    ``features`` (B, F): render conditions of a camera-aware prior, kept in both branches of
+    ``conditions``: render conditions of a camera-aware prior (one row per image), kept in both branches of
     guidance (None: unknown)."""
     device = next(unet.parameters()).device
     sched = DDIMScheduler.from_config(cfg.scheduler().config)
@@ -25,10 +26,10 @@ def sample_images(unet: UNet2DConditionModel, cfg: PriorConfig, encoder: TextEnc
     cond = encoder.condition(prompts).to(device)
     uncond = encoder.condition([""]).to(device).expand(len(prompts))
     both = TextCondition.cat([cond, uncond])
-    both_features = None if features is None else torch.cat([features, features]).to(device)
+    both_conditions = None if conditions is None else conditions.repeat(2).to(device)
     for t in sched.timesteps:
         tt = torch.full((2 * len(prompts),), int(t), device=device)
-        eps_c, eps_u = predict_noise(unet, torch.cat([x, x]), tt, both, both_features).chunk(2)
+        eps_c, eps_u = predict_noise(unet, torch.cat([x, x]), tt, both, both_conditions).chunk(2)
         x = sched.step(eps_u + guidance_scale * (eps_c - eps_u), t, x).prev_sample
     return (x.clamp(-1, 1) + 1) / 2
 

@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from ..cameras import default_light, orbit_cameras, render_condition_features
+from ..cameras import default_light, orbit_cameras
 from ..config import TrainPriorConfig
 from ..export import to_uint8
 from ..files import atomic_write
 from .data import render_batch
-from .model import RESUME_FILE, WEIGHTS_FILE, PriorConfig, TextEncoder, predict_noise, save_prior_weights
+from .model import RESUME_FILE, WEIGHTS_FILE, PriorConfig, RenderConditions, TextEncoder, predict_noise, save_prior_weights
 from .sampling import image_grid, sample_images
 from .vocabulary import VOCABULARY_FILE, Vocabulary
 
@@ -63,14 +63,14 @@ def write_sample_grid(unet: torch.nn.Module, prior_cfg: PriorConfig, encoder: Te
     per prompt of :data:`AZIMUTH_GRID_PHRASES` across 8 azimuths 45 degrees apart (elevation 20,
     lit, light at the camera, one seed per row), so view consistency can be seen; its coverage
     channel is not shown."""
-    if prior_cfg.condition_features:
+    if prior_cfg.condition_features or prior_cfg.ray_channels:
         cams = orbit_cameras(AZIMUTH_GRID_VIEWS)
-        feats = render_condition_features(cams, default_light(cams), ["lit"] * len(cams))
+        conditions = RenderConditions.of(prior_cfg, cams, default_light(cams), ["lit"] * len(cams))
         from .world import caption
 
         prompts = [caption(p, float(a), float(e)) for p in AZIMUTH_GRID_PHRASES for a, e in zip(cams.azimuth, cams.elevation, strict=True)]
         seeds_ = [i for i in range(len(AZIMUTH_GRID_PHRASES)) for _ in range(len(cams))]
-        imgs = sample_images(unet, prior_cfg, encoder, prompts, seeds_, features=feats.repeat(len(AZIMUTH_GRID_PHRASES), 1))
+        imgs = sample_images(unet, prior_cfg, encoder, prompts, seeds_, conditions=conditions.repeat(len(AZIMUTH_GRID_PHRASES)))
         rows = len(AZIMUTH_GRID_PHRASES)
     else:
         prompts = [p for p in GRID_PROMPTS for _ in seeds]
@@ -129,15 +129,13 @@ def train_prior(cfg: TrainPriorConfig, prior_cfg: PriorConfig | None = None, on_
         x0 = (batch.images * 2 - 1).to(cfg.device)
         captions = ["" if rng.random() < cfg.caption_dropout else c for c in batch.captions]
         cond = encoder.condition(captions).to(cfg.device)
-        features = None
-        if prior_cfg.condition_features:
-            present = torch.rand(cfg.batch, generator=gen) >= cfg.condition_dropout
-            features = render_condition_features(batch.cameras, batch.lights, batch.modes, present).to(cfg.device)
+        present = torch.rand(cfg.batch, generator=gen) >= cfg.condition_dropout
+        conditions = RenderConditions.of(prior_cfg, batch.cameras, batch.lights, batch.modes, present).to(cfg.device)
         t = torch.randint(0, prior_cfg.num_train_timesteps, (cfg.batch,), generator=gen).to(cfg.device)
         noise = torch.randn(x0.shape, generator=gen).to(cfg.device)
         a = alphas[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        loss = diffusion_loss(predict_noise(model, x_t, t, cond, features), noise, alphas[t], cfg.min_snr)
+        loss = diffusion_loss(predict_noise(model, x_t, t, cond, conditions), noise, alphas[t], cfg.min_snr)
         for g in opt.param_groups:
             g["lr"] = cfg.lr * min(1.0, (step - start_step + 1) / cfg.warmup)
         opt.zero_grad(set_to_none=True)
