@@ -205,6 +205,9 @@ class ExportOptions:
     """how the surface level is chosen when no threshold is given: silhouette (the level whose
     silhouettes match the renders' opacity > 0.5 from a ring of views) or fixed (opacity 0.5 over a
     0.15-unit segment, the first version's rule)"""
+    colour_inset: float = 1.0
+    """vertex colours are read this many marching-cubes voxels inside the surface (along the normal):
+    the albedo the renders show, not the unconstrained albedo just outside it"""
     fill_voids: str = "axes"
     """which voids inside the surface become solid: none, enclosed (fully closed ones), or axes (also
     those enclosed from 5 of the 6 axis directions); a scene is a shell of density, its mesh a solid"""

@@ -157,7 +157,7 @@ def drop_small_components(mesh: trimesh.Trimesh, min_fraction: float = MIN_COMPO
 
 def extract_mesh(density_fn: Callable[[torch.Tensor], torch.Tensor], albedo_fn: Callable[[torch.Tensor], torch.Tensor],
                  resolution: int = 128, bound: float = 1.0, threshold: float | None = None, device: torch.device | str = "cpu",
-                 fill_voids: str = "axes") -> trimesh.Trimesh:
+                 fill_voids: str = "axes", colour_inset: float = 0.0) -> trimesh.Trimesh:
     """Marching-cubes mesh of a density field, with vertex colours.
 
     ``density_fn``: (N, 3) float32 points -> (N,) density >= 0, sampled on a ``resolution``^3 grid
@@ -165,6 +165,8 @@ def extract_mesh(density_fn: Callable[[torch.Tensor], torch.Tensor], albedo_fn: 
     faces). ``albedo_fn``: (N, 3) points -> (N, 3) RGB in [0, 1], sampled at the vertices and stored
     as uint8 RGBA (value x 255, rounded). ``threshold``: the surface's density level; None picks it
     with :func:`auto_threshold`. ``fill_voids``: which voids become solid (:func:`fill_enclosed`).
+    ``colour_inset``: vertex colours are sampled this far (world units) inside the surface, along
+    the vertex normals.
     Components with < 1% of the faces (floaters) are dropped.
 
     Returns a mesh in world coordinates (+Z up) whose faces wind counter-clockwise seen from
@@ -188,7 +190,9 @@ def extract_mesh(density_fn: Callable[[torch.Tensor], torch.Tensor], albedo_fn: 
     verts = (verts - 1.0) * voxel - bound
     mesh = trimesh.Trimesh(verts, faces, process=False)
     drop_small_components(mesh)
-    rgb = np.clip(_evaluate(albedo_fn, mesh.vertices, device), 0.0, 1.0)
+    # colours from just inside the surface: the albedo the renders show; outside it nothing constrains the albedo
+    points = np.asarray(mesh.vertices) - colour_inset * np.asarray(mesh.vertex_normals) if colour_inset > 0 else mesh.vertices
+    rgb = np.clip(_evaluate(albedo_fn, points, device), 0.0, 1.0)
     rgba = np.concatenate([np.round(rgb * 255), np.full((len(rgb), 1), 255.0)], axis=1).astype(np.uint8)
     mesh.visual = trimesh.visual.ColorVisuals(mesh, vertex_colors=rgba)
     return mesh

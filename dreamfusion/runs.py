@@ -119,7 +119,8 @@ def export_renderer(scene: Renderer, folder: Path, opts: ExportOptions) -> list[
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         mesh = extract_mesh(scene.field.density, scene.field.albedo, resolution=opts.mesh_resolution,
-                            bound=scene.field.cfg.bound, threshold=threshold, device=device, fill_voids=opts.fill_voids)
+                            bound=scene.field.cfg.bound, threshold=threshold, device=device, fill_voids=opts.fill_voids,
+                            colour_inset=opts.colour_inset * 2 * scene.field.cfg.bound / (opts.mesh_resolution - 1))
     for fmt in opts.formats:
         save_mesh(mesh, folder / f"mesh.{fmt}")
     if opts.video != "none":
