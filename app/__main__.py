@@ -9,6 +9,7 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a file (Spaces' app_file): make the package importable
@@ -20,7 +21,7 @@ if __package__ in (None, ""):  # run as a file (Spaces' app_file): make the pack
 GUIDANCE_ENV, MODEL_ENV, DEVICE_ENV = "DREAMFUSION_GUIDANCE", "DREAMFUSION_MODEL", "DREAMFUSION_DEVICE"
 
 
-def space_overrides(environ) -> dict:
+def space_overrides(environ: Mapping[str, str]) -> dict:
     """The default run settings the environment asks for ({} when it asks for none)."""
     from dreamfusion.config import USER_GUIDANCES
 
@@ -40,7 +41,7 @@ def space_overrides(environ) -> dict:
     return out
 
 
-def main(argv=None) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m app", description="DreamFusion text-to-3D: web page and live 3D viewer")
     p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                    help="address both servers bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes them)")

@@ -37,11 +37,11 @@ def new_owner_token() -> str:
     return secrets.token_urlsafe(24)
 
 
-def valid_token(token) -> bool:
+def valid_token(token: object) -> bool:
     return isinstance(token, str) and OWNER_TOKEN.fullmatch(token) is not None
 
 
-def _owner(manager: RunManager, token, request: gr.Request | None) -> str:
+def _owner(manager: RunManager, token: object, request: gr.Request | None) -> str:
     """Who is asking: the browser's owner token (kept in its localStorage, so a reload keeps
     control of its run), else the Gradio session (an API client that sends no token).
 
@@ -57,14 +57,14 @@ def _owner(manager: RunManager, token, request: gr.Request | None) -> str:
     return session
 
 
-def _fmt_eta(seconds) -> str:
+def _fmt_eta(seconds: float | None) -> str:
     if seconds is None:
         return "–"
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
 
 
-def upscale(image, size: int = 256):
+def upscale(image: np.ndarray | None, size: int = 256) -> np.ndarray | None:
     """A small (H, W, 3) render enlarged by whole pixels (nearest) to about ``size``: the page
     shows the render the prior saw, not a blur of it."""
     if image is None or image.shape[0] >= size:
@@ -183,7 +183,8 @@ def build_blocks(manager: RunManager, viewer_url: str | None = None) -> gr.Block
         timer = gr.Timer(1.0)
 
         # ---------------------------------------------------------------- handlers
-        def generate(p, n_steps, s, gname, gmodel, gscale, res, token, request: gr.Request):
+        def generate(p: str, n_steps: int | None, s: int | None, gname: str | None, gmodel: str | None, gscale: float | None,
+                     res: int | None, token: object, request: gr.Request):
             owner = _owner(manager, token, request)
             try:
                 run = manager.submit(owner, p, steps=n_steps, seed=s, guidance_name=gname, guidance_model=gmodel,
@@ -195,8 +196,8 @@ def build_blocks(manager: RunManager, viewer_url: str | None = None) -> gr.Block
                 gr.Warning(note[0].upper() + note[1:], duration=20)
             return status_markdown(run_info(manager, owner)), run.id
 
-        def control(action):
-            def fn(run_id, token, request: gr.Request):
+        def control(action: str):
+            def fn(run_id: str, token: object, request: gr.Request):
                 owner = _owner(manager, token, request)
                 try:
                     getattr(manager, action)(owner, run_id or None)
@@ -205,7 +206,7 @@ def build_blocks(manager: RunManager, viewer_url: str | None = None) -> gr.Block
                 return status_markdown(run_info(manager, owner))
             return fn
 
-        def refine(p, extra, token, request: gr.Request):
+        def refine(p: str, extra: int | None, token: object, request: gr.Request):
             owner = _owner(manager, token, request)
             try:
                 manager.refine(owner, p, extra or 0)
@@ -214,7 +215,7 @@ def build_blocks(manager: RunManager, viewer_url: str | None = None) -> gr.Block
             gr.Info("prompt changed: optimisation continues from the current scene")
             return status_markdown(run_info(manager, owner))
 
-        def export(formats, token, request: gr.Request):
+        def export(formats: list[str] | None, token: object, request: gr.Request):
             owner = _owner(manager, token, request)
             try:
                 written = manager.export(owner, formats)
@@ -225,7 +226,7 @@ def build_blocks(manager: RunManager, viewer_url: str | None = None) -> gr.Block
             vid = str(written["video"]) if "video" in written else None
             return paths, mesh, vid
 
-        def poll(version, shown_result, token, request: gr.Request):
+        def poll(version: int, shown_result: str, token: object, request: gr.Request):
             owner = _owner(manager, token, request)
             info = run_info(manager, owner)
             run = manager.latest_of(owner)
@@ -264,7 +265,7 @@ def build_blocks(manager: RunManager, viewer_url: str | None = None) -> gr.Block
         outs = [status, info_json, loss_plot, preview, gallery, gallery_version, shown_result, files, model3d, video]
         timer.tick(poll, [gallery_version, shown_result, owner_token], outs, api_name="poll", concurrency_limit=None, show_progress="hidden")
 
-        def init_owner(token):
+        def init_owner(token: object):
             return token if valid_token(token) else new_owner_token()
 
         demo.load(init_owner, [owner_token], [owner_token], api_name=False, concurrency_limit=None).then(

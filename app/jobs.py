@@ -16,6 +16,7 @@ import time
 import traceback
 import uuid
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -129,7 +130,8 @@ class RunManager:
         return {"steps": b.steps, "seed": b.seed, "guidance_name": guidance.name, "guidance_model": guidance.model,
                 "guidance_scale": guidance.guidance_scale, "render_size": b.render_size}
 
-    def build_config(self, steps=None, seed=None, guidance_name=None, guidance_model=None, guidance_scale=None, render_size=None) -> TrainConfig:
+    def build_config(self, steps: int | None = None, seed: int | None = None, guidance_name: str | None = None, guidance_model: str | None = None,
+                     guidance_scale: float | None = None, render_size: int | None = None) -> TrainConfig:
         """The server's base config with a visitor's settings, checked against the app's limits
         (the same builder as the command line: :func:`dreamfusion.config.with_settings`)."""
         try:
@@ -362,7 +364,7 @@ class RunManager:
             self._write_meta(run)
         return run
 
-    def export(self, owner: str, formats=("glb",), run_id: str | None = None, **opts) -> dict[str, Path]:
+    def export(self, owner: str, formats: Sequence[str] | None = ("glb",), run_id: str | None = None, **opts) -> dict[str, Path]:
         """Export the current scene of the caller's run (running or finished)."""
         run = self.owned(owner, run_id)
         trainer = run.trainer

@@ -28,7 +28,7 @@ from dreamfusion.shading import SHADING_MODES
 from .jobs import RunManager
 
 
-def viser_to_cameras(position, wxyz, fov_y: float, aspect: float, height: int) -> tuple[Cameras, int, int]:
+def viser_to_cameras(position: np.ndarray, wxyz: np.ndarray, fov_y: float, aspect: float, height: int) -> tuple[Cameras, int, int]:
     """A viser camera (OpenCV: columns right, down, forward; vertical fov in radians) as the
     engine's :class:`Cameras` (OpenGL c2w: columns right, up, back; focal as a multiple of the
     image width). Returns the cameras and the (height, width) to render at the client's aspect."""
@@ -181,7 +181,7 @@ class Viewer:
 
 
         @view.controls["frustums"].on_update
-        def _(event):  # this visitor's frustums only
+        def _(event: viser.GuiEvent[viser.GuiCheckboxHandle]):  # this visitor's frustums only
             view.frustums_visible = bool(event.target.value)
             for h in view.frustums[:len(self._poses)]:
                 h.visible = view.frustums_visible
@@ -189,7 +189,7 @@ class Viewer:
         self._place_frustums(view, list(self._poses))
 
         @client.camera.on_update
-        def _(camera):
+        def _(camera: viser.CameraHandle):
             view.camera_changed = time.time()
 
         view.thread = threading.Thread(target=self._render_loop, args=(view,), name=f"viewer-{client.client_id}", daemon=True)
@@ -251,7 +251,7 @@ class Viewer:
 
     @staticmethod
     @torch.no_grad()
-    def render(scene: Renderer, position, wxyz, fov, aspect, size: int, settings: ViewSettings) -> np.ndarray:
+    def render(scene: Renderer, position: np.ndarray, wxyz: np.ndarray, fov: float, aspect: float, size: int, settings: ViewSettings) -> np.ndarray:
         """(H, W, 3) uint8 image of a scene (a :meth:`snapshot`) from a viser camera (the
         engine's ``render_views`` is square only, so this calls the renderer directly)."""
         device = scene.field.density_grid.device

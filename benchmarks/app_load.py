@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             totals["wait"] += waits
             totals["its"] += its
 
-            def pq(v):
+            def pq(v: list[float]):
                 return f"{percentile(v, 50):.1f} / {percentile(v, 95):.1f}" if v else "-"
 
             seen = f"{positions[0]}..{positions[-1]}" if positions else "-"

@@ -25,9 +25,15 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from transformers.utils import ModelOutput
+
+    from dreamfusion.cameras import Cameras
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -49,7 +55,7 @@ class Clip:
     device: torch.device = torch.device("cpu")
 
 
-def _embeddings(out) -> torch.Tensor:
+def _embeddings(out: torch.Tensor | ModelOutput) -> torch.Tensor:
     """transformers < 5 returns the projected features as a tensor, 5.x an output whose
     ``pooler_output`` holds them."""
     if isinstance(out, torch.Tensor):
@@ -182,7 +188,7 @@ def clip_r_precision(clip: Clip, images: list[torch.Tensor], true_index: list[in
             "views": total, "captions": len(captions)}
 
 
-def clip_views(views: int = 4, elevation: float = 20.0):
+def clip_views(views: int = 4, elevation: float = 20.0) -> Cameras:
     """The evaluation cameras: ``views`` azimuths evenly spaced from the three-quarter front view."""
     from dreamfusion.cameras import VIEW_DISTANCE, VIEW_FOCAL, make_cameras
 

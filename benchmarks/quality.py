@@ -35,11 +35,21 @@ import re
 import sys
 import time
 import traceback
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from prompts import DEFAULT_PROMPTS, REPO, BenchmarkPrompt, parse_benchmark, select  # noqa: F401 - re-exported for callers
+
+if TYPE_CHECKING:
+    import trimesh
+    from clip_rprecision import Clip
+
+    from dreamfusion.cameras import Cameras
+    from dreamfusion.config import TrainConfig
+    from dreamfusion.prior.world import WorldObject
 
 DEFAULT_OUT = REPO / "benchmarks" / "results"
 
@@ -58,13 +68,13 @@ SHEET_SIZE = 128
 # ----------------------------------------------------------------------------- scoring
 
 
-def true_object(item: BenchmarkPrompt):
+def true_object(item: BenchmarkPrompt) -> WorldObject:
     from dreamfusion.prior.world import build_object
 
     return build_object(item.noun, item.colour)
 
 
-def score_mesh(mesh, item: BenchmarkPrompt) -> dict:
+def score_mesh(mesh: trimesh.Trimesh, item: BenchmarkPrompt) -> dict:
     """All scores of one mesh (world coordinates, +Z up, vertex colours) against the prompt's truth."""
     from dreamfusion.metrics import colour_error, geometric_r_precision, mesh_iou
 
@@ -89,7 +99,7 @@ def _value(row: dict, key: str):
     return FAILED_SCORES[key] if row.get("status") != "ok" else row[key]
 
 
-def _mean(values) -> float | None:
+def _mean(values: Iterable[float]) -> float | None:
     values = [float(v) for v in values]
     return float(np.mean(values)) if values else None
 
@@ -132,7 +142,7 @@ def evaluate_targets(rows: list[dict]) -> list[dict]:
     failed = [r for r in rows if r["status"] != "ok"]
     slow = [r for r in rows if r["status"] != "ok" or r.get("total_seconds") is None or r["total_seconds"] > TARGET_SECONDS]
 
-    def target(name, value, op, threshold, fmt):
+    def target(name: str, value: float | None, op: str, threshold: float, fmt: str):
         passed = bool(rows) and value is not None and (value >= threshold if op == ">=" else value <= threshold)
         return {"target": name, "value": value, "op": op, "threshold": threshold, "passed": passed,
                 "text": f"{name}: {'n/a' if value is None else fmt.format(value)} (target {op} {fmt.format(threshold)})"}
@@ -154,7 +164,7 @@ def evaluate_targets(rows: list[dict]) -> list[dict]:
 # ----------------------------------------------------------------------------- reports
 
 
-def _f(v, fmt="{:.3f}") -> str:
+def _f(v: float | None, fmt: str = "{:.3f}") -> str:
     return "-" if v is None else fmt.format(v)
 
 
@@ -264,7 +274,7 @@ def parse_override(text: str) -> tuple[list[str], object]:
     return key.strip().split("."), value
 
 
-def apply_overrides(cfg, overrides: list[str]):
+def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
     """``cfg`` (a TrainConfig) with '--set section.key=value' settings applied, each checked
     against the typed config (an unknown key is an error)."""
     from dreamfusion.config import config_from_dict, config_to_dict
@@ -283,7 +293,7 @@ def apply_overrides(cfg, overrides: list[str]):
     return config_from_dict(data)
 
 
-def build_config(args):
+def build_config(args: argparse.Namespace) -> TrainConfig:
     """The default TrainConfig with the command line's settings (the same builder and defaults as
     ``dreamfusion generate``: the guidance's own weight unless --cfg), then any --set."""
     from dreamfusion.config import TrainConfig, validate_config, with_settings
@@ -300,7 +310,7 @@ def build_config(args):
     return cfg
 
 
-def render_truth(item: BenchmarkPrompt, cams, size: int) -> dict:
+def render_truth(item: BenchmarkPrompt, cams: Cameras, size: int) -> dict:
     from dreamfusion.cameras import default_light
     from dreamfusion.prior.data import render_object
 
@@ -308,8 +318,9 @@ def render_truth(item: BenchmarkPrompt, cams, size: int) -> dict:
     return {f"truth_{m}": render_object(obj, cams, default_light(cams), [m] * len(cams), size)[0] for m in ("lit", "textureless")}
 
 
-def run_prompt(index: int, item: BenchmarkPrompt, cfg, mesh_resolution: int, out: Path, sheet_size: int = SHEET_SIZE,
-               clip_views=None, log=print, turntables: bool = False, level: str = "silhouette") -> tuple[dict, dict, dict]:
+def run_prompt(index: int, item: BenchmarkPrompt, cfg: TrainConfig, mesh_resolution: int, out: Path, sheet_size: int = SHEET_SIZE,
+               clip_views: Cameras | None = None, log: Callable[[str], object] = print, turntables: bool = False,
+               level: str = "silhouette") -> tuple[dict, dict, dict]:
     """Generate, export and score one prompt. Returns (row, contact-sheet entry, CLIP renders).
     Never raises for a failure of the prompt itself: the row says ``status`` 'error' and why."""
     import trimesh
@@ -378,7 +389,8 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _run_job(index, item, cfg, mesh_resolution, out, sheet_size, clip_cams, turntables, level="silhouette"):
+def _run_job(index: int, item: BenchmarkPrompt, cfg: TrainConfig, mesh_resolution: int, out: Path, sheet_size: int, clip_cams: Cameras | None,
+             turntables: bool, level: str = "silhouette"):
     """One prompt, with its progress lines (in a worker process under ``--jobs``)."""
     print(f"[{index}] {item.prompt} ...", flush=True)
     row, entry, clip_renders = run_prompt(index, item, cfg, mesh_resolution, out, sheet_size, clip_cams, turntables=turntables, level=level)
@@ -388,7 +400,7 @@ def _run_job(index, item, cfg, mesh_resolution, out, sheet_size, clip_cams, turn
     return row, entry, clip_renders
 
 
-def add_clip_scores(rows: list[dict], clip_renders: list[dict], items: list[BenchmarkPrompt], clip) -> dict:
+def add_clip_scores(rows: list[dict], clip_renders: list[dict], items: list[BenchmarkPrompt], clip: Clip) -> dict:
     """CLIP R-Precision of each successful result among all the benchmark's captions."""
     from clip_rprecision import clip_r_precision
 
@@ -406,7 +418,7 @@ def add_clip_scores(rows: list[dict], clip_renders: list[dict], items: list[Benc
     return out
 
 
-def parse_args(argv: list[str] | None):
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS, help="benchmark list (default: %(default)s)")
     ap.add_argument("--only", default=None, help="comma-separated 1-based indices, nouns or prompts to run")

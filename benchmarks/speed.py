@@ -16,6 +16,8 @@ import dataclasses
 import platform
 import resource
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
@@ -23,8 +25,10 @@ from dreamfusion.cameras import sample_cameras, sample_lights
 from dreamfusion.prior.sampling import sample_images
 from dreamfusion.trainer import TrainConfig, Trainer
 
+_T = TypeVar("_T")
 
-def timed(fn, n):
+
+def timed(fn: Callable[[], _T], n: int) -> tuple[float, _T]:
     t0 = time.perf_counter()
     for _ in range(n):
         out = fn()

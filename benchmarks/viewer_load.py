@@ -16,6 +16,7 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,13 +24,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app.headless import CHROMIUM, CHROMIUM_ARGS, free_port  # noqa: E402
-from app.jobs import RunManager  # noqa: E402
+from app.jobs import Run, RunManager  # noqa: E402
 from app.viewer import Viewer  # noqa: E402
 
 BUDGET = 0.7
 
 
-def its(run, seconds: float, during=None) -> float:
+def its(run: Run, seconds: float, during: Callable[[float], object] | None = None) -> float:
     s0, t0 = run.trainer.step_count, time.perf_counter()
     end = t0 + seconds
     while time.perf_counter() < end:
@@ -69,7 +70,7 @@ def main() -> int:
                 still = its(run, args.seconds)
                 still_renders = view.renders - r0
 
-                def orbit(t):  # the user drags the camera around the object
+                def orbit(t: float):  # the user drags the camera around the object
                     a = 0.6 * t
                     view.client.camera.position = (2.6 * math.cos(a), 2.6 * math.sin(a), 1.1)
                     view.client.camera.look_at = (0.0, 0.0, 0.0)

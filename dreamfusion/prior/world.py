@@ -77,12 +77,12 @@ class Box:
     lo: tuple[float, float, float]
     hi: tuple[float, float, float]
 
-    def sdf(self, p):
+    def sdf(self, p: torch.Tensor) -> torch.Tensor:
         lo, hi = p.new_tensor(self.lo), p.new_tensor(self.hi)
         q = (p - (lo + hi) / 2).abs() - (hi - lo) / 2
         return q.clamp_min(0).norm(dim=-1) + q.max(dim=-1).values.clamp_max(0)
 
-    def bounds(self):
+    def bounds(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         return self.lo, self.hi
 
 
@@ -91,10 +91,10 @@ class Sphere:
     centre: tuple[float, float, float]
     radius: float
 
-    def sdf(self, p):
+    def sdf(self, p: torch.Tensor) -> torch.Tensor:
         return (p - p.new_tensor(self.centre)).norm(dim=-1) - self.radius
 
-    def bounds(self):
+    def bounds(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         return tuple(c - self.radius for c in self.centre), tuple(c + self.radius for c in self.centre)
 
 
@@ -108,7 +108,7 @@ class Frustum:
     ra: float
     rb: float
 
-    def sdf(self, p):
+    def sdf(self, p: torch.Tensor) -> torch.Tensor:
         a, b = p.new_tensor(self.a), p.new_tensor(self.b)
         axis = b - a
         h = axis.norm() / 2
@@ -127,7 +127,7 @@ class Frustum:
         s = torch.where((cb_x < 0) & (ca_y < 0), -1.0, 1.0)
         return s * torch.sqrt(torch.minimum(ca_x**2 + ca_y**2, cb_x**2 + cb_y**2))
 
-    def bounds(self):
+    def bounds(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         r = max(self.ra, self.rb)
         lo, hi = [], []
         for ai, bi in zip(self.a, self.b, strict=True):
@@ -144,14 +144,14 @@ class Torus:
     minor: float
     axis: int = 2  # index of the axis the torus turns around
 
-    def sdf(self, p):
+    def sdf(self, p: torch.Tensor) -> torch.Tensor:
         rel = p - p.new_tensor(self.centre)
         ax = rel[:, self.axis]
         others = [i for i in range(3) if i != self.axis]
         ring = _length2(rel[:, others[0]], rel[:, others[1]]) - self.major
         return _length2(ring, ax) - self.minor
 
-    def bounds(self):
+    def bounds(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         ext = [self.major + self.minor] * 3
         ext[self.axis] = self.minor
         return tuple(c - e for c, e in zip(self.centre, ext, strict=True)), tuple(c + e for c, e in zip(self.centre, ext, strict=True))
@@ -163,13 +163,13 @@ class Capsule:
     b: tuple[float, float, float]
     radius: float
 
-    def sdf(self, p):
+    def sdf(self, p: torch.Tensor) -> torch.Tensor:
         a, b = p.new_tensor(self.a), p.new_tensor(self.b)
         pa, ba = p - a, b - a
         h = ((pa @ ba) / (ba @ ba)).clamp(0, 1)
         return (pa - h[:, None] * ba).norm(dim=-1) - self.radius
 
-    def bounds(self):
+    def bounds(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         return (tuple(min(x, y) - self.radius for x, y in zip(self.a, self.b, strict=True)),
                 tuple(max(x, y) + self.radius for x, y in zip(self.a, self.b, strict=True)))
 
@@ -183,7 +183,7 @@ class Pyramid:
     height: float
     z0: float
 
-    def sdf(self, p):
+    def sdf(self, p: torch.Tensor) -> torch.Tensor:
         s = self.side
         h = self.height / s
         x, y, z = p[:, 0].abs() / s, (p[:, 2] - self.z0) / s, p[:, 1].abs() / s  # y is up in the formula
@@ -202,7 +202,7 @@ class Pyramid:
         below = torch.sqrt(x.clamp_min(0) ** 2 + z.clamp_min(0) ** 2 + y * y)
         return torch.where(y < 0, below, torch.maximum(d, -y)) * s
 
-    def bounds(self):
+    def bounds(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         return (-self.side / 2, -self.side / 2, self.z0), (self.side / 2, self.side / 2, self.z0 + self.height)
 
 
@@ -214,7 +214,7 @@ class UpperHalfEllipsoid:
     centre: tuple[float, float, float]
     radii: tuple[float, float, float]
 
-    def sdf(self, p):
+    def sdf(self, p: torch.Tensor) -> torch.Tensor:
         rel = p - p.new_tensor(self.centre)
         r = p.new_tensor(self.radii)
         if len(set(self.radii)) == 1:
@@ -225,7 +225,7 @@ class UpperHalfEllipsoid:
             d = k0 * (k0 - 1) / k1
         return torch.maximum(d, -rel[:, 2])
 
-    def bounds(self):
+    def bounds(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         c, r = self.centre, self.radii
         return (c[0] - r[0], c[1] - r[1], c[2]), (c[0] + r[0], c[1] + r[1], c[2] + r[2])
 
@@ -238,7 +238,7 @@ class TriangularPrism:
     y0: float
     y1: float
 
-    def sdf(self, p):
+    def sdf(self, p: torch.Tensor) -> torch.Tensor:
         px, pz = p[:, 0], p[:, 2]
         verts = self.triangle
         d2 = None
@@ -259,7 +259,7 @@ class TriangularPrism:
         d_y = (p[:, 1] - (self.y0 + self.y1) / 2).abs() - half
         return torch.minimum(torch.maximum(d_xz, d_y), torch.zeros_like(d_xz)) + _length2(d_xz.clamp_min(0), d_y.clamp_min(0))
 
-    def bounds(self):
+    def bounds(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         xs = [v[0] for v in self.triangle]
         zs = [v[1] for v in self.triangle]
         return (min(xs), self.y0, min(zs)), (max(xs), self.y1, max(zs))
