@@ -33,7 +33,8 @@ class CheckpointError(ValueError):
 
 def scene_tensors(renderer: Renderer) -> dict[str, torch.Tensor]:
     """The scene of a :class:`~dreamfusion.render.Renderer` as CPU tensors."""
-    tensors = {"field.density": renderer.field.density_grid.detach().cpu(), "field.albedo": renderer.field.albedo_grid.detach().cpu()}
+    tensors = {"field.density": renderer.field.density_grid.detach().cpu(), "field.albedo": renderer.field.albedo_grid.detach().cpu(),
+               "field.blob_scale": renderer.field.blob_scale.detach().cpu().reshape(1)}
     for k, v in renderer.background.state_dict().items():
         tensors[f"background.{k}"] = v.cpu()
     tensors["occupancy.occs"] = renderer.estimator.occs.cpu()
@@ -49,6 +50,8 @@ def load_scene_tensors(renderer: Renderer, tensors: dict[str, torch.Tensor]) -> 
         else:
             density, albedo = tensors["field.density"], tensors["field.albedo"]
         renderer.field.load_grids(density, albedo)
+        if "field.blob_scale" in tensors:
+            renderer.field.blob_scale.fill_(float(tensors["field.blob_scale"].reshape(-1)[0]))
         renderer.background.load_state_dict({k[len("background."):]: v for k, v in tensors.items() if k.startswith("background.")})
         renderer.estimator.occs.copy_(tensors["occupancy.occs"])
         renderer.estimator.binaries.copy_(tensors["occupancy.binaries"].bool())

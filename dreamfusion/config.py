@@ -61,16 +61,21 @@ SHADING_PROBS = (0.6, 0.2, 0.2)
 class FieldConfig:
     """The density/albedo grid and its initial blob."""
 
-    resolution: int = 48
+    resolution: int = 64
     """voxels per side of the density/albedo grid"""
-    bound: float = 1.0
-    """the scene is [-bound, bound]^3"""
-    blob_density: float = 20.0
-    """lambda of the initial density bias lambda * (1 - |x| / c)"""
-    blob_radius: float = 0.5
+    bound: float = 0.75
+    """the scene is [-bound, bound]^3: every object of the world fits once centred (a voxel of 0.024)"""
+    blob_density: float = 5.0
+    """lambda of the initial density bias lambda * (1 - |x| / c); the paper's 5 / 0.2: a blob that
+    does not stay in the way (20 / 0.5 left the torus's hole filled)"""
+    blob_radius: float = 0.2
     """c of the density bias (world units)"""
-    density_activation: str = "softplus"
-    """softplus or exp (of the interpolated raw density plus the blob)"""
+    blob_fade: float = 0.0
+    """fraction of the run over which the blob's inside fades to nothing (its outside, which keeps
+    empty space empty, stays): the blob starts the object, then gets out of the way (0: it stays)"""
+    density_activation: str = "exp"
+    """exp (truncated) or softplus of the interpolated raw density plus the blob: with exp a few
+    units of raw density separate empty from opaque, so surfaces can be sharp and holes carved"""
     density_shift: float = 0.0
     """added to the raw density before the activation (negative: the scene starts nearly empty outside the blob)"""
     background: str = "white"
@@ -151,8 +156,9 @@ class OptimConfig:
     over pixels and this mean is not, hence the size)"""
     entropy_weight: float = 0.0
     """weight of the opacity-entropy term (per pixel, summed like SDS): against half-transparent pixels"""
-    tv_weight: float = 0.0
-    """weight of total variation on the raw density grid (sum over voxels of squared neighbour differences)"""
+    tv_weight: float = 5.0
+    """weight of total variation on the raw density grid (mean over voxels of squared neighbour differences):
+    smooths the surface's fur and the fringe no view constrains"""
     tv_albedo_weight: float = 0.0
     """weight of total variation on the albedo logits"""
     grad_norm_every: int = 0

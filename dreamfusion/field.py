@@ -17,14 +17,19 @@ from .config import FieldConfig
 BACKGROUNDS = ("white", "black", "mlp")
 
 
-def blob_bias(points: torch.Tensor, strength: float, radius: float) -> torch.Tensor:
-    """DreamFusion's density bias lambda * (1 - |x| / c): (N, 3) -> (N,)."""
-    return strength * (1.0 - points.norm(dim=-1) / radius)
+def blob_bias(points: torch.Tensor, strength: float, radius: float, inner_scale: float = 1.0) -> torch.Tensor:
+    """DreamFusion's density bias lambda * (1 - |x| / c): (N, 3) -> (N,). ``inner_scale`` scales
+    its positive part (inside the radius) only: the blob that starts a run can fade out of the way
+    while the space outside stays biased towards empty."""
+    bias = strength * (1.0 - points.norm(dim=-1) / radius)
+    return torch.where(bias > 0, bias * inner_scale, bias) if inner_scale != 1.0 else bias
 
 
-def blob_bias_gradient(points: torch.Tensor, strength: float, radius: float) -> torch.Tensor:
+def blob_bias_gradient(points: torch.Tensor, strength: float, radius: float, inner_scale: float = 1.0) -> torch.Tensor:
     """Gradient of :func:`blob_bias` with respect to the points: (N, 3) -> (N, 3)."""
-    return -strength / radius * points / points.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    norm = points.norm(dim=-1, keepdim=True)
+    grad = -strength / radius * points / norm.clamp_min(1e-6)
+    return torch.where(norm < radius, grad * inner_scale, grad) if inner_scale != 1.0 else grad
 
 
 def density_activation(raw: torch.Tensor, kind: str = "softplus") -> torch.Tensor:
@@ -64,6 +69,8 @@ class GridField(nn.Module):
         r = resolution or grid_resolution(cfg, 0.0)
         self.density_grid = nn.Parameter(torch.zeros(1, 1, r, r, r))
         self.albedo_grid = nn.Parameter(torch.zeros(1, 3, r, r, r))
+        # the strength of the blob's inside (1 at the start; it fades under FieldConfig.blob_fade)
+        self.register_buffer("blob_scale", torch.ones(()))
 
     @property
     def resolution(self) -> int:
@@ -103,7 +110,7 @@ class GridField(nn.Module):
 
     def raw_density(self, points: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """Interpolated raw density (N,) plus the blob and the shift."""
-        return values + blob_bias(points, self.cfg.blob_density, self.cfg.blob_radius) + self.cfg.density_shift
+        return values + blob_bias(points, self.cfg.blob_density, self.cfg.blob_radius, float(self.blob_scale)) + self.cfg.density_shift
 
     def forward(self, points: torch.Tensor, with_normals: bool = True) -> dict[str, torch.Tensor]:
         """(N, 3) points -> ``density`` (N,), ``albedo`` (N, 3) in [0, 1] and, if asked,
@@ -113,7 +120,7 @@ class GridField(nn.Module):
         raw = self.raw_density(points, values[:, 0])
         out = {"density": density_activation(raw, self.cfg.density_activation), "albedo": torch.sigmoid(values[:, 1:4])}
         if with_normals:
-            grad = values[:, 4:7] + blob_bias_gradient(points, self.cfg.blob_density, self.cfg.blob_radius)
+            grad = values[:, 4:7] + blob_bias_gradient(points, self.cfg.blob_density, self.cfg.blob_radius, float(self.blob_scale))
             out["normals"] = -grad / grad.norm(dim=-1, keepdim=True).clamp_min(1e-6)
         return out
 

@@ -188,3 +188,14 @@ def test_void_filling_makes_shells_solid_and_leaves_holes_open():
     assert not (fill_enclosed(as_grid(torus), 5.0, "axes") > 5.0)[19:21, 19:21, :].any()
     with pytest.raises(ValueError, match="void filling"):
         fill_enclosed(as_grid(torus), 5.0, "everything")
+
+
+def test_blob_fades_inside_and_keeps_its_outside():
+    from dreamfusion.field import blob_bias, blob_bias_gradient
+
+    p = torch.tensor([[0.1, 0.0, 0.0], [0.4, 0.0, 0.0]])
+    assert torch.allclose(blob_bias(p, 5.0, 0.2), torch.tensor([2.5, -5.0]))
+    assert torch.allclose(blob_bias(p, 5.0, 0.2, inner_scale=0.2), torch.tensor([0.5, -5.0]))
+    q = p.clone().requires_grad_(True)
+    blob_bias(q, 5.0, 0.2, inner_scale=0.2).sum().backward()
+    assert torch.allclose(blob_bias_gradient(p, 5.0, 0.2, inner_scale=0.2), q.grad)

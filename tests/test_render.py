@@ -99,7 +99,7 @@ def test_blob_bias_and_its_gradient():
 
 
 def _constant_field(raw: float, res: int = 8) -> GridField:
-    field = GridField(FieldConfig(resolution=res, blob_density=0.0))
+    field = GridField(FieldConfig(resolution=res, bound=1.0, blob_density=0.0, density_activation="softplus"))
     with torch.no_grad():
         field.density_grid[:, 0] = raw
     return field
@@ -121,7 +121,7 @@ def test_opacity_of_a_uniform_box_matches_beer_lambert():
 
 
 def _ball_field(radius=0.3, res=32) -> GridField:
-    field = GridField(FieldConfig(resolution=res, blob_density=0.0))
+    field = GridField(FieldConfig(resolution=res, bound=1.0, blob_density=0.0, density_activation="softplus"))
     lin = torch.linspace(-1, 1, res)
     z, y, x = torch.meshgrid(lin, lin, lin, indexing="ij")
     r = torch.sqrt(x * x + y * y + z * z)

@@ -123,7 +123,7 @@ def test_sds_with_an_exact_denoiser_drives_renders_to_the_target():
             return (x_t - a.sqrt() * x_star) / (1 - a).sqrt()
 
     guidance = Exact(None, guidance_scale=3.0)
-    field = GridField(FieldConfig(resolution=16, blob_density=12.0))
+    field = GridField(FieldConfig(resolution=16, bound=1.0, blob_density=12.0, blob_radius=0.5, density_activation="softplus"))
     renderer = Renderer(field, Background("white"), RenderConfig(samples_per_ray=48))
     opt = torch.optim.Adam(field.parameters(), lr=0.1)
     cam_cfg = CameraConfig()
