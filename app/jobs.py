@@ -3,7 +3,7 @@ once, one background thread per running optimisation, ownership by browser (or A
 of run folders on disk.
 
 The request handlers of the web page only call the cheap methods here (submit, pause, refine, a
-snapshot of the progress); the optimisation itself always runs in :meth:`RunManager._worker`.
+snapshot of the progress); the optimisation itself always runs in :meth:`RunManager._work_loop`.
 """
 
 from __future__ import annotations

@@ -70,9 +70,10 @@ class FieldConfig:
     does not stay in the way (20 / 0.5 left the torus's hole filled)"""
     blob_radius: float = 0.2
     """c of the density bias (world units)"""
-    blob_fade: float = 0.0
+    blob_fade: float = 0.5
     """fraction of the run over which the blob's inside fades to nothing (its outside, which keeps
-    empty space empty, stays): the blob starts the object, then gets out of the way (0: it stays)"""
+    empty space empty, stays): the blob starts the object, then gets out of the way (0: it stays;
+    a permanent blob left a speck in the torus's hole at small grids)"""
     density_activation: str = "exp"
     """exp (truncated) or softplus of the interpolated raw density plus the blob: with exp a few
     units of raw density separate empty from opaque, so surfaces can be sharp and holes carved"""
@@ -211,9 +212,10 @@ class ExportOptions:
     """how the surface level is chosen when no threshold is given: silhouette (the level whose
     silhouettes match the renders' opacity > 0.5 from a ring of views) or fixed (opacity 0.5 over a
     0.15-unit segment, the first version's rule)"""
-    colour_inset: float = 1.0
-    """vertex colours are read this many marching-cubes voxels inside the surface (along the normal):
-    the albedo the renders show, not the unconstrained albedo just outside it"""
+    colour_depth: float = 2.0
+    """vertex colours composite the albedo along the normal from this many grid voxels outside the
+    surface to as many inside, as a ray sees it: the albedo the renders show, not the unconstrained
+    albedo of the fog at the level itself (0: the albedo at the vertex)"""
     fill_voids: str = "axes"
     """which voids inside the surface become solid: none, enclosed (fully closed ones), or axes (also
     those enclosed from 5 of the 6 axis directions); a scene is a shell of density, its mesh a solid"""

@@ -155,9 +155,40 @@ def drop_small_components(mesh: trimesh.Trimesh, min_fraction: float = MIN_COMPO
     return mesh
 
 
+def composite_along_normals(density_fn: Callable[[torch.Tensor], torch.Tensor], albedo_fn: Callable[[torch.Tensor], torch.Tensor],
+                            points: np.ndarray, normals: np.ndarray, depth: float, samples: int = 16,
+                            device: torch.device | str = "cpu") -> np.ndarray:
+    """The albedo a ray sees arriving at each point against its (outward) normal: ``samples``
+    evenly spaced from ``depth`` outside to ``depth`` inside, alpha-composited front to back as the
+    renderer does (alpha = 1 - exp(-density x step)), normalised by the ray's total weight. Where
+    the ray meets no density (weight < 1e-3) the albedo at the point itself. Returns (N, 3)."""
+    if depth <= 0 or samples < 2:
+        raise ValueError(f"need depth > 0 and samples >= 2, got {depth} and {samples}")
+    offsets = np.linspace(depth, -depth, samples, dtype=np.float32)
+    step = 2.0 * depth / (samples - 1)
+    out = np.empty((len(points), 3), dtype=np.float32)
+    per_chunk = max(1, _CHUNK // samples)
+    with torch.no_grad():
+        ts = torch.as_tensor(offsets, device=device)
+        for start in range(0, len(points), per_chunk):
+            p = torch.as_tensor(points[start:start + per_chunk], dtype=torch.float32, device=device)
+            n = torch.as_tensor(normals[start:start + per_chunk], dtype=torch.float32, device=device)
+            xs = (p[:, None, :] + ts[None, :, None] * n[:, None, :]).reshape(-1, 3)
+            sigma = density_fn(xs).float().reshape(len(p), samples)
+            albedo = albedo_fn(xs).float().reshape(len(p), samples, 3)
+            alpha = 1.0 - torch.exp(-sigma * step)
+            trans = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :1]), 1.0 - alpha[:, :-1]], dim=1), dim=1)
+            weights = alpha * trans
+            total = weights.sum(dim=1, keepdim=True)
+            colour = (weights[..., None] * albedo).sum(dim=1) / total.clamp_min(1e-6)
+            centre = albedo_fn(p).float()
+            out[start:start + len(p)] = torch.where(total > 1e-3, colour, centre).cpu().numpy()
+    return out
+
+
 def extract_mesh(density_fn: Callable[[torch.Tensor], torch.Tensor], albedo_fn: Callable[[torch.Tensor], torch.Tensor],
                  resolution: int = 128, bound: float = 1.0, threshold: float | None = None, device: torch.device | str = "cpu",
-                 fill_voids: str = "axes", colour_inset: float = 0.0) -> trimesh.Trimesh:
+                 fill_voids: str = "axes", colour_depth: float = 0.0) -> trimesh.Trimesh:
     """Marching-cubes mesh of a density field, with vertex colours.
 
     ``density_fn``: (N, 3) float32 points -> (N,) density >= 0, sampled on a ``resolution``^3 grid
@@ -165,8 +196,9 @@ def extract_mesh(density_fn: Callable[[torch.Tensor], torch.Tensor], albedo_fn: 
     faces). ``albedo_fn``: (N, 3) points -> (N, 3) RGB in [0, 1], sampled at the vertices and stored
     as uint8 RGBA (value x 255, rounded). ``threshold``: the surface's density level; None picks it
     with :func:`auto_threshold`. ``fill_voids``: which voids become solid (:func:`fill_enclosed`).
-    ``colour_inset``: vertex colours are sampled this far (world units) inside the surface, along
-    the vertex normals.
+    ``colour_depth``: vertex colours composite the albedo along the normal from this far (world
+    units) outside the surface to as far inside, as a ray through the surface sees it
+    (:func:`composite_along_normals`); 0: the albedo at the vertex.
     Components with < 1% of the faces (floaters) are dropped.
 
     Returns a mesh in world coordinates (+Z up) whose faces wind counter-clockwise seen from
@@ -190,9 +222,12 @@ def extract_mesh(density_fn: Callable[[torch.Tensor], torch.Tensor], albedo_fn: 
     verts = (verts - 1.0) * voxel - bound
     mesh = trimesh.Trimesh(verts, faces, process=False)
     drop_small_components(mesh)
-    # colours from just inside the surface: the albedo the renders show; outside it nothing constrains the albedo
-    points = np.asarray(mesh.vertices) - colour_inset * np.asarray(mesh.vertex_normals) if colour_inset > 0 else mesh.vertices
-    rgb = np.clip(_evaluate(albedo_fn, points, device), 0.0, 1.0)
+    if colour_depth > 0:  # the albedo the renders show; at the level itself it is half fog, half surface
+        rgb = composite_along_normals(density_fn, albedo_fn, np.asarray(mesh.vertices), np.asarray(mesh.vertex_normals),
+                                      colour_depth, device=device)
+    else:
+        rgb = _evaluate(albedo_fn, np.asarray(mesh.vertices), device)
+    rgb = np.clip(rgb, 0.0, 1.0)
     rgba = np.concatenate([np.round(rgb * 255), np.full((len(rgb), 1), 255.0)], axis=1).astype(np.uint8)
     mesh.visual = trimesh.visual.ColorVisuals(mesh, vertex_colors=rgba)
     return mesh

@@ -120,7 +120,7 @@ def export_renderer(scene: Renderer, folder: Path, opts: ExportOptions) -> list[
         warnings.simplefilter("always")
         mesh = extract_mesh(scene.field.density, scene.field.albedo, resolution=opts.mesh_resolution,
                             bound=scene.field.cfg.bound, threshold=threshold, device=device, fill_voids=opts.fill_voids,
-                            colour_inset=opts.colour_inset * 2 * scene.field.cfg.bound / (opts.mesh_resolution - 1))
+                            colour_depth=opts.colour_depth * 2 * scene.field.cfg.bound / (scene.field.resolution - 1))
     for fmt in opts.formats:
         save_mesh(mesh, folder / f"mesh.{fmt}")
     if opts.video != "none":

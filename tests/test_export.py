@@ -13,6 +13,7 @@ import trimesh
 from dreamfusion.cameras import camera_rays
 from dreamfusion.export import (
     SURFACE_DENSITY,
+    composite_along_normals,
     extract_mesh,
     rasterize_triangles,
     save_mesh,
@@ -61,6 +62,31 @@ def test_vertex_colours_follow_albedo(mesh):
     assert (red | blue).all() and (colours[:, 3] == 255).all()
     assert (mesh.vertices[red, 0] > 0).all() and (mesh.vertices[blue, 0] <= 0).all()
     assert 0.4 < red.mean() < 0.6
+
+
+def test_composite_along_normals_by_hand():
+    """A half-space x < 0 with a skin: density 10 and blue for -0.1 < x < 0, opaque (1e4) and red
+    deeper; empty and green outside. Seen along +x's normal, the skin shows 1 - exp(-10 x 0.1) of
+    blue over red; fog outside the surface (no density) shows nothing."""
+    def density(p: torch.Tensor) -> torch.Tensor:
+        x = p[:, 0]
+        return torch.where(x >= 0, 0.0, torch.where(x > -0.1, 10.0, 1e4))
+
+    def albedo(p: torch.Tensor) -> torch.Tensor:
+        x = p[:, :1]
+        green, blue, red = p.new_tensor((0.0, 1.0, 0.0)), p.new_tensor((0.0, 0.0, 1.0)), p.new_tensor((1.0, 0.0, 0.0))
+        return torch.where(x >= 0, green, torch.where(x > -0.1, blue, red))
+
+    points = np.array([[0.0, 0.3, -0.2], [0.0, -0.5, 0.1]], dtype=np.float32)
+    normals = np.array([[1.0, 0.0, 0.0]] * 2, dtype=np.float32)
+    rgb = composite_along_normals(density, albedo, points, normals, depth=0.3, samples=601)
+    skin = 1 - np.exp(-10 * 0.1)
+    assert np.allclose(rgb, [[1 - skin, 0.0, skin]] * 2, atol=0.01)
+    # a ray that meets no density keeps the albedo at the point
+    empty = composite_along_normals(lambda p: torch.zeros(len(p)), albedo, points, normals, depth=0.3)
+    assert np.allclose(empty, [[0.0, 1.0, 0.0]] * 2)
+    with pytest.raises(ValueError, match="depth"):
+        composite_along_normals(density, albedo, points, normals, depth=0.0)
 
 
 def test_floaters_dropped_and_large_parts_kept():

@@ -65,21 +65,20 @@ def test_model_input_latents_and_resize(guidance):
     assert x.shape == (2, 4, 8, 8) and torch.isfinite(x).all()
     (g,) = torch.autograd.grad(x.sum(), images)
     assert torch.isfinite(g).all() and g.abs().sum() > 0
-    # [0, 1] -> [-1, 1] -> a latent sample, times the VAE's scaling factor
+    # [0, 1] -> [-1, 1] -> the posterior's mean, times the VAE's scaling factor; no draw, so the
+    # global generator's state does not matter
     torch.manual_seed(1)
     x = guidance.model_input(images)
-    torch.manual_seed(1)
+    torch.manual_seed(2)
     with torch.no_grad():
-        ref = guidance.vae.encode(images * 2 - 1).latent_dist.sample() * guidance.vae.config.scaling_factor
+        ref = guidance.vae.encode(images * 2 - 1).latent_dist.mean * guidance.vae.config.scaling_factor
     torch.testing.assert_close(x.detach(), ref)
     # other render sizes are resized bilinearly to the VAE's resolution
     big = torch.rand(1, 3, 40, 40)
-    torch.manual_seed(2)
     x = guidance.model_input(big)
-    torch.manual_seed(2)
     with torch.no_grad():
         small = torch.nn.functional.interpolate(big, size=(16, 16), mode="bilinear", align_corners=False)
-        ref = guidance.vae.encode(small * 2 - 1).latent_dist.sample() * guidance.vae.config.scaling_factor
+        ref = guidance.vae.encode(small * 2 - 1).latent_dist.mean * guidance.vae.config.scaling_factor
     assert x.shape == (1, 4, 8, 8)
     torch.testing.assert_close(x, ref)
 
