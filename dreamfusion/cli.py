@@ -1,4 +1,4 @@
-"""The ``dreamfusion`` command line: generate, export, render, app, train-prior.
+"""The ``dreamfusion`` command line: generate, batch, export, render, app, train-prior.
 
 Options come from typed dataclasses (tyro), so ``--help`` documents every one. Only the torch-free
 :mod:`dreamfusion.config` is imported before a command runs, so help is instant. Bad input ends
@@ -21,15 +21,9 @@ DEFAULT_PROMPT = "a red cube"
 
 
 @dataclass
-class Generate:
-    """Make a 3D object from a text prompt and write DIR/mesh.glb, mesh.obj, mesh.ply,
-    turntable.mp4, checkpoint.safetensors, config.json and log.jsonl."""
+class RunOptions:
+    """The settings of a run, shared by ``generate`` and ``batch``."""
 
-    prompt: Annotated[str, tyro.conf.Positional] = DEFAULT_PROMPT
-    out: Path = Path("outputs/run")
-    """output folder (must not exist or be empty unless --overwrite)"""
-    overwrite: bool = False
-    """replace the output folder (only once the new run has been written)"""
     steps: int | None = None
     """iterations (default: --advanced.steps)"""
     seed: int | None = None
@@ -51,6 +45,41 @@ class Generate:
     export: ExportOptions = field(default_factory=ExportOptions)
     advanced: TrainConfig = field(default_factory=TrainConfig)
     """every setting of the run (an option above, when given, takes precedence)"""
+
+
+@dataclass
+class Generate(RunOptions):
+    """Make a 3D object from a text prompt and write DIR/mesh.glb, mesh.obj, mesh.ply,
+    turntable.mp4, checkpoint.safetensors, config.json, log.jsonl and preview.png."""
+
+    prompt: Annotated[str, tyro.conf.Positional] = DEFAULT_PROMPT
+    out: Path = Path("outputs/run")
+    """output folder (must not exist or be empty unless --overwrite)"""
+    overwrite: bool = False
+    """replace the output folder (only once the new run has been written)"""
+
+
+@dataclass
+class Batch(RunOptions):
+    """Make a 3D object for every prompt of a list, on Ray (this machine, or a cluster with --address),
+    into DIR/<prompt>/ as generate does; a rerun skips finished prompts. Writes DIR/summary.csv,
+    summary.json and contact_sheet.png; the exit status is the number of failed prompts. Needs
+    pip install -e ".[cluster]"; see docs/batch.md."""
+
+    prompts: Annotated[Path, tyro.conf.Positional, tyro.conf.arg(metavar="PROMPTS")] = tyro.MISSING
+    """a text file, one prompt a line (blank lines and # comments skipped), or a .csv/.tsv: prompt[,seed]"""
+    out: Path = Path("outputs/batch")
+    """batch folder: DIR/<prompt>/ per prompt, batch.json, the summary and the contact sheet"""
+    overwrite: bool = False
+    """start over: clear DIR even if it holds another batch (without it, a rerun resumes)"""
+    address: str | None = None
+    """Ray cluster to join: auto (started here with ray start --head), host:port or ray://host:port (default: Ray on this machine)"""
+    cpus_per_run: float = 1.0
+    """CPUs each run asks for (also its torch threads unless --threads)"""
+    gpus_per_run: float = 0.0
+    """GPUs each run asks for (fractions share one); runs then default to --device cuda"""
+    max_parallel: int = 0
+    """runs at once (0: as many as the cluster's resources fit)"""
 
 
 @dataclass
@@ -101,7 +130,7 @@ class App:
     device: str | None = None
 
 
-def train_config(args: Generate) -> TrainConfig:
+def train_config(args: RunOptions) -> TrainConfig:
     """``--advanced`` with the top-level options that were given (a setting left out keeps the
     ``--advanced`` value, whether default or set by the user)."""
     return with_settings(args.advanced, steps=args.steps, seed=args.seed, guidance=args.guidance, model=args.model,
@@ -109,6 +138,7 @@ def train_config(args: Generate) -> TrainConfig:
 
 
 def run_generate(args: Generate) -> Path:
+    """``dreamfusion generate``: train, then write the run folder through a staging folder."""
     import torch
 
     from .runs import staged_output, validate_export, write_run
@@ -211,17 +241,34 @@ def run_app(args: App) -> None:
     app_main(argv)
 
 
+def run_batch(args: Batch) -> int:
+    """``dreamfusion batch``: the exit status is the number of failed prompts (130: interrupted)."""
+    from dataclasses import fields
+
+    from .batch import ClusterOptions, import_ray, read_prompts, report
+    from .batch import run_batch as run_prompts
+
+    import_ray("dreamfusion batch")  # without the extra, say how to install it before anything else
+    prompts = read_prompts(args.prompts)
+    template = Generate(**{f.name: getattr(args, f.name) for f in fields(RunOptions)})
+    cluster = ClusterOptions(address=args.address, cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run,
+                             max_parallel=args.max_parallel)
+    result = run_prompts(prompts, args.out, template, cluster, overwrite=args.overwrite, prompt_file=args.prompts, quiet=args.quiet)
+    print(report(result, args.out))
+    return result.exit_status
+
+
 def run_train_prior(cfg: TrainPriorConfig) -> Path:
     from .prior.train import train_prior
 
     return train_prior(cfg)
 
 
-COMMANDS = {"generate": (Generate, run_generate), "export": (Export, run_export), "render": (Render, run_render),
-            "app": (App, run_app), "train-prior": (TrainPriorConfig, run_train_prior)}
+COMMANDS = {"generate": (Generate, run_generate), "batch": (Batch, run_batch), "export": (Export, run_export),
+            "render": (Render, run_render), "app": (App, run_app), "train-prior": (TrainPriorConfig, run_train_prior)}
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     """Model-loading progress bars of transformers/diffusers would bury our own output."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
@@ -233,20 +280,22 @@ def _quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = tyro.extras.subcommand_cli_from_dict({name: cls for name, (cls, _) in COMMANDS.items()}, args=argv, prog="dreamfusion")
-    handler = next(fn for cls, fn in COMMANDS.values() if isinstance(args, cls))
+    handler = next(fn for cls, fn in COMMANDS.values() if type(args) is cls)
     from .checkpoint import CheckpointError
     from .guidance import GuidanceError
 
-    _quiet_libraries()
+    if handler is not run_batch:  # a batch loads no model here: its workers quiet their own
+        quiet_libraries()
     try:
-        handler(args)
+        status = handler(args)
     except (ValueError, GuidanceError, CheckpointError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("error: interrupted; nothing was written to the output folder", file=sys.stderr)
+        kept = "finished runs are kept in the batch folder" if handler is run_batch else "nothing was written to the output folder"
+        print(f"error: interrupted; {kept}", file=sys.stderr)
         return 130
-    return 0
+    return status if type(status) is int else 0  # a command that counts failures (batch) says how many
 
 
 if __name__ == "__main__":
