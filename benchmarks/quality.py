@@ -4,9 +4,12 @@ mesh against the world's true object (``shared/world/SPEC.md``, "Benchmark promp
     python benchmarks/quality.py [--prompts FILE] [--only 1,9,mug | --limit N] [--steps 1200] [--seed 0]
                                  [--out benchmarks/results] [--threads 1] [--jobs 2] [--clip CLIP_FOLDER]
 
-Per prompt, in-process: a ``Trainer`` with the default ``TrainConfig`` (steps and seed overridden),
+Per prompt: a ``Trainer`` with the default ``TrainConfig`` (steps and seed overridden),
 ``trainer.run()``, then ``runs.export_scene`` writes ``OUT/meshes/NN-slug/mesh.ply``, which is read
-back and scored:
+back and scored. With ``--jobs 1`` the prompts run one after another in this process; with
+``--jobs N`` they are tasks of the batch engine (``dreamfusion.batch.run_tasks``, the engine of
+``dreamfusion batch``): N at once on a local Ray, each with ``--threads`` CPUs (needs
+``pip install -e ".[cluster]"``). Scores:
 
 * IoU of the mesh centred on its bounding box (no scaling, no rotation), and IoU after scaling its
   largest extent to the truth's (how much of the miss is size alone);
@@ -31,6 +34,7 @@ import argparse
 import csv
 import dataclasses
 import json
+import os
 import re
 import sys
 import time
@@ -47,6 +51,7 @@ if TYPE_CHECKING:
     import trimesh
     from clip_rprecision import Clip
 
+    from dreamfusion.batch import TaskOutcome
     from dreamfusion.cameras import Cameras
     from dreamfusion.config import TrainConfig
     from dreamfusion.prior.world import WorldObject
@@ -318,6 +323,17 @@ def render_truth(item: BenchmarkPrompt, cams: Cameras, size: int) -> dict:
     return {f"truth_{m}": render_object(obj, cams, default_light(cams), [m] * len(cams), size)[0] for m in ("lit", "textureless")}
 
 
+def empty_row(index: int, item: BenchmarkPrompt) -> dict:
+    """A prompt's row before it has run: status 'error' until it is scored."""
+    return {"index": index, "prompt": item.prompt, "noun": item.noun, "colour": item.colour or "-", "held_out": item.held_out,
+            "asymmetric": item.asymmetric, "status": "error", "colour_basis": "named" if item.colour else "parts", "iterations": 0,
+            "seconds": None, "export_seconds": None, "total_seconds": None, "notes": []}
+
+
+def sheet_label(index: int, item: BenchmarkPrompt) -> str:
+    return f"{index}. {item.prompt}" + (" (held-out)" if item.held_out else "")
+
+
 def run_prompt(index: int, item: BenchmarkPrompt, cfg: TrainConfig, mesh_resolution: int, out: Path, sheet_size: int = SHEET_SIZE,
                clip_views: Cameras | None = None, log: Callable[[str], object] = print, turntables: bool = False,
                level: str = "silhouette") -> tuple[dict, dict, dict]:
@@ -329,10 +345,8 @@ def run_prompt(index: int, item: BenchmarkPrompt, cfg: TrainConfig, mesh_resolut
     from dreamfusion.runs import ExportOptions, export_scene, validate_export
     from dreamfusion.trainer import Trainer
 
-    row = {"index": index, "prompt": item.prompt, "noun": item.noun, "colour": item.colour or "-", "held_out": item.held_out,
-           "asymmetric": item.asymmetric, "status": "error", "colour_basis": "named" if item.colour else "parts", "iterations": 0,
-           "seconds": None, "export_seconds": None, "total_seconds": None, "notes": []}
-    entry = {"label": f"{index}. {item.prompt}" + (" (held-out)" if item.held_out else "")}
+    row = empty_row(index, item)
+    entry = {"label": sheet_label(index, item)}
     clip_renders: dict = {}
     cams = make_cameras(30.0, 20.0, VIEW_DISTANCE, VIEW_FOCAL)
     try:
@@ -385,19 +399,54 @@ def run_prompt(index: int, item: BenchmarkPrompt, cfg: TrainConfig, mesh_resolut
     return row, entry, clip_renders
 
 
-def _init_worker(threads: int) -> None:
-    torch.set_num_threads(threads)
-
-
 def _run_job(index: int, item: BenchmarkPrompt, cfg: TrainConfig, mesh_resolution: int, out: Path, sheet_size: int, clip_cams: Cameras | None,
-             turntables: bool, level: str = "silhouette"):
-    """One prompt, with its progress lines (in a worker process under ``--jobs``)."""
-    print(f"[{index}] {item.prompt} ...", flush=True)
-    row, entry, clip_renders = run_prompt(index, item, cfg, mesh_resolution, out, sheet_size, clip_cams, turntables=turntables, level=level)
+             turntables: bool, level: str = "silhouette", threads: int = 0):
+    """One prompt (in a Ray worker under ``--jobs``, with ``threads`` torch threads)."""
+    if threads:
+        torch.set_num_threads(threads)
+    return run_prompt(index, item, cfg, mesh_resolution, out, sheet_size, clip_cams, log=lambda message: None, turntables=turntables, level=level)
+
+
+def report_row(row: dict) -> None:
+    """A prompt's result line, as it finishes."""
     if row["status"] == "ok":
-        print(f"[{index}]  IoU {row['iou']:.3f} (scaled {row['iou_scaled']:.3f}), best {row['best_noun']} {'HIT' if row['hit'] else 'miss'}, "
-              f"colour {row['colour_error']:.3f}, {row['seconds']:.0f} s + export {row['export_seconds']:.0f} s", flush=True)
-    return row, entry, clip_renders
+        print(f"[{row['index']}] {row['prompt']}: IoU {row['iou']:.3f} (scaled {row['iou_scaled']:.3f}), best {row['best_noun']} "
+              f"{'HIT' if row['hit'] else 'miss'}, colour {row['colour_error']:.3f}, {row['seconds']:.0f} s + export {row['export_seconds']:.0f} s",
+              flush=True)
+    else:
+        print(f"[{row['index']}] {row['prompt']}: FAILED: {row.get('error', '')}", flush=True)
+
+
+def run_jobs(jobs: list[tuple], parallel: int, threads: int) -> list[tuple[dict, dict, dict]]:
+    """The prompts' jobs as tasks of the batch engine (``dreamfusion batch``'s): ``parallel`` at once on
+    a local Ray, ``threads`` CPUs each; results in list order. A worker that dies (killed, out of
+    memory) fails its prompt's row only; Ctrl-C cancels the rest and ends the benchmark."""
+    from dreamfusion.batch import ClusterOptions, import_ray, ray_session, run_tasks
+
+    import_ray("--jobs above 1")
+    cluster = ClusterOptions(cpus_per_run=threads, max_parallel=parallel)
+    # workers import this module and prompts.py (by name, or with __main__'s functions) from here
+    path = os.pathsep.join(p for p in (str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH", "")) if p)
+    def on_done(outcome: TaskOutcome) -> None:
+        if outcome.status == "ok":
+            report_row(outcome.value[0])
+
+    with ray_session(cluster):
+        outcomes = run_tasks(_run_job, [(*job, threads) for job in jobs], cluster, on_done=on_done, runtime_env={"env_vars": {"PYTHONPATH": path}},
+                             label=lambda i: f"[{jobs[i][0]}] {jobs[i][1].prompt}")
+    if any(o.status == "cancelled" for o in outcomes):
+        raise KeyboardInterrupt
+    results = []
+    for (index, item, *_), outcome in zip(jobs, outcomes, strict=True):
+        if outcome.status == "ok":
+            results.append(outcome.value)
+            continue
+        row = empty_row(index, item)
+        row["seconds"] = outcome.seconds
+        row["error"] = f"generation failed: {outcome.error}"
+        report_row(row)
+        results.append((row, {"label": sheet_label(index, item), "score": row["error"][:70], "bad": True}, {}))
+    return results
 
 
 def add_clip_scores(rows: list[dict], clip_renders: list[dict], items: list[BenchmarkPrompt], clip: Clip) -> dict:
@@ -427,7 +476,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default; 1 per worker under --jobs)")
-    ap.add_argument("--jobs", type=int, default=1, help="prompts run at once, each in its own process (times are then shared-machine times)")
+    ap.add_argument("--jobs", type=int, default=1, help="prompts run at once, each a Ray task of the batch engine with --threads CPUs "
+                    "(needs the cluster extra; times are then shared-machine times)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--guidance", default="embedded", help="embedded, stable-diffusion, or reference (exact renders of the true "
                     "object instead of a prior: the engine's ceiling)")
@@ -485,14 +535,21 @@ def main(argv: list[str] | None = None) -> int:
     rows, entries, renders = [], [], []
     jobs = [(index, item, cfg, args.mesh_resolution, out, args.sheet_size, clip_cams, args.turntables, args.export_level)
             for index, item in chosen]
-    if args.jobs > 1:  # prompts in parallel worker processes, one torch thread each; results in list order
-        import multiprocessing
-
-        print(f"{args.jobs} worker processes, {args.threads or 1} thread(s) each", flush=True)
-        with multiprocessing.get_context("spawn").Pool(args.jobs, initializer=_init_worker, initargs=(args.threads or 1,)) as pool:
-            results = pool.starmap(_run_job, jobs, chunksize=1)
+    if args.jobs > 1:  # prompts as tasks of the batch engine, one torch thread each by default; results in list order
+        print(f"{args.jobs} runs at once on Ray, {args.threads or 1} thread(s) each", flush=True)
+        try:
+            results = run_jobs(jobs, args.jobs, args.threads or 1)
+        except ValueError as exc:  # no Ray, or a machine too small for --threads: one line, before anything ran
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     else:
-        results = (_run_job(*job) for job in jobs)
+        def one(job: tuple) -> tuple[dict, dict, dict]:
+            print(f"[{job[0]}] {job[1].prompt} ...", flush=True)
+            result = run_prompt(*job[:7], log=lambda message: None, turntables=job[7], level=job[8])
+            report_row(result[0])
+            return result
+
+        results = (one(job) for job in jobs)
     for _, (row, entry, clip_renders) in zip(chosen, results, strict=True):
         rows.append(row)
         entries.append(entry)

@@ -841,7 +841,10 @@ def report(result: BatchResult, out: Path) -> str:
     c = result.counts
     lines = [f"batch: {c['ok']} done, {c['skipped']} finished before, {c['failed']} failed, {c['cancelled']} cancelled "
              f"in {result.seconds:.0f} s"]
-    lines += [f"  failed: line {r['line']} {r['prompt']!r}: {r['error']}" for r in result.rows if r["status"] == "failed"]
+    for r in result.rows:
+        if r["status"] == "failed":
+            error = r["error"].removeprefix(f"line {r['line']}: ")
+            lines.append(f"  failed: line {r['line']} {r['prompt']!r}: {error}")
     lines.append(f"wrote {Path(out) / SUMMARY_CSV}, {Path(out) / SUMMARY_JSON}, {Path(out) / CONTACT_SHEET}")
     if result.interrupted:
         lines.append("interrupted: finished folders are kept; run the same command again to run the rest")

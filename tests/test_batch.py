@@ -457,3 +457,25 @@ def test_bad_input_ends_with_one_error_line(ray_session, tmp_path, capsys):
         assert expected in error_line(capsys), args
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt", "p.txt"]  # nothing written
 
+
+def test_benchmark_scores_through_the_batch_engine_match_scoring_each_folder(ray_session, tmp_path, capsys):
+    """``benchmarks/quality.py --jobs 2`` runs its prompts as tasks of the batch engine (here on the
+    module's Ray); the scores it reports are those of each run folder's mesh, scored directly."""
+    import trimesh
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import quality
+
+    prompts = write(tmp_path / "bench.txt", "a white mug\tmug\twhite\na red cube\tcube\tred\n")
+    out = tmp_path / "results"
+    assert quality.main(["--prompts", str(prompts), "--steps", "3", "--grid-resolution", "24", "--render-size", "32", "--mesh-resolution", "32",
+                         "--sheet-size", "48", "--export-level", "fixed", "--out", str(out), "--jobs", "2"]) == 0
+    printed = capsys.readouterr().out
+    data = json.loads((out / "results.json").read_text())
+    assert [r["prompt"] for r in data["rows"]] == ["a white mug", "a red cube"] and data["meta"]["jobs"] == 2
+    for row, item in zip(data["rows"], quality.parse_benchmark(prompts), strict=True):
+        assert row["status"] == "ok", row.get("error")
+        assert f"[{row['index']}] {row['prompt']}: IoU {row['iou']:.3f}" in printed
+        direct = quality.score_mesh(trimesh.load(out / row["mesh"], process=False, force="mesh"), item)
+        assert {k: row[k] for k in direct} == pytest.approx(direct)
+    assert {r["prompt"]: r["status"] for r in read_csv(out / "results.csv")} == {"a white mug": "ok", "a red cube": "ok"}
