@@ -70,10 +70,11 @@ class FieldConfig:
     does not stay in the way (20 / 0.5 left the torus's hole filled)"""
     blob_radius: float = 0.2
     """c of the density bias (world units)"""
-    blob_fade: float = 0.5
-    """fraction of the run over which the blob's inside fades to nothing (its outside, which keeps
-    empty space empty, stays): the blob starts the object, then gets out of the way (0: it stays;
-    a permanent blob left a speck in the torus's hole at small grids)"""
+    blob_fade_steps: int = 600
+    """the blob's inside fades to nothing over this many steps from the start (its outside, which
+    keeps empty space empty, stays): the blob starts the object, then gets out of the way so holes
+    can open (0: it stays). Counted in steps, not as a fraction of the run, so a short run keeps
+    its blob instead of ending with nothing to export"""
     density_activation: str = "exp"
     """exp (truncated) or softplus of the interpolated raw density plus the blob: with exp a few
     units of raw density separate empty from opaque, so surfaces can be sharp and holes carved"""
@@ -275,6 +276,8 @@ def validate_config(cfg: TrainConfig) -> None:
     coarse = list(cfg.field.coarse_resolutions)
     if any(not 4 <= r < cfg.field.resolution for r in coarse) or coarse != sorted(coarse):
         raise ValueError(f"coarse resolutions must rise from 4 to below the grid's {cfg.field.resolution}, got {cfg.field.coarse_resolutions}")
+    if cfg.field.blob_fade_steps < 0:
+        raise ValueError(f"blob_fade_steps must be 0 (the blob stays) or more, got {cfg.field.blob_fade_steps}")
     if cfg.field.density_activation not in ("softplus", "exp"):
         raise ValueError(f"unknown density activation {cfg.field.density_activation!r}; use softplus or exp")
     if cfg.views <= 0 or cfg.views > 16:

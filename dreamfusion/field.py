@@ -69,7 +69,7 @@ class GridField(nn.Module):
         r = resolution or grid_resolution(cfg, 0.0)
         self.density_grid = nn.Parameter(torch.zeros(1, 1, r, r, r))
         self.albedo_grid = nn.Parameter(torch.zeros(1, 3, r, r, r))
-        # the strength of the blob's inside (1 at the start; it fades under FieldConfig.blob_fade)
+        # the strength of the blob's inside (1 at the start; it fades under FieldConfig.blob_fade_steps)
         self.register_buffer("blob_scale", torch.ones(()))
 
     @property

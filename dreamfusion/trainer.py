@@ -223,8 +223,8 @@ class Trainer:
             cfg = self.cfg
             guidance = self._require_guidance()
             self._grow_grid()
-            if cfg.field.blob_fade > 0:
-                self.field.blob_scale.fill_(max(0.0, 1.0 - self.fraction_done() / cfg.field.blob_fade))
+            if cfg.field.blob_fade_steps > 0:
+                self.field.blob_scale.fill_(max(0.0, 1.0 - self.step_count / cfg.field.blob_fade_steps))
             self.field.train()
             cams = sample_cameras(self.camera_cfg, cfg.views, self.generator)
             self.recent_cameras.append((cams.c2w.clone(), cams.focal.clone()))

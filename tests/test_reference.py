@@ -63,7 +63,8 @@ def test_unknown_object_is_one_clear_error(reference, tmp_path):
 
 
 def _reconstruct(noun: str, colour: str, steps: int):
-    """The engine at its defaults, made small (32 px renders, a 32^3 grid), taught by exact renders."""
+    """The engine at its defaults, made small (32 px renders, a 32^3 grid, a run of ``steps`` with
+    the blob fading over its first half as in a default run), taught by exact renders."""
     import dataclasses
     import os
     import tempfile
@@ -77,7 +78,8 @@ def _reconstruct(noun: str, colour: str, steps: int):
 
     base = TrainConfig()
     cfg = dataclasses.replace(base, steps=steps, render_size=32, preview_every=0, guidance=GuidanceConfig(name="reference"),
-                              field=dataclasses.replace(base.field, resolution=32), render=dataclasses.replace(base.render, samples_per_ray=64))
+                              field=dataclasses.replace(base.field, resolution=32, blob_fade_steps=steps // 2),
+                              render=dataclasses.replace(base.render, samples_per_ray=64))
     trainer = Trainer(cfg, f"a {colour} {noun}")
     trainer.run()
     with tempfile.TemporaryDirectory() as folder:

@@ -530,3 +530,23 @@ def test_snapshot_is_a_copy_and_an_export_comes_from_one(fast_config, guidance, 
     live = trainer.render_views(cams, size=16)
     assert torch.equal(seen["frames"], trainer.render_views(cams, size=16, scene=state))
     assert not torch.equal(seen["frames"], live)
+
+
+def test_blob_fades_over_a_number_of_steps_not_a_fraction_of_the_run(fast_config, guidance):
+    """The blob's inside fades over blob_fade_steps from the start whatever the run's length, so a
+    short run keeps most of its blob (and has something to export) while a long one loses it."""
+    cfg = dataclasses.replace(fast_config, steps=1000, field=dataclasses.replace(fast_config.field, blob_fade_steps=8))
+    trainer = Trainer(cfg, "a red cube", guidance=guidance)
+    assert float(trainer.field.blob_scale) == 1.0
+    for _ in range(3):
+        trainer.step()
+    # set at the start of each step from the steps already taken: 1 - 2/8 during the third
+    assert float(trainer.field.blob_scale) == pytest.approx(1 - 2 / 8)
+    for _ in range(8):
+        trainer.step()
+    assert float(trainer.field.blob_scale) == 0.0
+    still = dataclasses.replace(cfg, field=dataclasses.replace(cfg.field, blob_fade_steps=0))
+    trainer = Trainer(still, "a red cube", guidance=guidance)
+    trainer.step()
+    trainer.step()
+    assert float(trainer.field.blob_scale) == 1.0
