@@ -100,8 +100,8 @@ def status_markdown(info: dict) -> str:
     return head + "\n\n" + line + msg
 
 
-#: examples the shipped prior does well: seen objects, a held-out pair, composites
-EXAMPLES = ["a red cube", "a blue torus", "a snowman", "a white mug", "an orange cylinder", "a hamburger"]
+#: prompts that come out recognisable with the shipped prior (README quality table; white objects do not yet)
+EXAMPLES = ["a blue torus", "a red mushroom", "a tree", "an orange cylinder", "a yellow cone", "a hamburger"]
 #: a refinement inside the world (the paper's Figure 4): the same scene, a new colour, then a new object
 REFINE_EXAMPLES = [["a blue cube", 600], ["a green cylinder", 800]]
 PRIOR_NOTE = ("The built-in prior knows 16 simple objects (cube, sphere, cylinder, cone, torus, capsule, pyramid, mug, mushroom, "

@@ -1,7 +1,7 @@
 """Refresh the README's screenshots of the app with the shipped prior: the page as a first-time
 visitor finds it, a run in progress, the finished run, and the live viewer.
 
-    python docs/make_screenshots.py [--example "a snowman" --steps 600 --seconds 60 --chromium /usr/bin/chromium]
+    python docs/make_screenshots.py [--example "a red mushroom" --steps 600 --seconds 60 --chromium /usr/bin/chromium]
 
 Starts the app on free local ports (as ``python -m app`` does), clicks an example in headless
 Chromium, and writes ``docs/app_first_visit.png``, ``docs/app_page.png`` (in progress),
@@ -24,7 +24,7 @@ from app.headless import CHROMIUM, CHROMIUM_ARGS, free_port  # noqa: E402
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--example", default="a snowman", help="the example the visitor clicks")
+    ap.add_argument("--example", default="a red mushroom", help="the example the visitor clicks")
     ap.add_argument("--steps", type=int, default=600, help="iterations of the run (the page's Steps setting)")
     ap.add_argument("--seconds", type=float, default=60.0, help="training time before the in-progress screenshots")
     ap.add_argument("--chromium", default=CHROMIUM)
