@@ -41,6 +41,11 @@ _Z_UP_TO_Y_UP = np.array([[1.0, 0, 0, 0], [0, 0, 1, 0], [0, -1, 0, 0], [0, 0, 0,
 # ----------------------------------------------------------------------------- extraction
 
 
+class ExportWarning(UserWarning):
+    """Something the user should hear about an export (shown as a note by the CLI and the app);
+    other libraries' warnings are not."""
+
+
 def _evaluate(fn: Callable[[torch.Tensor], torch.Tensor], points: np.ndarray, device: torch.device | str) -> np.ndarray:
     """Apply ``fn`` to (N, 3) points in chunks, without gradients; returns a float32 numpy array
     with the first dimension N."""
@@ -75,7 +80,7 @@ def auto_threshold(grid: np.ndarray) -> float:
         raise ValueError("density is empty: nothing to export")
     if peak < SURFACE_DENSITY:
         warnings.warn(f"density peaks at {peak:.3g}, below the surface level {SURFACE_DENSITY:.3g}: "
-                      f"extracting at half the peak, the mesh outlines a faint, possibly unfinished object", stacklevel=3)
+                      f"extracting at half the peak, the mesh outlines a faint, possibly unfinished object", ExportWarning, stacklevel=3)
         return 0.5 * peak
     return SURFACE_DENSITY
 
@@ -171,8 +176,8 @@ def composite_along_normals(density_fn: Callable[[torch.Tensor], torch.Tensor], 
     with torch.no_grad():
         ts = torch.as_tensor(offsets, device=device)
         for start in range(0, len(points), per_chunk):
-            p = torch.as_tensor(points[start:start + per_chunk], dtype=torch.float32, device=device)
-            n = torch.as_tensor(normals[start:start + per_chunk], dtype=torch.float32, device=device)
+            p = torch.tensor(points[start:start + per_chunk], dtype=torch.float32, device=device)  # a copy: trimesh's arrays are read-only
+            n = torch.tensor(normals[start:start + per_chunk], dtype=torch.float32, device=device)
             xs = (p[:, None, :] + ts[None, :, None] * n[:, None, :]).reshape(-1, 3)
             sigma = density_fn(xs).float().reshape(len(p), samples)
             albedo = albedo_fn(xs).float().reshape(len(p), samples, 3)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from .cameras import default_light
 from .config import MESH_FORMATS, VIDEO_FORMATS, ExportOptions
-from .export import extract_mesh, save_mesh, save_turntable, silhouette_level, to_uint8
+from .export import ExportWarning, extract_mesh, save_mesh, save_turntable, silhouette_level, to_uint8
 from .trainer import Trainer, config_to_dict
 
 if TYPE_CHECKING:
@@ -130,7 +130,7 @@ def export_renderer(scene: Renderer, folder: Path, opts: ExportOptions) -> list[
                                     opts.video_mode)["image"].clamp(0, 1).cpu()
 
         save_turntable(render, folder / f"turntable.{opts.video}", frames=opts.video_frames, size=opts.video_size)
-    return [str(w.message) for w in caught]
+    return [str(w.message) for w in caught if issubclass(w.category, ExportWarning)]
 
 
 def export_scene(trainer: Trainer, folder: Path, opts: ExportOptions) -> dict[str, Path]:

@@ -234,3 +234,29 @@ def test_turntable_refusals(tmp_path):
     with pytest.raises(ValueError, match="render_fn must return"):
         save_turntable(sphere_renderer(32, []), tmp_path / "turn.gif", frames=2, size=48)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_export_notes_are_the_exports_own_warnings(mesh, tmp_path, monkeypatch):
+    """The notes shown to the user are ExportWarnings (a faint scene), not other libraries' warnings."""
+    import types
+    import warnings
+
+    from dreamfusion import runs
+    from dreamfusion.config import ExportOptions
+    from dreamfusion.export import ExportWarning, auto_threshold
+
+    with pytest.warns(ExportWarning, match="faint"):
+        assert auto_threshold(np.full((4, 4, 4), 1.0, dtype=np.float32)) == 0.5
+
+    def noisy_extract(*args, **kwargs):
+        warnings.warn("The given NumPy array is not writable", UserWarning, stacklevel=2)
+        warnings.warn("density peaks low: a faint object", ExportWarning, stacklevel=2)
+        return mesh
+
+    monkeypatch.setattr(runs, "extract_mesh", noisy_extract)
+    field = types.SimpleNamespace(density_grid=torch.zeros(1), cfg=types.SimpleNamespace(bound=1.0), resolution=32,
+                                  density=ellipsoid_density, albedo=red_blue_albedo)
+    notes = runs.export_renderer(types.SimpleNamespace(field=field), tmp_path,
+                                 ExportOptions(formats=("ply",), video="none", threshold=5.0))
+    assert notes == ["density peaks low: a faint object"]
+    assert (tmp_path / "mesh.ply").exists()
