@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import tempfile
 import threading
 import time
 import traceback
@@ -112,6 +113,11 @@ class RunManager:
         self.work = threading.Condition(self.lock)  # a queued run, or shutdown
         self.closing = False
         self.version = 0  # bumped whenever a run finishes (the gallery changes)
+        # the gallery's thumbnails: written once each (atomically), never rewritten, and kept after
+        # their run is pruned, so a page that listed one can always fetch it. Handing Gradio
+        # arrays instead made it rewrite one cache file per image for every polling client at
+        # once, and a client could receive a file another request had just truncated.
+        self.gallery_dir = Path(tempfile.mkdtemp(prefix="dreamfusion-gallery-"))
         # a fixed pool of worker threads, reused run after run: a new thread per run would leave
         # glibc a new malloc arena each time, and memory would grow with the number of runs
         self.workers = [threading.Thread(target=self._work_loop, name=f"run-worker-{i}", daemon=True) for i in range(self.max_concurrent)]
@@ -247,10 +253,9 @@ class RunManager:
 
     def finished(self) -> list[dict]:
         """This server's finished runs on disk (newest first): what the gallery shows. Each entry
-        carries its preview as an image in memory (``preview``, (H, W, 3) uint8), read under the
-        lock that pruning takes: an entry can never point at a file pruning has just deleted."""
-        import imageio.v3 as iio
-
+        carries its preview as the path of a thumbnail file of its own (``preview``), copied under
+        the lock that pruning takes and never rewritten or deleted while it may still be listed:
+        an entry can never point at a file that is gone or half-written."""
         out = []
         with self.lock:
             for meta_path in self.runs_dir.glob("*/run.json"):
@@ -258,11 +263,30 @@ class RunManager:
                     meta = json.loads(meta_path.read_text())
                     if meta.get("status") not in ("done", "stopped", "failed"):
                         continue
-                    meta["preview"] = iio.imread(meta_path.parent / "preview.png")
-                except (OSError, ValueError):
+                    meta["preview"] = str(self._thumbnail(meta_path.parent / "preview.png", f"{meta['id']}-{meta.get('step', 0)}"))
+                except (OSError, ValueError, KeyError):
                     continue  # a run without a preview (or half-deleted) is not listed
                 out.append(meta)
         return sorted(out, key=lambda m: m.get("created", 0), reverse=True)
+
+    #: thumbnails kept on disk (the gallery shows 30; older ones go once this many are newer)
+    GALLERY_FILES = 200
+
+    def _thumbnail(self, preview: Path, key: str) -> Path:
+        """The gallery's copy of a run's preview: written once under a temporary name and renamed
+        into place, then left alone; the oldest beyond :data:`GALLERY_FILES` are removed."""
+        if not preview.is_file():
+            raise OSError(f"no preview: {preview}")  # the run lost it (pruned mid-listing): not listed
+        target = self.gallery_dir / f"{key}.png"
+        if not target.exists():
+            data = preview.read_bytes()
+            staging = target.with_suffix(".tmp")
+            staging.write_bytes(data)
+            staging.replace(target)
+            files = sorted(self.gallery_dir.glob("*.png"), key=lambda p: p.stat().st_mtime)
+            for old in files[:-self.GALLERY_FILES]:
+                old.unlink(missing_ok=True)
+        return target
 
     # ------------------------------------------------------------------ actions
     def submit(self, owner: str, prompt: str, **settings) -> Run:
@@ -517,3 +541,4 @@ class RunManager:
                 r.trainer.stop()
         for w in self.workers:
             w.join(timeout)
+        shutil.rmtree(self.gallery_dir, ignore_errors=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import time
 import weakref
+from pathlib import Path
 
 import pytest
 
@@ -125,10 +126,23 @@ def test_gallery_lists_only_what_can_be_fetched(tmp_path, tiny_prior_dir):
             runs.append(r)
         listed = m.finished()
         assert 1 <= len(listed) <= 2
+        import imageio.v3 as iio
+
         for entry in listed:
-            assert entry["preview"].ndim == 3 and entry["preview"].dtype.name == "uint8"  # in memory: nothing to go missing
+            # the gallery's own copy of the preview: the same image, a file that is never rewritten
+            thumb = Path(entry["preview"])
+            assert (iio.imread(thumb) == iio.imread(tmp_path / "runs" / entry["id"] / "preview.png")).all()
+        stamps = {e["preview"]: Path(e["preview"]).stat().st_mtime_ns for e in listed}
+        again = m.finished()
+        assert {e["preview"]: Path(e["preview"]).stat().st_mtime_ns for e in again} == stamps  # listed again: not rewritten
         listed_ids = {e["id"] for e in listed}
         assert listed_ids <= {p.name for p in (tmp_path / "runs").iterdir()}
+        # a page that listed a run can still fetch its thumbnail after the run is pruned
+        for i in range(2):
+            wait_for(m.submit(f"browser:{'r' * 19}{i}", f"a red cube {i}", steps=2))
+        assert not listed_ids & {p.name for p in (tmp_path / "runs").iterdir()}
+        assert all(Path(p).stat().st_size > 0 for p in stamps)
+        listed = m.finished()
         # a run folder that loses its preview (pruned mid-listing, say) is skipped, not an error
         for e in listed:
             (tmp_path / "runs" / e["id"] / "preview.png").unlink()
