@@ -815,6 +815,10 @@ def run_batch(prompts: Sequence[BatchPrompt], out: Path, template: Generate, clu
         interrupted = False
         for k, outcome in enumerate(outcomes):
             i = todo[k]
+            if rows[i] is None and run_complete(out / prompts[i].folder):
+                # it finished as the interrupt came (its folder is whole): a finished run, not a cancelled one
+                interrupted = True
+                rows[i] = summary_row(prompts[i], seeds[i], "ok", outcome.seconds)
             if rows[i] is None:  # cancelled before it started or while running
                 interrupted = True
                 shutil.rmtree((out / prompts[i].folder).with_name(prompts[i].folder + ".partial"), ignore_errors=True)
