@@ -374,7 +374,7 @@ class RunManager:
             if finished and trainer.step_count >= trainer.total_steps and not extra_steps:
                 raise RunError(f"run {run.id} is {run.status}: give extra steps to keep optimising it with the new prompt")
             try:
-                trainer.set_prompt(prompt)  # may load the shared prior again (a finished run released it)
+                trainer.set_prompt(prompt)  # may take the shared prior again (a finished run is parked without it)
             except Exception as exc:  # noqa: BLE001 - e.g. the prior cannot take this prompt: nothing has changed
                 raise RunError(f"cannot refine with {prompt!r}: {exc}") from None
             if extra_steps:
@@ -486,15 +486,18 @@ class RunManager:
     def _finish(self, run: Run, status: str, message: str) -> None:
         """Write the run's folder (checkpoint, log, preview, and the default files: a GLB mesh and a
         turntable, so the result is there without an Export) with the one writer the command line
-        uses, and let the run keep its scene but not its prior."""
+        uses, and let the run keep its scene but not its prior nor what only training needs
+        (gradients, Adam's moments: back from the checkpoint if it is refined)."""
         trainer = run.trainer
         if trainer is not None:
+            checkpoint = None
             try:
                 written = write_run(trainer, run.folder, self.finish_export())
                 run.exports = {k: Path(v) for k, v in written.items() if k in ("glb", "video")}
+                checkpoint = written.get("checkpoint")
             except Exception as exc:  # noqa: BLE001
                 message = (message + "; " if message else "") + f"could not save the run: {exc}"
-            trainer.release_guidance()
+            trainer.park(checkpoint)  # the scene stays; prior, gradients and Adam's moments go
         run.status = status
         run.working = False
         run.message = message or run.message

@@ -98,6 +98,7 @@ class Trainer:
         self._resume = threading.Event()
         self._resume.set()
         self._stop = threading.Event()
+        self._parked_at: Path | None = None  # where Adam's moments wait while the run is parked
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         o = self.cfg.optim
@@ -162,11 +163,37 @@ class Trainer:
             self.step()
 
     # ------------------------------------------------------------------ the prior
-    def release_guidance(self) -> None:
-        """Drop this run's reference to its prior (a finished run keeps only its scene); a later
-        :meth:`attach_guidance` (or any step) takes the shared prior again."""
+    def park(self, checkpoint: str | Path | None = None) -> None:
+        """A finished run keeps its scene, not what only training needs: drop the prior's
+        reference, the gradients and Adam's moments (two copies of the grids). Adam's moments
+        come back from ``checkpoint`` (this run's, just written at this step) when training
+        resumes; without it, or if the file no longer holds this step, Adam restarts."""
         with self.lock:
             self.guidance = None
+            for group in self.optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+            self.optimizer.state.clear()
+            self._parked_at = Path(checkpoint) if checkpoint is not None else None
+
+    def _parked_optimiser(self) -> dict[str, torch.Tensor] | None:
+        """Adam's moments of a parked run, read back from its checkpoint (None: not parked)."""
+        if self._parked_at is None:
+            return None
+        try:
+            meta, tensors = read_checkpoint(self._parked_at)
+            if int(meta["step"]) != self.step_count:
+                raise ValueError(f"it holds step {meta['step']}, the run is at {self.step_count}")
+        except Exception as exc:  # noqa: BLE001 - the scene is whole; only Adam's memory is lost
+            self.on_message(f"optimiser restarted: its state could not be read back from {self._parked_at} ({exc})")
+            return {}
+        return {k: v for k, v in tensors.items() if k.startswith("optim.")}
+
+    def _unpark(self) -> None:
+        tensors = self._parked_optimiser()
+        self._parked_at = None
+        if tensors:
+            self._load_optimiser_state(tensors)
 
     def attach_guidance(self, guidance: Guidance | None = None) -> Guidance:
         with self.lock:
@@ -222,6 +249,7 @@ class Trainer:
             t0 = time.perf_counter()
             cfg = self.cfg
             guidance = self._require_guidance()
+            self._unpark()
             self._grow_grid()
             if cfg.field.blob_fade_steps > 0:
                 self.field.blob_scale.fill_(max(0.0, 1.0 - self.step_count / cfg.field.blob_fade_steps))
@@ -330,6 +358,7 @@ class Trainer:
                 for pi, p in enumerate(group["params"]):
                     for k, v in self.optimizer.state.get(p, {}).items():
                         tensors[f"optim.{gi}.{pi}.{k}"] = torch.as_tensor(v).detach().cpu().reshape(-1) if k == "step" else v.detach().cpu()
+            tensors.update(self._parked_optimiser() or {})  # a parked run's, from its checkpoint
             tensors["rng"] = self.generator.get_state()
             return tensors
 
@@ -350,21 +379,25 @@ class Trainer:
         trainer.load_state(meta, tensors)
         return trainer
 
+    def _load_optimiser_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Adam's moments from checkpoint tensors (those that match the current grids)."""
+        for gi, group in enumerate(self.optimizer.param_groups):
+            for pi, p in enumerate(group["params"]):
+                state = {}
+                for k in ("step", "exp_avg", "exp_avg_sq"):
+                    key = f"optim.{gi}.{pi}.{k}"
+                    if key in tensors and (k == "step" or tensors[key].shape == p.shape):
+                        state[k] = tensors[key].reshape(()) if k == "step" else tensors[key].to(self.device)
+                if len(state) == 3:
+                    self.optimizer.state[p] = state
+
     def load_state(self, meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> None:
         with self.lock:
             grown = "field.density" in tensors and tensors["field.density"].shape != self.field.density_grid.shape
             load_scene_tensors(self.renderer, {k: v.to(self.device) for k, v in tensors.items()})
             if grown:  # new parameters: a fresh optimiser over them
                 self.optimizer = self._make_optimizer()
-            for gi, group in enumerate(self.optimizer.param_groups):
-                for pi, p in enumerate(group["params"]):
-                    state = {}
-                    for k in ("step", "exp_avg", "exp_avg_sq"):
-                        key = f"optim.{gi}.{pi}.{k}"
-                        if key in tensors and (k == "step" or tensors[key].shape == p.shape):
-                            state[k] = tensors[key].reshape(()) if k == "step" else tensors[key].to(self.device)
-                    if len(state) == 3:
-                        self.optimizer.state[p] = state
+            self._load_optimiser_state(tensors)
             if "rng" in tensors:
                 self.generator.set_state(tensors["rng"])
             self.step_count = int(meta["step"])

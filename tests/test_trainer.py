@@ -550,3 +550,41 @@ def test_blob_fades_over_a_number_of_steps_not_a_fraction_of_the_run(fast_config
     trainer.step()
     trainer.step()
     assert float(trainer.field.blob_scale) == 1.0
+
+
+def test_a_parked_run_drops_what_only_training_needs_and_resumes_exactly(fast_config, guidance, tmp_path):
+    """park() (what the app does to a finished run) drops the prior, the gradients and Adam's
+    moments; a run that resumes reads the moments back from its checkpoint and ends exactly where
+    a run that was never parked ends. A checkpoint written while parked still holds them."""
+    cfg = dataclasses.replace(fast_config, steps=4)
+    kept = Trainer(cfg, "a red cube", guidance=guidance)
+    kept.run()
+    kept.extend(3)
+    kept.run()
+
+    parked = Trainer(cfg, "a red cube", guidance=guidance)
+    parked.run()
+    ckpt = parked.save_checkpoint(tmp_path / "checkpoint.safetensors")
+    before = {k: v.clone() for k, v in parked.state_tensors().items() if k.startswith("optim.")}
+    assert before
+    parked.park(ckpt)
+    assert parked.guidance is None and len(parked.optimizer.state) == 0
+    assert all(p.grad is None for g in parked.optimizer.param_groups for p in g["params"])
+    again = parked.state_tensors()  # e.g. a checkpoint written while it is parked
+    assert all(torch.equal(again[k], v) for k, v in before.items())
+    parked.attach_guidance(guidance)
+    parked.extend(3)
+    parked.run()
+    assert parked.step_count == kept.step_count == 7
+    assert torch.equal(grid(parked), grid(kept))
+
+    # without its checkpoint Adam restarts (the scene is whole), and the run says so
+    notes = []
+    lost = Trainer(cfg, "a red cube", guidance=guidance, on_message=notes.append)
+    lost.run()
+    lost.park(tmp_path / "gone.safetensors")
+    lost.attach_guidance(guidance)
+    lost.extend(3)
+    lost.run()
+    assert lost.step_count == 7 and any("optimiser restarted" in n for n in notes)
+    assert not torch.equal(grid(lost), grid(kept))
