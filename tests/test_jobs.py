@@ -105,6 +105,9 @@ def test_runs_share_one_prior_and_a_finished_run_keeps_only_its_scene(manager):
     assert not any(r is second.trainer for r in gc.get_referrers(prior))
     # ... while the process's prior stays loaded for the next visitor
     assert shared_priors() == [prior] and prior.unet is not None
+    # nor does it keep what only training needs: gradients and Adam's moments (its checkpoint has them)
+    assert len(second.trainer.optimizer.state) == 0
+    assert all(p.grad is None for g in second.trainer.optimizer.param_groups for p in g["params"])
     # a finished run still refines (taking the shared prior again) and exports
     manager.refine("browser:" + "p" * 20, "a green sphere", 2)
     wait_for(second)

@@ -219,3 +219,37 @@ def test_incomplete_folder_names_the_missing_part(sd_folder, tmp_path, monkeypat
     shutil.rmtree(broken / "unet")
     msg = _assert_one_line_error(str(broken), "unet/", monkeypatch)
     assert "no usable unet/" in msg
+
+
+def test_two_runs_load_the_pipeline_once(sd_folder, monkeypatch):
+    """Two Trainers on the same Stable Diffusion folder: the pipeline is loaded once and both
+    runs use the same weights (on a GPU Space a copy per visitor would run it out of memory)."""
+    import dataclasses
+
+    from dreamfusion.config import FieldConfig
+    from dreamfusion.guidance import release_shared, shared_priors
+    from dreamfusion.guidance.stable_diffusion import StableDiffusionGuidance
+    from dreamfusion.trainer import TrainConfig, Trainer
+
+    release_shared()
+    loads = []
+    init = StableDiffusionGuidance.__init__
+
+    def counting(self, *args, **kwargs):
+        loads.append(1)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionGuidance, "__init__", counting)
+    try:
+        cfg = TrainConfig(steps=2, render_size=32, views=1, preview_every=0, field=FieldConfig(resolution=16),
+                          guidance=GuidanceConfig(name="stable-diffusion", model=str(sd_folder)))
+        a = Trainer(cfg, "a red cube")
+        b = Trainer(dataclasses.replace(cfg, seed=1), "a blue sphere")
+        a.run()
+        b.run()
+        assert len(loads) == 1
+        assert a.guidance is not b.guidance and a.guidance.unet is b.guidance.unet and a.guidance.vae is b.guidance.vae
+        assert len([p for p in shared_priors() if isinstance(p, StableDiffusionGuidance)]) == 1
+        assert a.step_count == b.step_count == 2
+    finally:
+        release_shared()
