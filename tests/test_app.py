@@ -457,6 +457,9 @@ def test_first_visit_examples_vocabulary_note_and_result_at_once(quick_app, tmp_
             assert "mesh.glb" in page.locator("#result-mesh").inner_html()
             downloads = page.locator("#downloads").inner_text().replace("\n", "")
             assert "mesh.glb" in downloads and "turntable.mp4" in downloads  # offered without an Export
+            # and the gallery lists it (its thumbnail, sent when the gallery's version changes)
+            page.locator("#gallery img").first.wait_for(timeout=30000)
+            assert "a blue torus" in page.locator("#gallery").inner_html()
             assert _toasts(page) == ""  # a known prompt: no note
             save_screenshot(page.screenshot(full_page=True), tmp_path, "finished.png")
             # a paraphrase: no note either
