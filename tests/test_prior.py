@@ -92,3 +92,16 @@ def test_camera_classifier_needs_render_conditions_and_reports_per_noun(shipped)
     report = camera_following(v2.unet().eval(), v2, enc, nouns=("mug",), views=8, elevations=(10.0,), timesteps=(300,))
     assert report.n_images == 8 and set(report.per_noun) == {"mug"}
     assert 0.0 <= report.top1 <= report.within_45 <= 1.0
+
+
+def test_prior_weights_get_ordinary_permissions(tiny_prior_dir):
+    """The prior's weights are written atomically and read like any file the user makes (they
+    were 0600, which a web server or another user of a shared prior folder cannot read)."""
+    import os
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for name in (WEIGHTS_FILE, "config.json"):
+        mode = (tiny_prior_dir / name).stat().st_mode & 0o777
+        assert mode == 0o666 & ~mask, (name, oct(mode))
+    assert not [p.name for p in tiny_prior_dir.iterdir() if p.name.startswith(".")]  # no temporary left

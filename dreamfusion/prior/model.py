@@ -12,6 +12,7 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from ..cameras import RAY_CONDITION_CHANNELS, RENDER_CONDITION_FEATURES, Cameras, Lights, ray_condition_maps, render_condition_features
 from ..config import ASSET_DIR, LEGACY_CAMERA, CameraConfig
+from ..files import atomic_write
 
 WEIGHTS_FILE = "unet_ema_fp16.safetensors"
 RESUME_FILE = "resume_state.safetensors"
@@ -252,7 +253,8 @@ def save_prior_weights(state: dict[str, torch.Tensor], cfg: PriorConfig, folder:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     cfg.save(folder)
-    tmp = folder / (WEIGHTS_FILE + ".tmp")
-    save_file({k: v.detach().to(torch.float16).contiguous() for k, v in state.items()}, str(tmp), metadata={"step": str(step)})
-    tmp.replace(folder / WEIGHTS_FILE)
+    weights = {k: v.detach().to(torch.float16).contiguous() for k, v in state.items()}
+    # the project's one atomic writer: a crash leaves the previous file, and the finished file gets
+    # the permissions the user's umask gives (safetensors alone wrote 0600)
+    atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(weights, tmp, metadata={"step": str(step)}))
     return folder
