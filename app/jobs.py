@@ -28,6 +28,7 @@ import torch
 
 from dreamfusion.config import USER_GUIDANCES, resolve_guidance, with_settings
 from dreamfusion.export import to_uint8
+from dreamfusion.files import atomic_write
 from dreamfusion.runs import MESH_FORMATS, ExportOptions, export_scene, validate_export, write_run
 from dreamfusion.trainer import TrainConfig, Trainer, validate_config, validate_prompt
 
@@ -63,6 +64,7 @@ def return_freed_memory() -> None:
         libc.malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
 
 @dataclass
 class Run:
@@ -292,10 +294,7 @@ class RunManager:
             raise OSError(f"no preview: {preview}")  # the run lost it (pruned mid-listing): not listed
         target = self.gallery_dir / f"{key}.png"
         if not target.exists():
-            data = preview.read_bytes()
-            staging = target.with_suffix(".tmp")
-            staging.write_bytes(data)
-            staging.replace(target)
+            atomic_write(target, lambda tmp: shutil.copyfile(preview, tmp))
             files = sorted(self.gallery_dir.glob("*.png"), key=lambda p: p.stat().st_mtime)
             for old in files[:-self.GALLERY_FILES]:
                 old.unlink(missing_ok=True)

@@ -545,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         def one(job: tuple) -> tuple[dict, dict, dict]:
             print(f"[{job[0]}] {job[1].prompt} ...", flush=True)
-            result = run_prompt(*job[:7], log=lambda message: None, turntables=job[7], level=job[8])
+            result = _run_job(*job)
             report_row(result[0])
             return result
 

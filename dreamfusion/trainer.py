@@ -397,6 +397,7 @@ class Trainer:
             load_scene_tensors(self.renderer, {k: v.to(self.device) for k, v in tensors.items()})
             if grown:  # new parameters: a fresh optimiser over them
                 self.optimizer = self._make_optimizer()
+            self._parked_at = None  # the loaded state replaces whatever a parked run would read back
             self._load_optimiser_state(tensors)
             if "rng" in tensors:
                 self.generator.set_state(tensors["rng"])
