@@ -140,6 +140,19 @@ def sample_lights(cfg: CameraConfig, cameras: Cameras, generator: torch.Generato
     )
 
 
+def sample_backgrounds(n: int, random_fraction: float, generator: torch.Generator | None = None,
+                       device: torch.device | str = "cpu") -> torch.Tensor:
+    """Background colours of ``n`` renders, (n, 3): each is a uniformly random solid RGB colour with
+    probability ``random_fraction``, else white (the engine's default). The one definition that the
+    embedded prior's training renders and SDS share: on a random colour a white or grey object is
+    visible, so its pixels can only be made by opaque surface, not by thinning it into the white."""
+    if not 0.0 <= random_fraction <= 1.0:
+        raise ValueError(f"random background fraction must be between 0 and 1, got {random_fraction}")
+    colours = torch.rand(n, 3, generator=generator, device=device)
+    coloured = torch.rand(n, generator=generator, device=device) < random_fraction
+    return torch.where(coloured[:, None], colours, torch.ones_like(colours))
+
+
 def default_light(cameras: Cameras, intensity: float = 0.75, ambient: float = 0.2) -> Lights:
     """A light at the camera: what viewers and exports use unless told otherwise."""
     n = len(cameras)

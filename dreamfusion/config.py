@@ -130,6 +130,9 @@ class GuidanceConfig:
     """a camera-aware prior is told each render's camera, light and shading mode (off: text only)"""
     use_alpha: bool = True
     """a prior with an opacity channel also grades (and pushes) the renders' opacity"""
+    random_background: float = 1.0
+    """with a prior trained on random solid backgrounds: the fraction of renders it grades on a
+    random colour instead of the scene's background (others, and other priors, always see the scene's)"""
 
 
 # ----------------------------------------------------------------------------- training
@@ -298,6 +301,8 @@ def validate_config(cfg: TrainConfig) -> None:
         raise ValueError(f"SDS draws per render must be between 1 and 16, got {g.draws}")
     if g.guidance_scale is not None and (g.guidance_scale < 0 or not math.isfinite(g.guidance_scale)):
         raise ValueError(f"guidance scale must be a non-negative number, got {g.guidance_scale}")
+    if not 0 <= g.random_background <= 1:
+        raise ValueError(f"the random-background fraction must be between 0 and 1, got {g.random_background}")
 
 
 def with_settings(cfg: TrainConfig, *, steps: int | None = None, seed: int | None = None, guidance: str | None = None,

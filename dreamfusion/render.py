@@ -144,8 +144,11 @@ class Renderer(torch.nn.Module):
         return self.cfg.sampler
 
     def render_rays(self, origins: torch.Tensor, dirs: torch.Tensor, light_pos: torch.Tensor, light_intensity: torch.Tensor,
-                    ambient: torch.Tensor, mode: str = "lit", stratified: bool = False, generator: torch.Generator | None = None) -> dict:
-        """Render N rays. Lights are per ray: ``light_pos`` (N, 3), intensity and ambient (N,).
+                    ambient: torch.Tensor, mode: str = "lit", stratified: bool = False, generator: torch.Generator | None = None,
+                    background: torch.Tensor | None = None) -> dict:
+        """Render N rays. Lights are per ray: ``light_pos`` (N, 3), intensity and ambient (N,);
+        ``background`` (N, 3): colours seen where each ray leaves the scene, in place of the
+        scene's own background (None: the scene's).
 
         Returns ``rgb`` (N, 3), ``opacity`` (N,), ``depth`` (N,), ``normal`` (N, 3) (composited,
         not renormalised), ``orientation`` (N,) the Ref-NeRF orientation penalty per ray, and
@@ -190,7 +193,8 @@ class Renderer(torch.nn.Module):
             if mode == "depth":  # grey levels are assigned per image by render()
                 rgb = (depth / (opacity + 1e-6))[:, None].expand(n, 3)
             else:
-                rgb = rgb + (1 - opacity[:, None]) * self.background(dirs)
+                behind = self.background(dirs) if background is None else background.to(rgb)
+                rgb = rgb + (1 - opacity[:, None]) * behind
         return {"rgb": rgb, "opacity": opacity, "depth": depth, "normal": normal, "orientation": orientation,
                 "n_samples": int(t_starts.shape[0])}
 
@@ -274,14 +278,15 @@ class Renderer(torch.nn.Module):
         return opacity.reshape(shape), peak.reshape(shape)
 
     def render(self, cameras: Cameras, lights: Lights, height: int, width: int, mode: str = "lit", stratified: bool = False,
-               generator: torch.Generator | None = None) -> dict:
+               generator: torch.Generator | None = None, background: torch.Tensor | None = None) -> dict:
         """Render images. Returns ``image`` (B, 3, H, W), ``opacity`` (B, 1, H, W), ``depth`` and
-        the per-ray ``orientation`` penalty (B, H, W), plus ``n_samples``."""
+        the per-ray ``orientation`` penalty (B, H, W), plus ``n_samples``. ``background`` (B, 3):
+        a solid colour behind each image in place of the scene's own background (None: the scene's)."""
         origins, dirs = camera_rays(cameras, height, width)
         b = len(cameras)
         per_ray = lambda v: v[:, None].expand(b, height * width, *v.shape[1:]).reshape(b * height * width, *v.shape[1:])  # noqa: E731
         out = self.render_rays(origins.reshape(-1, 3), dirs.reshape(-1, 3), per_ray(lights.position), per_ray(lights.intensity),
-                               per_ray(lights.ambient), mode, stratified, generator)
+                               per_ray(lights.ambient), mode, stratified, generator, None if background is None else per_ray(background))
         img = lambda v, c: v.reshape(b, height, width, c).permute(0, 3, 1, 2)  # noqa: E731
         image = img(out["rgb"], 3)
         if mode == "depth":

@@ -259,8 +259,10 @@ class Trainer:
             lights = sample_lights(self.camera_cfg, cams, self.generator)
             mode = self._sample_mode()
             cams_d, lights_d = cams.to(self.device), lights.to(self.device)
+            backgrounds = guidance.backgrounds(len(cams), self.generator)  # None: the scene's own
             with record_function("step.render"):
-                out = self.renderer.render(cams_d, lights_d, cfg.render_size, cfg.render_size, mode, stratified=True, generator=self.generator)
+                out = self.renderer.render(cams_d, lights_d, cfg.render_size, cfg.render_size, mode, stratified=True, generator=self.generator,
+                                           background=None if backgrounds is None else backgrounds.to(self.device))
             renders = RenderBatch(out["image"], out["opacity"], cams_d, lights_d, [mode] * len(cams))
             texts = [f"{self.prompt}, {view_label(float(a), float(e))}" for a, e in zip(cams.azimuth, cams.elevation, strict=True)]
             t_range = timestep_bounds(self.step_count, self.total_steps, cfg.guidance.t_min, cfg.guidance.t_max, cfg.guidance.t_max_end)

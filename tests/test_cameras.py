@@ -399,3 +399,19 @@ def test_ray_condition_maps_by_hand():
     rot = torch.tensor([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
     turned = torch.einsum("ij,jhw->ihw", rot, maps[0, :3])
     assert torch.allclose(turned, maps[1, :3], atol=1e-6)
+
+
+def test_sample_backgrounds_fraction_and_colours():
+    from dreamfusion.cameras import sample_backgrounds
+
+    assert torch.equal(sample_backgrounds(5, 0.0, torch.Generator().manual_seed(0)), torch.ones(5, 3))
+    all_random = sample_backgrounds(400, 1.0, torch.Generator().manual_seed(0))
+    assert all_random.shape == (400, 3) and all_random.min() >= 0 and all_random.max() < 1
+    assert 0.45 < float(all_random.mean()) < 0.55  # uniform in [0, 1]
+    half = sample_backgrounds(2000, 0.5, torch.Generator().manual_seed(1))
+    white = (half == 1).all(dim=1).float().mean()
+    assert 0.46 < float(white) < 0.54
+    again = sample_backgrounds(2000, 0.5, torch.Generator().manual_seed(1))
+    assert torch.equal(half, again)
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        sample_backgrounds(3, 1.5)

@@ -473,6 +473,7 @@ def test_stop_before_run_is_not_lost_and_extend_continues(fast_config, guidance)
         (dict(field=FieldConfig(resolution=4)), "grid resolution"),
         (dict(guidance=GuidanceConfig(t_min=0.5, t_max=0.2)), "t_min"),
         (dict(guidance=GuidanceConfig(guidance_scale=float("nan"))), "guidance scale"),
+        (dict(guidance=GuidanceConfig(random_background=1.5)), "random-background fraction"),
     ],
 )
 def test_validate_config_rejects(fast_config, change, message):
@@ -588,3 +589,47 @@ def test_a_parked_run_drops_what_only_training_needs_and_resumes_exactly(fast_co
     lost.run()
     assert lost.step_count == 7 and any("optimiser restarted" in n for n in notes)
     assert not torch.equal(grid(lost), grid(kept))
+
+
+def _graded_backgrounds(trainer: Trainer, monkeypatch, steps: int = 3) -> list[torch.Tensor]:
+    """The colour of each graded render where it is empty (opacity ~ 0), per step (views x 3)."""
+    seen = []
+    original = trainer.guidance.loss
+
+    def spy(renders, *args, **kwargs):
+        empty = renders.opacity.detach() < 1e-4  # (B, 1, H, W)
+        seen.append(torch.stack([renders.images.detach()[i][:, empty[i, 0]].mean(1) for i in range(len(renders))]))
+        return original(renders, *args, **kwargs)
+
+    monkeypatch.setattr(trainer.guidance, "loss", spy)
+    for _ in range(steps):
+        trainer.step()
+    return seen
+
+
+def test_a_prior_trained_on_random_backgrounds_grades_renders_on_them(fast_config, tiny_prior_dir, tmp_path, monkeypatch):
+    """The tiny prior's config says it was trained on random solid backgrounds (the default of a
+    new prior): SDS renders then stand on random colours, one per view; a prior trained on white
+    only (v1's config) is graded on the scene's white, and so is everything with the fraction 0."""
+    from dreamfusion.prior.model import PriorConfig
+
+    cfg = dataclasses.replace(fast_config, views=2)
+    assert PriorConfig.load(tiny_prior_dir).random_background > 0
+    coloured = _graded_backgrounds(Trainer(cfg, PROMPT), monkeypatch)
+    colours = torch.cat(coloured)
+    assert colours.shape == (6, 3)
+    assert ((colours - 1).abs().amax(dim=1) > 0.05).all(), colours  # none of them white
+    assert (colours[0] - colours[1]).abs().max() > 0.05  # one colour per view
+
+    off = dataclasses.replace(cfg, guidance=dataclasses.replace(cfg.guidance, random_background=0.0))
+    assert torch.allclose(torch.cat(_graded_backgrounds(Trainer(off, PROMPT), monkeypatch)), torch.ones(6, 3), atol=1e-4)
+
+    white_only = tmp_path / "white_only"
+    white_only.mkdir()
+    for f in tiny_prior_dir.iterdir():
+        (white_only / f.name).write_bytes(f.read_bytes())
+    config = json.loads((white_only / "config.json").read_text())
+    config.pop("random_background")  # a folder from before random backgrounds: trained on white
+    (white_only / "config.json").write_text(json.dumps(config))
+    old = dataclasses.replace(cfg, guidance=dataclasses.replace(cfg.guidance, model=str(white_only)))
+    assert torch.allclose(torch.cat(_graded_backgrounds(Trainer(old, PROMPT), monkeypatch)), torch.ones(6, 3), atol=1e-4)

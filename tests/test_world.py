@@ -487,6 +487,41 @@ def test_render_batch_many_never_held_out():
             assert not is_held_out(w, n)
 
 
+def test_render_batch_on_random_backgrounds():
+    """A fraction of the images stand on a random solid colour (Batch.backgrounds): exactly that
+    colour where no ray hits, the same object pixels as on white where every ray hits, and the
+    coverage channel does not depend on the background."""
+    b = render_batch(16, 16, random.Random(5), torch.Generator().manual_seed(5), with_alpha=True, random_background=0.5)
+    white = (b.backgrounds == 1).all(dim=1)
+    assert 3 <= int(white.sum()) <= 13  # about half of 16
+    for k in range(16):
+        empty = b.images[k, 3] == 0
+        assert empty.sum() > 50
+        assert torch.allclose(b.images[k, :3][:, empty], b.backgrounds[k][:, None].expand(3, int(empty.sum())))
+    # the same cameras and colours on white: object pixels equal, empty ones white
+    obj = build_object("mug", "white")
+    cams = make_cameras(torch.tensor([30.0, 200.0]), 20.0, 1.9, 1.27)
+    lights = default_light(cams)
+    bg = torch.tensor([[0.1, 0.5, 0.9], [0.8, 0.2, 0.0]])
+    on_colour = render_object(obj, cams, lights, ["lit", "textureless"], 24, with_alpha=True, backgrounds=bg)
+    on_white = render_object(obj, cams, lights, ["lit", "textureless"], 24, with_alpha=True)
+    assert torch.equal(on_colour[:, 3], on_white[:, 3])
+    full = on_white[:, 3:] == 1
+    assert torch.allclose(on_colour[:, :3] * full, on_white[:, :3] * full)
+    # partly covered pixels mix the object and the background by their coverage
+    a = on_white[:, 3:]
+    assert torch.allclose(on_colour[:, :3], on_white[:, :3] + (1 - a) * (bg[:, :, None, None] - 1), atol=1e-5)
+
+
+def test_render_batch_on_white_draws_no_background():
+    """The white-only recipe (v1, v2 before step 2,500) keeps its random stream: the same batch
+    with or without the background machinery."""
+    one = render_batch(6, 8, random.Random(2), torch.Generator().manual_seed(2), supersample=1)
+    two = render_batch(6, 8, random.Random(2), torch.Generator().manual_seed(2), supersample=1, random_background=0.0)
+    assert torch.equal(one.images, two.images) and torch.equal(one.cameras.azimuth, two.cameras.azimuth)
+    assert (one.backgrounds == 1).all()
+
+
 def _front_red_cube(mode, size=33):
     cams = make_cameras(0.0, 0.0, 2.0, 1.0)
     lights = default_light(cams)  # at the camera, intensity 0.75, ambient 0.2

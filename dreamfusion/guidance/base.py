@@ -87,6 +87,11 @@ class Guidance:
         ``repeat(n)`` method that repeats its batch), or None (the default: text only)."""
         return None
 
+    def backgrounds(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor | None:
+        """Solid colours (n, 3) to render the next ``n`` views on, for a prior that was trained on
+        them, or None (the default): the scene's own background."""
+        return None
+
     def check_prompt(self, prompt: str) -> None:
         """Raise :class:`GuidanceError` for a prompt this guidance cannot grade (default: any goes)."""
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..cameras import CameraConfig
+from ..cameras import CameraConfig, sample_backgrounds
 from ..prior.model import ASSET_DIR, RenderConditions, TextCondition, TextEncoder, load_unet, predict_noise
 from .base import Guidance, GuidanceConfig, GuidanceError, RenderBatch
 
@@ -50,6 +50,13 @@ class EmbeddedGuidance(Guidance):
     def camera_config(self) -> CameraConfig:
         """The camera and light distribution the prior's training renders came from."""
         return self.prior_cfg.camera_config()
+
+    def backgrounds(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor | None:
+        """Random solid colours (white for a fraction 1 - ``random_background``) for a prior trained
+        on them; None for one trained on white only, which grades renders on the scene's white."""
+        if self.prior_cfg.random_background <= 0 or self.cfg.random_background <= 0:
+            return None
+        return sample_backgrounds(n, self.cfg.random_background, generator)
 
     def model_input(self, images: torch.Tensor) -> torch.Tensor:
         """Renders (B, C, H, W) in [0, 1] -> (B, C, S, S) in [-1, 1], area-averaged (antialiased)

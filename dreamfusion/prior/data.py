@@ -14,12 +14,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..cameras import CameraConfig, Cameras, Lights, camera_rays, ray_box, sample_cameras, sample_lights
+from ..cameras import CameraConfig, Cameras, Lights, camera_rays, ray_box, sample_backgrounds, sample_cameras, sample_lights
 from ..config import SHADING_PROBS
 from ..shading import TRAINING_SHADING_MODES, shade
 from .world import WorldObject, build_object, caption, draw_example
 
-BACKGROUND = 1.0  # white, as the engine's default background
+BACKGROUND = 1.0  # white, as the engine's default background (and of every render unless told otherwise)
 
 
 def sample_shading_modes(n: int, rng: random.Random) -> list[str]:
@@ -33,11 +33,13 @@ def _sdf_normals(obj: WorldObject, points: torch.Tensor, eps: float = 1e-3) -> t
 
 
 def render_object(obj: WorldObject, cameras: Cameras, lights: Lights, modes: list[str], size: int,
-                  supersample: int = 2, steps: int = 48, with_alpha: bool = False, part_colours: torch.Tensor | None = None) -> torch.Tensor:
-    """Render ``obj`` from each camera. Returns (B, 3, size, size) in [0, 1] on a white background,
-    or (B, 4, size, size) with ``with_alpha``: the coverage of each pixel (the fraction of its
-    supersamples that hit the object) as a fourth channel. ``part_colours`` (B, P, 3): per camera,
-    colours for the object's P parts in place of its own (one shape traced for many colours)."""
+                  supersample: int = 2, steps: int = 48, with_alpha: bool = False, part_colours: torch.Tensor | None = None,
+                  backgrounds: torch.Tensor | None = None) -> torch.Tensor:
+    """Render ``obj`` from each camera. Returns (B, 3, size, size) in [0, 1] on a white background
+    (or per camera on ``backgrounds`` (B, 3)), or (B, 4, size, size) with ``with_alpha``: the
+    coverage of each pixel (the fraction of its supersamples that hit the object) as a fourth
+    channel. ``part_colours`` (B, P, 3): per camera, colours for the object's P parts in place of
+    its own (one shape traced for many colours)."""
     res = size * supersample
     origins, dirs = camera_rays(cameras, res, res)
     b = len(cameras)
@@ -58,7 +60,10 @@ def render_object(obj: WorldObject, cameras: Cameras, lights: Lights, modes: lis
         gone = now_hit | (t[idx] > t_far[idx])
         active[idx[gone]] = False
     hit_idx = hit.nonzero(as_tuple=True)[0]
-    colour = torch.full((o.shape[0], 3), BACKGROUND)
+    if backgrounds is None:
+        colour = torch.full((o.shape[0], 3), BACKGROUND)
+    else:
+        colour = backgrounds.to(o.dtype)[:, None].expand(b, res * res, 3).reshape(-1, 3).clone()
     if hit_idx.numel():
         pts = o[hit_idx] + t[hit_idx, None] * d[hit_idx]
         normals = _sdf_normals(obj, pts)
@@ -83,6 +88,7 @@ def render_object(obj: WorldObject, cameras: Cameras, lights: Lights, modes: lis
 @dataclass
 class Batch:
     images: torch.Tensor  # (B, 3, S, S) in [0, 1], or (B, 4, S, S) with coverage last
+    backgrounds: torch.Tensor  # (B, 3): each image's solid background colour
     captions: list[str]
     nouns: list[str]
     colours: list[str | None]
@@ -92,14 +98,17 @@ class Batch:
 
 
 def render_batch(n: int, size: int, rng: random.Random, generator: torch.Generator, camera_cfg: CameraConfig | None = None,
-                 supersample: int = 2, with_alpha: bool = False, synonyms: bool = False) -> Batch:
+                 supersample: int = 2, with_alpha: bool = False, synonyms: bool = False, random_background: float = 0.0) -> Batch:
     """``n`` random training examples (objects grouped so that each SDF is evaluated once per group),
-    drawn from ``camera_cfg`` (default: the current CameraConfig)."""
+    drawn from ``camera_cfg`` (default: the current CameraConfig); a fraction ``random_background``
+    of them on a random solid colour instead of white (:func:`~dreamfusion.cameras.sample_backgrounds`)."""
     camera_cfg = camera_cfg or CameraConfig()
     draws = [draw_example(rng, synonyms) for _ in range(n)]
     cams = sample_cameras(camera_cfg, n, generator)
     lights = sample_lights(camera_cfg, cams, generator)
     modes = sample_shading_modes(n, rng)
+    # drawn only when used, so a white-only recipe keeps its random stream (and its resumed runs) as before
+    backgrounds = sample_backgrounds(n, random_background, generator) if random_background > 0 else torch.ones(n, 3)
     images = torch.empty(n, 4 if with_alpha else 3, size, size)
     groups: dict[str, list[int]] = {}
     for i, dr in enumerate(draws):
@@ -109,6 +118,6 @@ def render_batch(n: int, size: int, rng: random.Random, generator: torch.Generat
         sub_cams, sub_lights = cams[sel], lights[sel]
         colours = torch.tensor([build_object(noun, draws[i].colour).colours for i in idx])
         images[sel] = render_object(build_object(noun, draws[idx[0]].colour), sub_cams, sub_lights, [modes[i] for i in idx], size,
-                                    supersample, with_alpha=with_alpha, part_colours=colours)
+                                    supersample, with_alpha=with_alpha, part_colours=colours, backgrounds=backgrounds[sel])
     captions = [caption(dr.phrase, float(cams.azimuth[i]), float(cams.elevation[i])) for i, dr in enumerate(draws)]
-    return Batch(images, captions, [d.noun for d in draws], [d.colour for d in draws], modes, cams, lights)
+    return Batch(images, backgrounds, captions, [d.noun for d in draws], [d.colour for d in draws], modes, cams, lights)

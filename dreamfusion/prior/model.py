@@ -45,6 +45,10 @@ class PriorConfig:
     ray (0: none)"""
     camera: dict = field(default_factory=lambda: asdict(CameraConfig()))
     """the camera and light distribution of its training renders (a CameraConfig's fields)"""
+    random_background: float = 0.5
+    """fraction of its training renders on a random solid colour instead of white
+    (:func:`~dreamfusion.cameras.sample_backgrounds`); SDS with a prior that has seen them grades
+    renders on such colours, where a white object cannot be faked by fading into the background"""
     version: int = 2
     extra: dict = field(default_factory=dict)
 
@@ -84,6 +88,7 @@ class PriorConfig:
         data.setdefault("condition_features", 0)
         data.setdefault("ray_channels", 0)
         data.setdefault("camera", asdict(LEGACY_CAMERA))
+        data.setdefault("random_background", 0.0)  # trained on white only (v1, and v2 up to step 2,500)
         return cls(**data)
 
 

@@ -125,7 +125,8 @@ def train_prior(cfg: TrainPriorConfig, prior_cfg: PriorConfig | None = None, on_
     while step < cfg.steps:
         if cfg.max_minutes and time.time() - t0 > cfg.max_minutes * 60:
             break
-        batch = render_batch(cfg.batch, prior_cfg.image_size, rng, gen, camera_cfg, with_alpha=with_alpha, synonyms=cfg.synonyms)
+        batch = render_batch(cfg.batch, prior_cfg.image_size, rng, gen, camera_cfg, with_alpha=with_alpha, synonyms=cfg.synonyms,
+                             random_background=prior_cfg.random_background)
         x0 = (batch.images * 2 - 1).to(cfg.device)
         captions = ["" if rng.random() < cfg.caption_dropout else c for c in batch.captions]
         cond = encoder.condition(captions).to(cfg.device)
