@@ -94,6 +94,27 @@ def test_camera_classifier_needs_render_conditions_and_reports_per_noun(shipped)
     assert 0.0 <= report.top1 <= report.within_45 <= 1.0
 
 
+def test_condition_use_is_zero_when_every_render_has_the_same_camera(tiny_prior_dir):
+    """condition_use compares the loss under each render's own conditions with the loss under
+    another render's camera: when all renders share one camera the two are the same inputs, so the
+    gain is exactly 0; dropping the conditions (zeros) does change a random prior's output."""
+    from dreamfusion.cameras import make_cameras
+    from dreamfusion.prior.evaluate import condition_use
+
+    unet, cfg = load_unet(tiny_prior_dir)
+    enc = TextEncoder(cfg.max_tokens)
+    n = 6
+    same = make_cameras(torch.full((n,), 40.0), 25.0, 1.9, 1.27)
+    report = condition_use(unet, cfg, enc, n_images=n, timesteps=(500,), cameras=same)
+    assert report.n_images == n and report.loss > 0
+    assert report.gain_over_shuffled == 0.0
+    assert report.gain_over_dropped != 0.0
+    free = condition_use(unet, cfg, enc, n_images=n, timesteps=(500,))
+    assert free.gain_over_shuffled != 0.0 and abs(free.gain_over_shuffled) < 1
+    with pytest.raises(ValueError, match="no render conditions"):
+        condition_use(unet, PriorConfig(condition_features=0, ray_channels=0), enc)
+
+
 def test_prior_weights_get_ordinary_permissions(tiny_prior_dir):
     """The prior's weights are written atomically and read like any file the user makes (they
     were 0600, which a web server or another user of a shared prior folder cannot read)."""
