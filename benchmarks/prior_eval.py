@@ -57,7 +57,8 @@ def main() -> None:
         rows.append(row)
         print(" | ".join(row), flush=True)
     print()
-    print("| prior | step | nouns | colours | held-out nouns / colours | loss gain: true camera vs another's | vs none | camera top-1 | within 45 deg |")
+    print("| prior | step | nouns | colours | held-out nouns / colours | loss gain: true camera vs another's | vs none | "
+          "camera top-1 | within 45 deg |")
     print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
