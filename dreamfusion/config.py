@@ -13,7 +13,9 @@ from dataclasses import field as dataclass_field
 from pathlib import Path
 
 ASSET_DIR = Path(__file__).resolve().parents[1] / "assets" / "prior"
-"""the shipped embedded prior"""
+"""the shipped embedded prior (a snapshot of a training run: weights, config, vocabulary, samples)"""
+TRAINING_PRIOR_DIR = ASSET_DIR.parent / "prior_v2"
+"""the prior in training: its resume state, what ``train-prior`` continues by default"""
 MAX_RENDER_SIZE = 512
 
 
@@ -238,8 +240,9 @@ class ExportOptions:
 class TrainPriorConfig:
     """Training of the embedded prior."""
 
-    out: Path = ASSET_DIR
-    """folder for config, weights, resume state, log and sample grid"""
+    out: Path = TRAINING_PRIOR_DIR
+    """folder for config, weights, resume state, log and sample grid (default: the prior in training,
+    assets/prior_v2; the shipped assets/prior is a snapshot of it taken when it measured better)"""
     steps: int = 20000
     """total optimiser steps (a resumed run continues up to this)"""
     batch: int = 64

@@ -1,7 +1,8 @@
 """The shipped embedded prior: it loads offline, draws objects, and follows the text.
 
-Thresholds: the issue asks for >= 80% noun and colour accuracy under a diffusion classifier.
-The shipped weights measured 96% and 94% (docs/prior.md); the asserts hold them to the target.
+Thresholds: >= 80% noun and colour accuracy under a diffusion classifier (the first issue's
+target). The shipped weights (prior v2 at step 2,000) measured 92% and 89% (docs/prior.md); the
+asserts hold them to the target.
 """
 
 from pathlib import Path
@@ -9,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dreamfusion.guidance import GuidanceConfig, load_guidance
+from dreamfusion.config import TRAINING_PRIOR_DIR, TrainPriorConfig
+from dreamfusion.guidance import GuidanceConfig, RenderBatch, load_guidance
 from dreamfusion.prior.evaluate import text_following
 from dreamfusion.prior.model import ASSET_DIR, RESUME_FILE, WEIGHTS_FILE, PriorConfig, TextEncoder, load_unet
 from dreamfusion.prior.sampling import sample_images
@@ -30,7 +32,9 @@ def test_shipped_files_are_small_and_complete():
     total = sum(files.values())
     assert total < 40 * 2**20, f"assets/prior is {total / 2**20:.1f} MiB"
     assert PriorConfig.load(ASSET_DIR).image_size == 32
-    assert RESUME_FILE in files  # training can resume from the shipped state
+    # the shipped prior is a snapshot; training resumes from the prior in training
+    assert (TRAINING_PRIOR_DIR / RESUME_FILE).exists() and (TRAINING_PRIOR_DIR / WEIGHTS_FILE).exists()
+    assert TrainPriorConfig().out == TRAINING_PRIOR_DIR
 
 
 def test_samples_show_a_coloured_object_on_white(shipped):
@@ -38,7 +42,8 @@ def test_samples_show_a_coloured_object_on_white(shipped):
     seeds = [0, 1, 2]
     prompts = ["a red cube, front view", "a green cube, front view"]  # the green cube is a held-out pair
     img = sample_images(unet, cfg, enc, [p for p in prompts for _ in seeds], seeds * len(prompts), steps=40)
-    assert img.shape == (6, 3, 32, 32)
+    assert img.shape == (6, cfg.channels, 32, 32)
+    img = img[:, :3]
     corners = torch.stack([img[:, :, 0, 0], img[:, :, 0, -1], img[:, :, -1, 0], img[:, :, -1, -1]])
     # a light background (the shipped weights' samples are still grainy there: docs/prior.md)
     assert corners.mean() > 0.6
@@ -56,11 +61,23 @@ def test_the_prior_follows_text_under_a_diffusion_classifier(shipped):
 
 
 def test_embedded_guidance_loads_offline_by_default():
+    """The shipped prior loads with no network and grades renders: colour and, for a prior with
+    an opacity channel, the opacity too (it needs them: one clear error without)."""
+    from dreamfusion.cameras import make_cameras, sample_lights
+    from dreamfusion.guidance import GuidanceError
+
     guidance = load_guidance(GuidanceConfig())
     images = torch.rand(2, 3, 64, 64, requires_grad=True)
-    out = guidance.sds_loss(images, ["a red cube, front view", "a red cube, back view"], (0.02, 0.98), torch.Generator().manual_seed(0))
+    opacity = torch.rand(2, 1, 64, 64, requires_grad=True)
+    cams = make_cameras(torch.tensor([0.0, 180.0]), 20.0, 1.9, 1.27)
+    renders = RenderBatch(images, opacity, cams, sample_lights(guidance.camera_config(), cams, torch.Generator().manual_seed(0)), ["lit", "lit"])
+    out = guidance.sds_loss(renders, ["a red cube, front view", "a red cube, back view"], (0.02, 0.98), torch.Generator().manual_seed(0))
     out["loss"].backward()
     assert torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
+    if guidance.prior_cfg.channels == 4:
+        assert torch.isfinite(opacity.grad).all() and opacity.grad.abs().sum() > 0
+        with pytest.raises(GuidanceError, match="opacity"):
+            guidance.sds_loss(images.detach(), ["a red cube, front view"] * 2, (0.02, 0.98), torch.Generator().manual_seed(0))
 
 
 def test_v2_framing_fills_more_of_the_frame_and_never_touches_its_edge():
