@@ -209,14 +209,9 @@ def condition_use(unet: UNet2DConditionModel, cfg: PriorConfig, encoder: TextEnc
         raise ValueError("this prior takes no render conditions")
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
     batch = render_batch(n_images, cfg.image_size, rng, gen, cfg.camera_config(), with_alpha=cfg.channels == 4,
-                         random_background=cfg.random_background)
-    cams, images = batch.cameras, batch.images
-    if cameras is not None:
-        images = torch.cat([render_object(build_object(noun, colour), cameras[i:i + 1], batch.lights[i:i + 1], [mode],
-                                          cfg.image_size, with_alpha=cfg.channels == 4, backgrounds=batch.backgrounds[i:i + 1])
-                            for i, (noun, colour, mode) in enumerate(zip(batch.nouns, batch.colours, batch.modes, strict=True))])
-        cams = cameras
-    x0 = images * 2 - 1
+                         random_background=cfg.random_background, cameras=cameras)
+    cams = batch.cameras
+    x0 = batch.images * 2 - 1
     cond = encoder.condition(batch.captions)
     perm = torch.roll(torch.arange(n_images), 1)  # every image gets another's camera
     variants = {
