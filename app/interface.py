@@ -27,6 +27,17 @@ from .proxy import VIEWER_PAGE, add_viewer_proxy  # noqa: E402
 from .viewer import Viewer  # noqa: E402
 
 EXPORT_CHOICES = ["glb", "obj", "ply", "video"]
+#: the page's 3D view shows the first of these that a run has exported
+MESH_VIEW_ORDER = ("glb", "obj", "ply")
+
+
+def result_outputs(exports: dict[str, Path | str], missing: object = None) -> tuple[list[str], object, object]:
+    """What the page shows of a run's exported files: (every file for download, the mesh for the
+    3D view, the turntable video), ``missing`` where there is no mesh or no video. The one
+    definition for the Export button and the finished result shown without a click."""
+    mesh = next((str(exports[k]) for k in MESH_VIEW_ORDER if k in exports), missing)
+    video = str(exports["video"]) if "video" in exports else missing
+    return [str(p) for p in exports.values()], mesh, video
 
 
 #: what a browser keeps in its localStorage to stay the owner of its runs across reloads
@@ -221,10 +232,7 @@ def build_blocks(manager: RunManager, viewer_url: str | None = None) -> gr.Block
                 written = manager.export(owner, formats)
             except RunError as exc:
                 raise gr.Error(str(exc)) from None
-            paths = [str(p) for k, p in written.items()]
-            mesh = next((str(written[k]) for k in ("glb", "obj", "ply") if k in written), None)
-            vid = str(written["video"]) if "video" in written else None
-            return paths, mesh, vid
+            return result_outputs(written)
 
         def poll(shown_result: str, token: object, request: gr.Request):
             """What changes every second (status, loss, latest render) and two keys: the gallery's
@@ -253,9 +261,7 @@ def build_blocks(manager: RunManager, viewer_url: str | None = None) -> gr.Block
             run = manager.latest_of(_owner(manager, token, request))
             if not key or run is None or not run.exports or not key.startswith(f"{run.id}:"):
                 return gr.skip(), gr.skip(), gr.skip()
-            return ([str(p) for p in run.exports.values()],
-                    str(run.exports["glb"]) if "glb" in run.exports else gr.skip(),
-                    str(run.exports["video"]) if "video" in run.exports else gr.skip())
+            return result_outputs(run.exports, missing=gr.skip())
 
         run_id_box = gr.Textbox(visible=False, label="run id")
         # another prior: its own default weight (one registry for the app and the command line)

@@ -390,6 +390,18 @@ def test_preview_is_enlarged_by_whole_pixels():
     assert upscale(None) is None and upscale(big) is big
 
 
+def test_export_and_finished_result_show_the_same_files():
+    from app.interface import result_outputs
+
+    exports = {"ply": Path("/r/mesh.ply"), "obj": Path("/r/mesh.obj"), "video": Path("/r/turntable.mp4")}
+    files, mesh, video = result_outputs(exports)
+    assert files == ["/r/mesh.ply", "/r/mesh.obj", "/r/turntable.mp4"]
+    assert mesh == "/r/mesh.obj" and video == "/r/turntable.mp4"  # obj before ply, as the 3D view prefers
+    files, mesh, video = result_outputs({"glb": "/r/m.glb", "obj": "/r/m.obj"}, missing="skip")
+    assert mesh == "/r/m.glb" and video == "skip" and files == ["/r/m.glb", "/r/m.obj"]
+    assert result_outputs({}, missing="skip") == ([], "skip", "skip")
+
+
 def test_a_page_that_generated_before_its_token_arrived_keeps_its_run(tmp_path, tiny_prior_dir):
     """Generate pressed before the page's token reached it: the run belongs to the page's session
     until the page's first call with its token, which hands it to the browser."""
