@@ -9,6 +9,8 @@ prior's denoising error (lower is a better match), with shared noise and timeste
 - :func:`condition_use`: how much the render conditions lower a camera-aware prior's denoising
   loss on fresh training renders, against the same renders told other cameras or none: a cheap
   per-checkpoint sign of whether the conditions are used at all.
+- :func:`guided_colour`: the colour of the prior's guided estimate of a true render at each
+  classifier-free guidance weight against the true colour (what SDS pulls the albedo towards).
 
 Images are rendered from the distribution the prior was trained on (its own camera config) and
 with its channels (RGB, plus coverage for a 4-channel prior).
@@ -22,8 +24,9 @@ from dataclasses import dataclass
 import torch
 from diffusers import UNet2DConditionModel
 
-from ..cameras import Cameras, Lights, default_light, make_cameras, sample_cameras, sample_lights
+from ..cameras import Cameras, Lights, default_light, make_cameras, sample_backgrounds, sample_cameras, sample_lights
 from ..config import CameraConfig
+from ..sds import classifier_free_guidance
 from .data import render_batch, render_object
 from .model import PriorConfig, RenderConditions, TextCondition, TextEncoder, predict_noise
 from .world import ASYMMETRIC_NOUNS, COLOUR_NAMES, FIXED_COMPOSITES, HELD_OUT_PAIRS, NOUNS, all_objects, build_object, caption, phrase
@@ -231,3 +234,58 @@ def condition_use(unet: UNet2DConditionModel, cfg: PriorConfig, encoder: TextEnc
     true = totals["true"]
     return ConditionUse(loss=true, gain_over_shuffled=1 - true / totals["shuffled"], gain_over_dropped=1 - true / totals["dropped"],
                         n_images=n_images)
+
+
+@dataclass
+class GuidedColour:
+    """Mean RGB over fully covered pixels of true renders (``truth``) and of the prior's one-step
+    estimate of the clean image under classifier-free guidance weight w (``estimates[w]``)."""
+
+    truth: tuple[float, float, float]
+    estimates: dict[float, tuple[float, float, float]]
+
+    def error(self, weight: float) -> float:
+        """Mean absolute RGB difference of the estimate at ``weight`` to the truth."""
+        return sum(abs(a - b) for a, b in zip(self.estimates[weight], self.truth, strict=True)) / 3
+
+
+@torch.no_grad()
+def guided_colour(unet: UNet2DConditionModel, cfg: PriorConfig, encoder: TextEncoder, noun: str, colour: str | None,
+                  weights: tuple[float, ...] = (0.0, 3.0, 5.0, 10.0), mode: str = "lit", timestep: int = 500, n_views: int = 16,
+                  seed: int = 0) -> GuidedColour:
+    """Which colour SDS pulls a true render towards at each guidance weight: render the object from
+    ``n_views`` cameras of the prior's distribution (shading ``mode``, the prior's backgrounds),
+    noise at ``timestep``, and read the colour of x0_hat = (z_t - sigma_t eps_hat) / alpha_t,
+    with eps_hat = (1 + w) eps(z_t; text) - w eps(z_t; "") as SDS forms it (view-labelled text;
+    the unconditional branch keeps the render conditions). A weight whose estimate is far from
+    the truth moves the albedo away from it (no clamping: the estimate is linear in w)."""
+    gen = torch.Generator().manual_seed(seed)
+    camera_cfg = cfg.camera_config()
+    cams = sample_cameras(camera_cfg, n_views, gen)
+    lights = sample_lights(camera_cfg, cams, gen)
+    backgrounds = sample_backgrounds(n_views, cfg.random_background, gen) if cfg.random_background > 0 else None
+    modes = [mode] * n_views
+    image = render_object(build_object(noun, colour), cams, lights, modes, cfg.image_size, with_alpha=True, backgrounds=backgrounds)
+    covered = image[:, 3] >= 1.0
+    if not bool(covered.any()):
+        raise ValueError(f"no pixel of the {noun} is fully covered in these views")
+    x0 = (image if cfg.channels == 4 else image[:, :3]) * 2 - 1
+    text = phrase(noun, colour, "a {colour} {noun}")
+    cond = encoder.condition([caption(text, float(a), float(e)) for a, e in zip(cams.azimuth, cams.elevation, strict=True)])
+    uncond = encoder.condition([""] * n_views)
+    rc = _conditions(cfg, cams, lights, modes)
+    t = torch.full((n_views,), timestep)
+    a = cfg.scheduler().alphas_cumprod[t].view(-1, 1, 1, 1)
+    eps = torch.randn(x0.shape, generator=gen)
+    z = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    eps_c = predict_noise(unet, z, t, cond, rc)
+    eps_u = predict_noise(unet, z, t, uncond, rc)
+
+    def mean_rgb(x: torch.Tensor) -> tuple[float, float, float]:
+        return tuple(float(((x[:, c] + 1) / 2)[covered].mean()) for c in range(3))
+
+    estimates = {}
+    for w in weights:
+        eps_hat = classifier_free_guidance(eps_c, eps_u, w)
+        estimates[float(w)] = mean_rgb((z - (1 - a).sqrt() * eps_hat) / a.sqrt())
+    return GuidedColour(truth=mean_rgb(x0), estimates=estimates)
