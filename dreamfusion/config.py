@@ -374,7 +374,9 @@ class GuidanceSpec:
 
 
 GUIDANCES: dict[str, GuidanceSpec] = {
-    "embedded": GuidanceSpec("embedded", "dreamfusion.guidance.embedded:EmbeddedGuidance", 10.0, True,
+    # 5 for the embedded prior: guidance pulls colours away from the truth in proportion to w
+    # (saturated albedo at 10), and below 5 the white mug vanishes (docs/ablations.md)
+    "embedded": GuidanceSpec("embedded", "dreamfusion.guidance.embedded:EmbeddedGuidance", 5.0, True,
                              "the shipped prior of the procedural world: offline, on a CPU"),
     "stable-diffusion": GuidanceSpec("stable-diffusion", "dreamfusion.guidance.stable_diffusion:StableDiffusionGuidance", 100.0, True,
                                      "Stable Diffusion through diffusers: a local folder or a hub id, best on a GPU"),

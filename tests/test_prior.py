@@ -1,7 +1,7 @@
 """The shipped embedded prior: it loads offline, draws objects, and follows the text.
 
 Thresholds: >= 80% noun and colour accuracy under a diffusion classifier (the first issue's
-target). The shipped weights (prior v2 at step 2,000) measured 92% and 89% (docs/prior.md); the
+target). The shipped weights (prior v2 at step 3,250) measured nouns 92% and colours 89% (docs/prior.md); the
 asserts hold them to the target.
 """
 
@@ -37,19 +37,24 @@ def test_shipped_files_are_small_and_complete():
     assert TrainPriorConfig().out == TRAINING_PRIOR_DIR
 
 
-def test_samples_show_a_coloured_object_on_white(shipped):
+def test_samples_show_the_coloured_object_asked_for(shipped):
+    """Samples of "a red cube" are redder against their own background than samples of "a green
+    cube" (a held-out pair), and the other way round for green. A prior trained on white only
+    draws on white; one trained on random solid backgrounds (v2 from step 2,500) draws on any
+    colour, so the colour is read against each sample's corners."""
     unet, cfg, enc = shipped
     seeds = [0, 1, 2]
     prompts = ["a red cube, front view", "a green cube, front view"]  # the green cube is a held-out pair
     img = sample_images(unet, cfg, enc, [p for p in prompts for _ in seeds], seeds * len(prompts), steps=40)
     assert img.shape == (6, cfg.channels, 32, 32)
     img = img[:, :3]
-    corners = torch.stack([img[:, :, 0, 0], img[:, :, 0, -1], img[:, :, -1, 0], img[:, :, -1, -1]])
-    # a light background (the shipped weights' samples are still grainy there: docs/prior.md)
-    assert corners.mean() > 0.6
-    red, green = img[:, :, 12:20, 12:20].mean(dim=(2, 3)).reshape(2, len(seeds), 3).mean(dim=1)  # mean centre colour
-    assert red[0] > red[1] + 0.2 and red[0] > red[2] + 0.2, red
-    assert green[1] > green[0] + 0.1 and green[1] > green[2] + 0.2, green
+    corners = torch.stack([img[:, :, 0, 0], img[:, :, 0, -1], img[:, :, -1, 0], img[:, :, -1, -1]])  # (4, B, 3)
+    if cfg.random_background == 0:
+        assert corners.mean() > 0.6  # a light background (still grainy there: docs/prior.md)
+    contrast = img[:, :, 12:20, 12:20].mean(dim=(2, 3)) - corners.mean(dim=0)  # centre against background
+    red, green = contrast.reshape(2, len(seeds), 3).mean(dim=1)
+    assert red[0] > green[0] + 0.1, (red, green)
+    assert green[1] > red[1] + 0.1, (red, green)
 
 
 def test_the_prior_follows_text_under_a_diffusion_classifier(shipped):
