@@ -26,7 +26,7 @@ from diffusers import UNet2DConditionModel
 
 from ..cameras import Cameras, Lights, default_light, make_cameras, sample_backgrounds, sample_cameras, sample_lights
 from ..config import CameraConfig
-from ..sds import classifier_free_guidance
+from ..sds import classifier_free_guidance, noise_images
 from .data import render_batch, render_object
 from .model import PriorConfig, RenderConditions, TextCondition, TextEncoder, predict_noise
 from .world import ASYMMETRIC_NOUNS, COLOUR_NAMES, FIXED_COMPOSITES, HELD_OUT_PAIRS, NOUNS, all_objects, build_object, caption, phrase
@@ -227,8 +227,7 @@ def condition_use(unet: UNet2DConditionModel, cfg: PriorConfig, encoder: TextEnc
     for ts in timesteps:
         t = torch.full((n_images,), ts)
         eps = torch.randn(x0.shape, generator=gen)
-        a = alphas[t].view(-1, 1, 1, 1)
-        x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        x_t = noise_images(x0, eps, alphas[t])
         for name, rc in variants.items():
             totals[name] += float(((predict_noise(unet, x_t, t, cond, rc) - eps) ** 2).mean()) / len(timesteps)
     true = totals["true"]
@@ -277,7 +276,7 @@ def guided_colour(unet: UNet2DConditionModel, cfg: PriorConfig, encoder: TextEnc
     t = torch.full((n_views,), timestep)
     a = cfg.scheduler().alphas_cumprod[t].view(-1, 1, 1, 1)
     eps = torch.randn(x0.shape, generator=gen)
-    z = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    z = noise_images(x0, eps, a)
     eps_c = predict_noise(unet, z, t, cond, rc)
     eps_u = predict_noise(unet, z, t, uncond, rc)
 

@@ -20,6 +20,7 @@ from ..cameras import default_light, orbit_cameras
 from ..config import TrainPriorConfig
 from ..export import to_uint8
 from ..files import atomic_write
+from ..sds import noise_images
 from .data import render_batch
 from .model import RESUME_FILE, WEIGHTS_FILE, PriorConfig, RenderConditions, TextEncoder, predict_noise, save_prior_weights
 from .sampling import image_grid, sample_images
@@ -134,8 +135,7 @@ def train_prior(cfg: TrainPriorConfig, prior_cfg: PriorConfig | None = None, on_
         conditions = RenderConditions.of(prior_cfg, batch.cameras, batch.lights, batch.modes, present).to(cfg.device)
         t = torch.randint(0, prior_cfg.num_train_timesteps, (cfg.batch,), generator=gen).to(cfg.device)
         noise = torch.randn(x0.shape, generator=gen).to(cfg.device)
-        a = alphas[t].view(-1, 1, 1, 1)
-        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        x_t = noise_images(x0, noise, alphas[t])
         loss = diffusion_loss(predict_noise(model, x_t, t, cond, conditions), noise, alphas[t], cfg.min_snr)
         for g in opt.param_groups:
             g["lr"] = cfg.lr * min(1.0, (step - start_step + 1) / cfg.warmup)
