@@ -257,6 +257,10 @@ class TrainPriorConfig:
     caption), so the prior also works from the text alone"""
     min_snr: float = 5.0
     """min-SNR-gamma loss weighting (Hang et al. 2023): min(SNR, gamma) / SNR on the epsilon loss; 0 for plain MSE"""
+    high_t_fraction: float = 0.0
+    """fraction of each batch whose timesteps are drawn from the upper half of the schedule only
+    (the rest from all of it): more of the training where the image is mostly noise, the only place
+    where the camera decides what the prior should draw (0: uniform timesteps)"""
     synonyms: bool = True
     """captions also name objects and colours in other words (prior.world.NOUN_WORDS, COLOUR_WORDS)"""
     checkpoint_every: int = 250

@@ -175,3 +175,20 @@ def test_prior_weights_get_ordinary_permissions(tiny_prior_dir):
         mode = (tiny_prior_dir / name).stat().st_mode & 0o777
         assert mode == 0o666 & ~mask, (name, oct(mode))
     assert not [p.name for p in tiny_prior_dir.iterdir() if p.name.startswith(".")]  # no temporary left
+
+
+def test_high_t_fraction_draws_that_share_of_timesteps_from_the_upper_half():
+    from dreamfusion.prior.train import sample_timesteps
+
+    n, T = 20000, 1000
+    uniform = sample_timesteps(n, T, 0.0, torch.Generator().manual_seed(0))
+    assert uniform.min() >= 0 and uniform.max() < T
+    # with no emphasis the draw is the plain uniform one (resumed runs keep their random stream)
+    assert torch.equal(uniform, torch.randint(0, T, (n,), generator=torch.Generator().manual_seed(0)))
+    upper = sample_timesteps(n, T, 1.0, torch.Generator().manual_seed(0))
+    assert upper.min() >= T // 2 and upper.max() < T
+    half = sample_timesteps(n, T, 0.5, torch.Generator().manual_seed(0))
+    # by hand: P(t >= T/2) = 0.5 * 1 + 0.5 * 0.5 = 0.75
+    assert abs(float((half >= T // 2).float().mean()) - 0.75) < 0.015
+    with pytest.raises(ValueError, match="high_t_fraction"):
+        sample_timesteps(4, T, 1.5, torch.Generator())

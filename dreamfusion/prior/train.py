@@ -81,6 +81,19 @@ def write_sample_grid(unet: torch.nn.Module, prior_cfg: PriorConfig, encoder: Te
     iio.imwrite(path, to_uint8(grid))
 
 
+def sample_timesteps(n: int, num_train_timesteps: int, high_fraction: float, generator: torch.Generator) -> torch.Tensor:
+    """(n,) integer timesteps: each, with probability ``high_fraction``, uniform on the upper half
+    [T/2, T) of the schedule, otherwise uniform on [0, T). Drawn from ``generator`` on the CPU."""
+    if not 0.0 <= high_fraction <= 1.0:
+        raise ValueError(f"high_t_fraction must be in [0, 1], got {high_fraction}")
+    t = torch.randint(0, num_train_timesteps, (n,), generator=generator)
+    if high_fraction > 0:
+        half = num_train_timesteps // 2
+        high = torch.randint(half, num_train_timesteps, (n,), generator=generator)
+        t = torch.where(torch.rand(n, generator=generator) < high_fraction, high, t)
+    return t
+
+
 def diffusion_loss(eps_pred: torch.Tensor, noise: torch.Tensor, alphas_cumprod_t: torch.Tensor, min_snr: float = 0.0) -> torch.Tensor:
     """Epsilon MSE per image, weighted by min(SNR, gamma) / SNR when ``min_snr`` = gamma > 0
     (SNR = alpha_bar / (1 - alpha_bar)), averaged over the batch. (B, C, S, S) x 2, (B,) -> scalar."""
@@ -133,7 +146,7 @@ def train_prior(cfg: TrainPriorConfig, prior_cfg: PriorConfig | None = None, on_
         cond = encoder.condition(captions).to(cfg.device)
         present = torch.rand(cfg.batch, generator=gen) >= cfg.condition_dropout
         conditions = RenderConditions.of(prior_cfg, batch.cameras, batch.lights, batch.modes, present).to(cfg.device)
-        t = torch.randint(0, prior_cfg.num_train_timesteps, (cfg.batch,), generator=gen).to(cfg.device)
+        t = sample_timesteps(cfg.batch, prior_cfg.num_train_timesteps, cfg.high_t_fraction, gen).to(cfg.device)
         noise = torch.randn(x0.shape, generator=gen).to(cfg.device)
         x_t = noise_images(x0, noise, alphas[t])
         loss = diffusion_loss(predict_noise(model, x_t, t, cond, conditions), noise, alphas[t], cfg.min_snr)
