@@ -162,7 +162,8 @@ class OptimConfig:
     """weight of the mean-opacity (sparsity) regulariser against fog (the SDS gradient is summed
     over pixels and this mean is not, hence the size)"""
     entropy_weight: float = 0.0
-    """weight of the opacity-entropy term (per pixel, summed like SDS): against half-transparent pixels"""
+    """weight of the opacity-entropy term (mean binary entropy over pixels, like the opacity term a mean): against
+    half-transparent pixels"""
     tv_weight: float = 5.0
     """weight of total variation on the raw density grid (mean over voxels of squared neighbour differences):
     smooths the surface's fur and the fringe no view constrains"""

@@ -302,3 +302,30 @@ def test_speed_splits_the_render_into_its_stages(fast_config):
         speed.stage_times(trainer, 32, 1)
     whole_ms = (time.perf_counter() - t0) / 3 * 1e3
     assert sum(parts.values()) < whole_ms  # a part of the iteration, not more
+
+
+def test_grad_norms_summarise_by_hand_and_run_on_the_tiny_prior(tmp_path, tiny_prior_dir, capsys):
+    import grad_norms
+
+    history = [{"grad_norms": {"guidance": {"density": 1.0, "albedo": 2.0}, "opacity": {"density": 0.1, "albedo": 0.0}}},
+               {"step": 2},  # a step without the extra backward
+               {"grad_norms": {"guidance": {"density": 3.0, "albedo": 4.0}, "opacity": {"density": 0.3, "albedo": 0.0},
+                               "orientation": {"density": 0.5, "albedo": 0.0}}}]
+    med = grad_norms.summarise(history)
+    assert list(med) == ["guidance", "opacity", "orientation"]
+    assert med["guidance"] == {"density": 2.0, "albedo": 3.0} and med["opacity"]["density"] == pytest.approx(0.2)
+    assert med["orientation"]["density"] == 0.5  # counted only where it had a gradient
+    text = grad_norms.table({"a cube": med})
+    assert "| a cube | SDS | 2 | 3 | 1 | 1 |" in text and "| a cube | opacity | 0.2 | 0 | 0.1 | 0 |" in text
+
+    prompts = tmp_path / "one.txt"
+    prompts.write_text("a red cube\tcube\tred\n")
+    rc = grad_norms.main(["--prompts", str(prompts), "--only", "cube", "--steps", "4", "--every", "2", "--model", str(tiny_prior_dir),
+                          "--set", "render_size=32", "--set", "field.resolution=24", "--set", "optim.entropy_weight=1"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    rows = {line.split("|")[2].strip(): line for line in out.splitlines() if line.startswith("| a red cube")}
+    assert {"SDS", "opacity", "entropy", "tv"} <= set(rows)
+    assert float(rows["SDS"].split("|")[3]) > 0  # the prior's gradient reaches the density grid
+    assert grad_norms.main(["--prompts", str(prompts), "--every", "0"]) == 2
+    assert "--every must be positive" in capsys.readouterr().err
