@@ -258,6 +258,9 @@ class TrainPriorConfig:
     caption), so the prior also works from the text alone"""
     min_snr: float = 5.0
     """min-SNR-gamma loss weighting (Hang et al. 2023): min(SNR, gamma) / SNR on the epsilon loss; 0 for plain MSE"""
+    high_t_weight_cap: float = 1.0
+    """the epsilon loss is also weighted by min(1 / alpha_bar, this): v-prediction's weighting up to a
+    cap, so a wrong image estimate at high t costs what it should (1: off; see prior.train.diffusion_loss)"""
     high_t_fraction: float = 0.0
     """fraction of each batch whose timesteps are drawn from the upper half of the schedule only
     (the rest from all of it): more of the training where the image is mostly noise, the only place

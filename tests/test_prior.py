@@ -192,3 +192,16 @@ def test_high_t_fraction_draws_that_share_of_timesteps_from_the_upper_half():
     assert abs(float((half >= T // 2).float().mean()) - 0.75) < 0.015
     with pytest.raises(ValueError, match="high_t_fraction"):
         sample_timesteps(4, T, 1.5, torch.Generator())
+
+
+def test_diffusion_loss_weights_by_hand():
+    from dreamfusion.prior.train import diffusion_loss
+
+    noise = torch.zeros(3, 1, 2, 2)
+    pred = torch.ones(3, 1, 2, 2) * torch.tensor([1.0, 2.0, 3.0]).view(3, 1, 1, 1)  # per-image MSE 1, 4, 9
+    ab = torch.tensor([0.9, 0.5, 0.01])  # SNR 9, 1, 1/99
+    assert float(diffusion_loss(pred, noise, ab)) == pytest.approx((1 + 4 + 9) / 3)
+    # min-SNR-5: weights 5/9, 1, 1
+    assert float(diffusion_loss(pred, noise, ab, min_snr=5.0)) == pytest.approx((5 / 9 + 4 + 9) / 3)
+    # and 1/alpha_bar capped at 20: 1/0.9, 2, 20
+    assert float(diffusion_loss(pred, noise, ab, min_snr=5.0, high_t_cap=20.0)) == pytest.approx((5 / 9 / 0.9 + 4 * 2 + 9 * 20) / 3)

@@ -94,13 +94,23 @@ def sample_timesteps(n: int, num_train_timesteps: int, high_fraction: float, gen
     return t
 
 
-def diffusion_loss(eps_pred: torch.Tensor, noise: torch.Tensor, alphas_cumprod_t: torch.Tensor, min_snr: float = 0.0) -> torch.Tensor:
+def diffusion_loss(eps_pred: torch.Tensor, noise: torch.Tensor, alphas_cumprod_t: torch.Tensor, min_snr: float = 0.0,
+                   high_t_cap: float = 1.0) -> torch.Tensor:
     """Epsilon MSE per image, weighted by min(SNR, gamma) / SNR when ``min_snr`` = gamma > 0
-    (SNR = alpha_bar / (1 - alpha_bar)), averaged over the batch. (B, C, S, S) x 2, (B,) -> scalar."""
+    (SNR = alpha_bar / (1 - alpha_bar)), and by min(1 / alpha_bar, cap) when ``high_t_cap`` = cap > 1
+    (v-prediction's weighting of the epsilon error, capped), averaged over the batch.
+    (B, C, S, S) x 2, (B,) -> scalar.
+
+    Why the second factor: an epsilon error costs the image estimate x0 that error times
+    sqrt((1 - alpha_bar) / alpha_bar), so at high t, where x0 is all the text and the camera can
+    tell (the noise hides the image), plain epsilon MSE makes a wrong x0 almost free; 1 / alpha_bar
+    makes it count as an error of v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0 would."""
     per_image = ((eps_pred.float() - noise.float()) ** 2).mean(dim=(1, 2, 3))
     if min_snr > 0:
         snr = alphas_cumprod_t / (1 - alphas_cumprod_t)
         per_image = per_image * snr.clamp(max=min_snr) / snr
+    if high_t_cap > 1:
+        per_image = per_image * (1 / alphas_cumprod_t).clamp(max=high_t_cap)
     return per_image.mean()
 
 
@@ -149,7 +159,7 @@ def train_prior(cfg: TrainPriorConfig, prior_cfg: PriorConfig | None = None, on_
         t = sample_timesteps(cfg.batch, prior_cfg.num_train_timesteps, cfg.high_t_fraction, gen).to(cfg.device)
         noise = torch.randn(x0.shape, generator=gen).to(cfg.device)
         x_t = noise_images(x0, noise, alphas[t])
-        loss = diffusion_loss(predict_noise(model, x_t, t, cond, conditions), noise, alphas[t], cfg.min_snr)
+        loss = diffusion_loss(predict_noise(model, x_t, t, cond, conditions), noise, alphas[t], cfg.min_snr, cfg.high_t_weight_cap)
         for g in opt.param_groups:
             g["lr"] = cfg.lr * min(1.0, (step - start_step + 1) / cfg.warmup)
         opt.zero_grad(set_to_none=True)
