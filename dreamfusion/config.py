@@ -258,13 +258,14 @@ class TrainPriorConfig:
     caption), so the prior also works from the text alone"""
     min_snr: float = 5.0
     """min-SNR-gamma loss weighting (Hang et al. 2023): min(SNR, gamma) / SNR on the epsilon loss; 0 for plain MSE"""
-    high_t_weight_cap: float = 1.0
+    high_t_weight_cap: float = 20.0
     """the epsilon loss is also weighted by min(1 / alpha_bar, this): v-prediction's weighting up to a
-    cap, so a wrong image estimate at high t costs what it should (1: off; see prior.train.diffusion_loss)"""
-    high_t_fraction: float = 0.0
+    cap, so a wrong image estimate at high t costs what it should (1: off; see prior.train.diffusion_loss;
+    prior v2 from step 4,250, docs/prior.md)"""
+    high_t_fraction: float = 0.5
     """fraction of each batch whose timesteps are drawn from the upper half of the schedule only
     (the rest from all of it): more of the training where the image is mostly noise, the only place
-    where the camera decides what the prior should draw (0: uniform timesteps)"""
+    where the camera decides what the prior should draw (0: uniform timesteps; prior v2 from step 3,500)"""
     synonyms: bool = True
     """captions also name objects and colours in other words (prior.world.NOUN_WORDS, COLOUR_WORDS)"""
     checkpoint_every: int = 250
