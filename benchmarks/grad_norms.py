@@ -45,7 +45,8 @@ def table(results: dict[str, dict[str, dict[str, float]]]) -> str:
         ref = terms.get("guidance", {g: 0.0 for g in GRIDS})
         for term, med in terms.items():
             ratios = [f"{med[g] / ref[g]:.2g}" if ref[g] > 0 else "-" for g in GRIDS]
-            lines.append(f"| {prompt} | {'SDS' if term == 'guidance' else term} | {med['density']:.3g} | {med['albedo']:.3g} | {ratios[0]} | {ratios[1]} |")
+            name = "SDS" if term == "guidance" else term
+            lines.append(f"| {prompt} | {name} | {med['density']:.3g} | {med['albedo']:.3g} | {ratios[0]} | {ratios[1]} |")
     return "\n".join(lines)
 
 
