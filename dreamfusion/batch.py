@@ -659,7 +659,10 @@ def run_tasks(fn: Callable[..., Any], arguments: Sequence[tuple], opts: ClusterO
         for ref, (status, value) in _cancel(ray, in_flight).items():
             i, start = in_flight.pop(ref)
             if status == "ok":
-                finish(TaskOutcome(i, "ok", value, seconds=time.perf_counter() - start))
+                try:
+                    finish(TaskOutcome(i, "ok", value, seconds=time.perf_counter() - start))
+                except KeyboardInterrupt:  # Ctrl-C again while winding down: the result is kept (finish records it first)
+                    pass
             else:
                 outcomes[i] = TaskOutcome(i, "cancelled", error="interrupted", seconds=time.perf_counter() - start)
     return [o if o is not None else TaskOutcome(i, "cancelled", error="interrupted") for i, o in enumerate(outcomes)]

@@ -11,6 +11,7 @@ import json
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -423,6 +424,29 @@ def test_interruption_keeps_finished_folders_and_a_rerun_does_the_rest(ray_sessi
     assert not again.interrupted and again.exit_status == 0
     assert [r["status"] for r in again.rows] == ["skipped" if s == "ok" else "ok" for s in statuses]
     assert all(batch.run_complete(out / p.folder) for p in prompts)
+
+
+def test_a_second_interrupt_while_winding_down_keeps_the_finished_result(ray_session):
+    """Ctrl-C from on_done, and again when the task that finished meanwhile is reported: the batch
+    still ends with both results kept and the third cancelled (a second KeyboardInterrupt escaped)."""
+    def work(i: int) -> int:
+        if i == 1:
+            time.sleep(0.5)
+        elif i == 2:
+            time.sleep(60)
+        return i * 10
+
+    calls = []
+
+    def interrupt(outcome) -> None:
+        calls.append(outcome.index)
+        if len(calls) == 1:
+            time.sleep(3)  # task 1 finishes meanwhile
+        raise KeyboardInterrupt
+
+    outcomes = batch.run_tasks(work, [(0,), (1,), (2,)], ClusterOptions(max_parallel=3), on_done=interrupt)
+    assert [o.status for o in outcomes] == ["ok", "ok", "cancelled"] and [outcomes[0].value, outcomes[1].value] == [0, 10]
+    assert calls == [0, 1]
 
 
 def test_a_killed_worker_fails_its_task_only(ray_session):
