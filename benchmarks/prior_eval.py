@@ -1,12 +1,14 @@
 """What a prior folder has learned, by the diffusion classifiers of ``dreamfusion.prior.evaluate``.
 
-    python benchmarks/prior_eval.py [FOLDER ...] [--threads 1] [--camera] [--images 24] [--colour]
+    python benchmarks/prior_eval.py [FOLDER ...] [--threads 1] [--camera] [--paraphrase] [--images 24] [--colour]
 
 Per folder (default: the shipped prior): its training step, the text classifier (nouns among 16,
 colours among 12, held-out pairs apart), and for a camera-aware prior how much its render
 conditions lower its loss (``condition_use``: against other renders' cameras and against none) and,
 with ``--camera``, the camera classifier on the asymmetric objects (8 azimuths, chance 12.5%;
-about a minute on one core). Prints a markdown table. With ``--colour``, also the colour that
+about a minute on one core). With ``--paraphrase``, the text classifier again on the same renders
+with every candidate worded in words and templates never trained on (paraphrase robustness).
+Prints a markdown table. With ``--colour``, also the colour that
 classifier-free guidance pulls lit renders of the benchmark's coloured objects towards at weights
 0, 3, 5 and 10 (``guided_colour``: a weight whose estimate is far from the truth saturates SDS's
 albedo).
@@ -37,6 +39,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=24, help="renders for the text classifier")
     ap.add_argument("--camera", action="store_true", help="also run the camera classifier")
     ap.add_argument("--colour", action="store_true", help="also the colour guidance pulls towards, per weight")
+    ap.add_argument("--paraphrase", action="store_true", help="also the text classifier with paraphrased candidates")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
@@ -48,6 +51,12 @@ def main() -> None:
         text = text_following(unet, cfg, enc, n_images=args.images)
         row = [str(folder), step_of(folder), f"{text.noun_accuracy:.0%}", f"{text.colour_accuracy:.0%}",
                f"{text.held_out_noun_accuracy:.0%} / {text.held_out_colour_accuracy:.0%}"]
+        if args.paraphrase:
+            para = text_following(unet, cfg, enc, n_images=args.images, paraphrase=True)
+            row += [f"{para.noun_accuracy:.0%} / {para.colour_accuracy:.0%} "
+                    f"(held-out {para.held_out_noun_accuracy:.0%} / {para.held_out_colour_accuracy:.0%})"]
+        else:
+            row += ["-"]
         if cfg.condition_features or cfg.ray_channels:
             use = condition_use(unet, cfg, enc)
             row += [f"{use.gain_over_shuffled:+.2%}", f"{use.gain_over_dropped:+.2%}"]
@@ -61,9 +70,9 @@ def main() -> None:
         rows.append(row)
         print(" | ".join(row), flush=True)
     print()
-    print("| prior | step | nouns | colours | held-out nouns / colours | loss gain: true camera vs another's | vs none | "
-          "camera top-1 | within 45 deg |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| prior | step | nouns | colours | held-out nouns / colours | paraphrased: nouns / colours | "
+          "loss gain: true camera vs another's | vs none | camera top-1 | within 45 deg |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
     if args.colour:

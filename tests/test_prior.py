@@ -1,8 +1,9 @@
 """The shipped embedded prior: it loads offline, draws objects, and follows the text.
 
 Thresholds: >= 80% noun and colour accuracy under a diffusion classifier (the first issue's
-target). The shipped weights (prior v2 at step 3,250) measured nouns 92% and colours 89% (docs/prior.md); the
-asserts hold them to the target.
+target). The shipped weights (prior v2 at step 4,750) measured nouns 100% and colours 94% on 24
+renders, and 62% / 61% with every candidate paraphrased in words never trained on (docs/prior.md);
+the asserts hold them to the target, and the paraphrased classifier to well above chance.
 """
 
 from pathlib import Path
@@ -18,6 +19,7 @@ from dreamfusion.prior.sampling import sample_images
 
 NOUN_MIN = 0.8
 COLOUR_MIN = 0.8
+PARAPHRASE_MIN = 0.35
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +65,18 @@ def test_the_prior_follows_text_under_a_diffusion_classifier(shipped):
     print(report)
     assert report.noun_accuracy >= NOUN_MIN, report
     assert report.colour_accuracy >= COLOUR_MIN, report
+
+
+def test_the_prior_follows_paraphrases_it_never_trained_on(shipped):
+    """Paraphrase robustness: the same diffusion classifier with every candidate worded in words
+    and templates no training caption uses ("a teacup in ivory", "christmas tree"). Chance is 1 in
+    16 nouns and 1 in 12 colours; the threshold asks for several times that."""
+    unet, cfg, enc = shipped
+    report = text_following(unet, cfg, enc, n_images=12, held_out=4, seed=0, paraphrase=True)
+    print(report)
+    assert report.n_images == 12 and report.n_colour_images > 0
+    assert report.noun_accuracy >= PARAPHRASE_MIN, report
+    assert report.colour_accuracy >= PARAPHRASE_MIN, report
 
 
 def test_embedded_guidance_loads_offline_by_default():
@@ -205,3 +219,32 @@ def test_diffusion_loss_weights_by_hand():
     assert float(diffusion_loss(pred, noise, ab, min_snr=5.0)) == pytest.approx((5 / 9 + 4 + 9) / 3)
     # and 1/alpha_bar capped at 20: 1/0.9, 2, 20
     assert float(diffusion_loss(pred, noise, ab, min_snr=5.0, high_t_cap=20.0)) == pytest.approx((5 / 9 / 0.9 + 4 * 2 + 9 * 20) / 3)
+
+
+def test_paraphrases_are_worded_by_hand_and_never_trained_on():
+    """The paraphrase classifier's words and templates are ones no training caption uses (else it
+    would measure recall, not robustness): checked against the caption tables and 3,000 drawn
+    training captions (synonyms on, as prior v2 trains)."""
+    import random
+    import re
+
+    from dreamfusion.prior import world
+    from dreamfusion.prior.evaluate import PARAPHRASE_COLOURS, PARAPHRASE_NOUNS, PARAPHRASE_TEMPLATES, candidate_phrase
+
+    assert set(PARAPHRASE_NOUNS) == set(world.NOUNS) and set(PARAPHRASE_COLOURS) == set(world.COLOUR_NAMES)
+    trained_words = {w for t in (world.NOUN_WORDS, world.COLOUR_WORDS, world.MATERIAL_WORDS) for ws in t.values() for w in ws}
+    para_words = set(PARAPHRASE_NOUNS.values()) | set(PARAPHRASE_COLOURS.values())
+    assert not para_words & trained_words
+    trained_templates = set(world.PHRASE_TEMPLATES_COLOURED + world.PHRASE_TEMPLATES_PLAIN + world.PHRASE_TEMPLATES_MATERIAL)
+    assert not {t for pair in PARAPHRASE_TEMPLATES for t in pair} & trained_templates
+    rng = random.Random(0)
+    captions = {world.draw_example(rng, synonyms=True).phrase for _ in range(3000)}
+    for word in para_words:
+        assert not [c for c in captions if re.search(rf"\b{re.escape(word)}\b", c)], word
+    # by hand: the plain phrase is the world's own, the paraphrase picks template i mod 5
+    assert candidate_phrase("cube", "orange", 3, paraphrase=False) == "an orange cube"
+    assert candidate_phrase("mug", "white", 0, paraphrase=True) == "a teacup in ivory"
+    assert candidate_phrase("cube", "orange", 5, paraphrase=True) == "a cuboid in tangerine"
+    assert candidate_phrase("tree", None, 1, paraphrase=True) == "christmas tree"
+    assert candidate_phrase("torus", "red", 4, paraphrase=True) == "a ruby-coloured doughnut"
+    assert candidate_phrase("house", None, 2, paraphrase=True) == "a picture of a cabin"

@@ -2,7 +2,9 @@
 prior's denoising error (lower is a better match), with shared noise and timesteps.
 
 - :func:`text_following`: the true noun among all 16 (colour kept) and the true colour among all
-  12 (noun kept), held-out pairs included.
+  12 (noun kept), held-out pairs included; with ``paraphrase=True`` every candidate is worded in
+  words and templates the prior never trained on (:data:`PARAPHRASE_NOUNS`,
+  :data:`PARAPHRASE_COLOURS`, :data:`PARAPHRASE_TEMPLATES`), on the same renders.
 - :func:`camera_following`: for renders of the asymmetric objects, the true azimuth among 8
   azimuths 45 degrees apart (the candidate's whole render condition: camera features and view
   label), for a camera-aware prior.
@@ -32,6 +34,40 @@ from .model import PriorConfig, RenderConditions, TextCondition, TextEncoder, pr
 from .world import ASYMMETRIC_NOUNS, COLOUR_NAMES, FIXED_COMPOSITES, HELD_OUT_PAIRS, NOUNS, all_objects, build_object, caption, phrase
 
 TIMESTEPS = (100, 250, 400, 550, 700)
+
+# Paraphrase robustness: how people might name the world's objects and colours, in words and
+# templates that no training caption uses (``world.NOUN_WORDS``, ``COLOUR_WORDS``, ``MATERIAL_WORDS``
+# and the phrase templates are the training side; tests/test_prior.py checks the two never meet).
+# Written once, never trained on: a word moved from here into training would make the measure a lie.
+PARAPHRASE_NOUNS: dict[str, str] = {
+    "cube": "cuboid", "sphere": "globe", "cylinder": "column", "cone": "traffic cone", "torus": "doughnut",
+    "capsule": "tablet", "pyramid": "egyptian pyramid", "mug": "teacup", "mushroom": "fungus", "table": "desk",
+    "chair": "seat", "house": "cabin", "dumbbell": "barbell", "snowman": "snow figure", "tree": "christmas tree",
+    "hamburger": "cheeseburger",
+}
+PARAPHRASE_COLOURS: dict[str, str] = {
+    "red": "ruby", "green": "lime green", "blue": "navy blue", "yellow": "canary yellow", "orange": "tangerine",
+    "purple": "deep purple", "pink": "hot pink", "white": "ivory", "black": "ebony", "gray": "slate grey",
+    "brown": "chestnut", "cyan": "aqua",
+}
+#: (with a colour, without); the i-th image of a classifier run uses template i mod 5
+PARAPHRASE_TEMPLATES: tuple[tuple[str, str], ...] = (
+    ("a {noun} in {colour}", "a lone {noun}"),
+    ("{colour} {noun}", "{noun}"),
+    ("a picture of a {colour} {noun}", "a picture of a {noun}"),
+    ("one {colour} {noun} by itself", "one {noun} by itself"),
+    ("a {colour}-coloured {noun}", "a toy {noun}"),
+)
+
+
+def candidate_phrase(noun: str, colour: str | None, index: int, paraphrase: bool) -> str:
+    """The phrase a classifier scores for one candidate (``index``: the image's number, which picks
+    the paraphrase template): the world's own words in its plainest template, or a paraphrase."""
+    if not paraphrase:
+        return phrase(noun, colour, "a {colour} {noun}" if colour else "a {noun}")
+    coloured, plain = PARAPHRASE_TEMPLATES[index % len(PARAPHRASE_TEMPLATES)]
+    words = {"noun": PARAPHRASE_NOUNS[noun], "colour": PARAPHRASE_COLOURS[colour] if colour else ""}
+    return phrase(words["noun"], words["colour"], coloured if colour else plain)
 
 
 @torch.no_grad()
@@ -79,10 +115,11 @@ def _conditions(cfg: PriorConfig, cams: Cameras, lights: Lights, modes: list[str
 
 
 def text_following(unet: UNet2DConditionModel, cfg: PriorConfig, encoder: TextEncoder, n_images: int = 24, held_out: int = 8, seed: int = 0,
-                   timesteps: tuple[int, ...] = TIMESTEPS) -> ClassifierReport:
+                   timesteps: tuple[int, ...] = TIMESTEPS, paraphrase: bool = False) -> ClassifierReport:
     """Render fresh images (``held_out`` of them of held-out pairs), and check that the caption
     with the true noun (among all 16, true colour kept) and the true colour (among all 12, true
-    noun kept) has the lowest denoising error."""
+    noun kept) has the lowest denoising error. ``paraphrase``: word every candidate as
+    :func:`candidate_phrase` paraphrases it (the same renders, noise and timesteps for a given seed)."""
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     camera_cfg = cfg.camera_config()
@@ -103,12 +140,11 @@ def text_following(unet: UNet2DConditionModel, cfg: PriorConfig, encoder: TextEn
         feats = _conditions(cfg, batch.cameras[i], batch.lights[i], [batch.modes[i]])
         colour = colours[i] if batch.modes[i] != "textureless" else None
         cand_nouns = [n for n in NOUNS if colour is None or n not in FIXED_COMPOSITES]
-        noun_caps = [caption(phrase(n, colour, "a {colour} {noun}" if colour and n not in FIXED_COMPOSITES else "a {noun}"), az, el)
-                     for n in cand_nouns]
+        noun_caps = [caption(candidate_phrase(n, None if n in FIXED_COMPOSITES else colour, i, paraphrase), az, el) for n in cand_nouns]
         err = denoising_errors(unet, cfg, encoder, img, noun_caps, list(timesteps), seed + i, feats)
         noun_hits.append(cand_nouns[int(err.argmin())] == nouns[i])
         if colour is not None and nouns[i] not in FIXED_COMPOSITES:
-            col_caps = [caption(phrase(nouns[i], c, "a {colour} {noun}"), az, el) for c in COLOUR_NAMES]
+            col_caps = [caption(candidate_phrase(nouns[i], c, i, paraphrase), az, el) for c in COLOUR_NAMES]
             err = denoising_errors(unet, cfg, encoder, img, col_caps, list(timesteps), seed + i, feats)
             colour_hits.append((COLOUR_NAMES[int(err.argmin())] == colour, i < held_out))
             colour_n += 1

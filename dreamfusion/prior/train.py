@@ -59,11 +59,13 @@ def _save(cfg: TrainPriorConfig, prior_cfg: PriorConfig, model: torch.nn.Module,
 
 
 def write_sample_grid(unet: torch.nn.Module, prior_cfg: PriorConfig, encoder: TextEncoder, path: Path,
-                      seeds: tuple[int, ...] = (0, 1, 2, 3)) -> None:
+                      seeds: tuple[int, ...] = (0, 1, 2, 3), guidance_scale: float = 1.0) -> None:
     """A text-only prior: 16 prompts x 4 seeds, two prompts per row. A camera-aware prior: one row
     per prompt of :data:`AZIMUTH_GRID_PHRASES` across 8 azimuths 45 degrees apart (elevation 20,
     lit, light at the camera, one seed per row), so view consistency can be seen; its coverage
-    channel is not shown."""
+    channel is not shown. ``guidance_scale``: diffusers' s; unguided by default, because this prior's
+    guided samples are mangled where its unguided ones are recognisable (docs/prior.md), and SDS
+    takes one guided step from a render rather than sampling from noise."""
     if prior_cfg.condition_features or prior_cfg.ray_channels:
         cams = orbit_cameras(AZIMUTH_GRID_VIEWS)
         conditions = RenderConditions.of(prior_cfg, cams, default_light(cams), ["lit"] * len(cams))
@@ -71,11 +73,12 @@ def write_sample_grid(unet: torch.nn.Module, prior_cfg: PriorConfig, encoder: Te
 
         prompts = [caption(p, float(a), float(e)) for p in AZIMUTH_GRID_PHRASES for a, e in zip(cams.azimuth, cams.elevation, strict=True)]
         seeds_ = [i for i in range(len(AZIMUTH_GRID_PHRASES)) for _ in range(len(cams))]
-        imgs = sample_images(unet, prior_cfg, encoder, prompts, seeds_, conditions=conditions.repeat(len(AZIMUTH_GRID_PHRASES)))
+        imgs = sample_images(unet, prior_cfg, encoder, prompts, seeds_, guidance_scale=guidance_scale,
+                             conditions=conditions.repeat(len(AZIMUTH_GRID_PHRASES)))
         rows = len(AZIMUTH_GRID_PHRASES)
     else:
         prompts = [p for p in GRID_PROMPTS for _ in seeds]
-        imgs = sample_images(unet, prior_cfg, encoder, prompts, [s for _ in GRID_PROMPTS for s in seeds])
+        imgs = sample_images(unet, prior_cfg, encoder, prompts, [s for _ in GRID_PROMPTS for s in seeds], guidance_scale=guidance_scale)
         rows = len(GRID_PROMPTS) // 2  # 16 prompts x 4 seeds -> 8 rows of 8
     grid = image_grid(F.interpolate(imgs[:, :3], scale_factor=2, mode="nearest"), rows=rows)
     iio.imwrite(path, to_uint8(grid))
