@@ -66,8 +66,9 @@ def candidate_phrase(noun: str, colour: str | None, index: int, paraphrase: bool
     if not paraphrase:
         return phrase(noun, colour, "a {colour} {noun}" if colour else "a {noun}")
     coloured, plain = PARAPHRASE_TEMPLATES[index % len(PARAPHRASE_TEMPLATES)]
-    words = {"noun": PARAPHRASE_NOUNS[noun], "colour": PARAPHRASE_COLOURS[colour] if colour else ""}
-    return phrase(words["noun"], words["colour"], coloured if colour else plain)
+    if colour is None:
+        return phrase(PARAPHRASE_NOUNS[noun], None, plain)
+    return phrase(PARAPHRASE_NOUNS[noun], PARAPHRASE_COLOURS[colour], coloured)
 
 
 @torch.no_grad()

@@ -24,13 +24,18 @@ def sample_images(unet: UNet2DConditionModel, cfg: PriorConfig, encoder: TextEnc
     shape = (cfg.channels, cfg.image_size, cfg.image_size)
     x = torch.stack([torch.randn(*shape, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(device)
     cond = encoder.condition(prompts).to(device)
-    uncond = encoder.condition([""]).to(device).expand(len(prompts))
-    both = TextCondition.cat([cond, uncond])
-    both_conditions = None if conditions is None else conditions.repeat(2).to(device)
+    guided = guidance_scale != 1.0  # at s = 1 the unconditional branch cancels out, so it is not run
+    if guided:
+        cond = TextCondition.cat([cond, encoder.condition([""]).to(device).expand(len(prompts))])
+        conditions = None if conditions is None else conditions.repeat(2)
+    conditions = None if conditions is None else conditions.to(device)
     for t in sched.timesteps:
-        tt = torch.full((2 * len(prompts),), int(t), device=device)
-        eps_c, eps_u = predict_noise(unet, torch.cat([x, x]), tt, both, both_conditions).chunk(2)
-        x = sched.step(eps_u + guidance_scale * (eps_c - eps_u), t, x).prev_sample
+        x_in = torch.cat([x, x]) if guided else x
+        eps = predict_noise(unet, x_in, torch.full((x_in.shape[0],), int(t), device=device), cond, conditions)
+        if guided:
+            eps_c, eps_u = eps.chunk(2)
+            eps = eps_u + guidance_scale * (eps_c - eps_u)
+        x = sched.step(eps, t, x).prev_sample
     return (x.clamp(-1, 1) + 1) / 2
 
 
