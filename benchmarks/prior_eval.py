@@ -11,7 +11,8 @@ with every candidate worded in words and templates never trained on (paraphrase 
 Prints a markdown table. With ``--colour``, also the colour that
 classifier-free guidance pulls lit renders of the benchmark's coloured objects towards at weights
 0, 3, 5 and 10 (``guided_colour``: a weight whose estimate is far from the truth saturates SDS's
-albedo).
+albedo). Last, how strongly each prior's first layers read each kind of condition
+(``condition_weights``: mean weight norm per input, from the weights alone).
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from dreamfusion.cameras import RENDER_CONDITION_GROUPS
 from dreamfusion.config import ASSET_DIR
-from dreamfusion.prior.evaluate import camera_following, condition_use, guided_colour, text_following
+from dreamfusion.prior.evaluate import camera_following, condition_use, condition_weights, guided_colour, text_following
 from dreamfusion.prior.model import WEIGHTS_FILE, TextEncoder, load_unet
 
 
@@ -42,7 +44,7 @@ def main() -> None:
     ap.add_argument("--paraphrase", action="store_true", help="also the text classifier with paraphrased candidates")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    rows = []
+    rows, weight_rows = [], []
     for folder in args.folders:
         if not (folder / WEIGHTS_FILE).exists():
             raise SystemExit(f"error: no prior weights at {folder / WEIGHTS_FILE}")
@@ -69,11 +71,20 @@ def main() -> None:
             row += ["(text only)", "-", "-", "-"]
         rows.append(row)
         print(" | ".join(row), flush=True)
+        w = condition_weights(unet, cfg)
+        weight_rows.append([str(folder), step_of(folder), f"{w.image:.3f}", "-" if w.rays is None else f"{w.rays:.3f}", f"{w.text:.3f}"]
+                           + [f"{w.features[g]:.3f}" if w.features else "-" for g in RENDER_CONDITION_GROUPS])
     print()
     print("| prior | step | nouns | colours | held-out nouns / colours | paraphrased: nouns / colours | "
           "loss gain: true camera vs another's | vs none | camera top-1 | within 45 deg |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
+        print("| " + " | ".join(row) + " |")
+    print("\nmean weight norm per input of the first layers (conv_in: image and ray-map channels; "
+          "class embedding: text and render-condition columns)\n")
+    print("| prior | step | image | rays | text | " + " | ".join(RENDER_CONDITION_GROUPS) + " |")
+    print("|---|---|---|---|---|" + "---|" * len(RENDER_CONDITION_GROUPS))
+    for row in weight_rows:
         print("| " + " | ".join(row) + " |")
     if args.colour:
         for folder in args.folders:

@@ -205,6 +205,11 @@ def fov_degrees(focal: float) -> float:
 SHADING_MODE_CODES = ("lit", "textureless", "albedo")
 #: length of :func:`render_condition_features`
 RENDER_CONDITION_FEATURES = 17
+#: which entries of :func:`render_condition_features` say what (name -> slice)
+RENDER_CONDITION_GROUPS: dict[str, slice] = {
+    "azimuth": slice(0, 4), "elevation": slice(4, 6), "distance and focal": slice(6, 8), "light": slice(8, 13),
+    "shading mode": slice(13, 16), "constant": slice(16, 17),
+}
 
 
 def render_condition_features(cameras: Cameras, lights: Lights, modes: list[str], present: torch.Tensor | None = None) -> torch.Tensor:
@@ -239,13 +244,23 @@ def render_condition_features(cameras: Cameras, lights: Lights, modes: list[str]
 
 #: channels of :func:`ray_condition_maps`
 RAY_CONDITION_CHANNELS = 6
+#: what the last three channels of :func:`ray_condition_maps` hold
+RAY_MAP_KINDS = ("plucker", "nearest")
 
 
-def ray_condition_maps(cameras: Cameras, size: int) -> torch.Tensor:
-    """Per-pixel camera conditions for a prior: the Plücker coordinates of each pixel's ray,
-    (B, 6, size, size) = (unit direction d, moment o x d) in world coordinates. A convolutional
-    prior reads the view from them pixel by pixel (as CAT3D and SPAD do), instead of having to
-    learn it from a global vector."""
+def ray_condition_maps(cameras: Cameras, size: int, kind: str = "plucker") -> torch.Tensor:
+    """Per-pixel camera conditions for a prior, (B, 6, size, size) in world coordinates: each
+    pixel's unit ray direction d, then with ``kind`` "plucker" the moment o x d (Plücker
+    coordinates, as CAT3D and SPAD use), or with "nearest" the ray's point nearest the origin,
+    p = o - (o . d) d (the world point the pixel looks through at the object's centre depth).
+    Both fix the ray (o x d = p x d), but p is linear in what decides whether a centred object
+    covers the pixel (which of its parts lie near p along d), where the moment gives p only as the
+    product d x m: a convolution reads the layout from p directly."""
+    if kind not in RAY_MAP_KINDS:
+        raise ValueError(f"unknown ray map {kind!r}; valid: {', '.join(RAY_MAP_KINDS)}")
     origins, dirs = camera_rays(cameras, size, size)  # (B, S, S, 3)
-    moment = torch.cross(origins, dirs, dim=-1)
-    return torch.cat([dirs, moment], dim=-1).permute(0, 3, 1, 2).contiguous()
+    if kind == "plucker":
+        second = torch.cross(origins, dirs, dim=-1)
+    else:
+        second = origins - (origins * dirs).sum(dim=-1, keepdim=True) * dirs
+    return torch.cat([dirs, second], dim=-1).permute(0, 3, 1, 2).contiguous()

@@ -401,6 +401,32 @@ def test_ray_condition_maps_by_hand():
     assert torch.allclose(turned, maps[1, :3], atol=1e-6)
 
 
+def test_nearest_ray_maps_by_hand():
+    """The "nearest" ray map holds each ray's point nearest the origin, p = o - (o . d) d: by hand
+    for a camera on +X at distance 2 (its pixel rays start at (2, 0, 0)); p is perpendicular to d,
+    gives the same line as the Plücker moment (p x d = o x d), at its distance from the origin."""
+    from dreamfusion.cameras import camera_rays, ray_condition_maps
+
+    cams = make_cameras([0.0, 90.0], 0.0, 2.0, 1.0)
+    plucker, nearest = ray_condition_maps(cams, 4), ray_condition_maps(cams, 4, "nearest")
+    assert torch.equal(plucker[:, :3], nearest[:, :3])  # the same unit directions
+    d, p = nearest[:, :3], nearest[:, 3:]
+    assert torch.allclose((d * p).sum(dim=1), torch.zeros(2, 4, 4), atol=1e-6)
+    assert torch.allclose(torch.cross(p, d, dim=1), plucker[:, 3:], atol=1e-6)
+    origins, dirs = camera_rays(cams, 4, 4)
+    o, dd = origins[0, 0, 3], dirs[0, 0, 3]  # pixel (row 0, col 3) of the +X camera
+    assert torch.allclose(o, torch.tensor([2.0, 0.0, 0.0]), atol=1e-6)
+    # o = (2, 0, 0), d = (dx, dy, dz): o . d = 2 dx, so p = (2 - 2 dx^2, -2 dx dy, -2 dx dz)
+    by_hand = torch.stack([2 - 2 * dd[0] ** 2, -2 * dd[0] * dd[1], -2 * dd[0] * dd[2]])
+    assert torch.allclose(p[0, :, 0, 3], by_hand, atol=1e-6)
+    assert float(p[0, 1, 0, 3]) > 0 and float(p[0, 2, 0, 3]) > 0  # up and to the right: +Y, +Z
+    # |p| is the ray's distance from the origin, |o x d|; the central pixels' points straddle the axis
+    assert torch.allclose(p.norm(dim=1), plucker[:, 3:].norm(dim=1), atol=1e-6)
+    assert torch.allclose(p[0, 1:, 1:3, 1:3].mean(dim=(1, 2)), torch.zeros(2), atol=1e-6)
+    with pytest.raises(ValueError, match="unknown ray map"):
+        ray_condition_maps(cams, 4, "depth")
+
+
 def test_sample_backgrounds_fraction_and_colours():
     from dreamfusion.cameras import sample_backgrounds
 

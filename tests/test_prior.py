@@ -6,6 +6,7 @@ renders, and 62% / 61% with every candidate paraphrased in words never trained o
 the asserts hold them to the target, and the paraphrased classifier to well above chance.
 """
 
+import math
 from pathlib import Path
 
 import pytest
@@ -149,6 +150,64 @@ def test_condition_use_is_zero_when_every_render_has_the_same_camera(tiny_prior_
     assert free.gain_over_shuffled != 0.0 and abs(free.gain_over_shuffled) < 1
     with pytest.raises(ValueError, match="no render conditions"):
         condition_use(unet, PriorConfig(condition_features=0, ray_channels=0), enc)
+
+
+def test_ray_map_kind_is_part_of_the_prior_config(tmp_path):
+    """A prior's ray channels hold what its config names: RenderConditions.of gives the "nearest"
+    map to a prior trained on it and the Plücker map to one whose config.json predates the field."""
+    import json
+    from dataclasses import asdict
+
+    from dreamfusion.cameras import default_light, make_cameras, ray_condition_maps
+    from dreamfusion.prior.model import RenderConditions
+
+    cams = make_cameras([0.0, 135.0], 20.0, 1.9, 1.27)
+    lights, modes = default_light(cams), ["lit", "albedo"]
+    nearest = PriorConfig(ray_map="nearest")
+    assert torch.equal(RenderConditions.of(nearest, cams, lights, modes).rays, ray_condition_maps(cams, 32, "nearest"))
+    old = asdict(PriorConfig())
+    del old["ray_map"]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    loaded = PriorConfig.load(tmp_path)
+    assert loaded.ray_map == "plucker"
+    assert torch.equal(RenderConditions.of(loaded, cams, lights, modes).rays, ray_condition_maps(cams, 32))
+    nearest.save(tmp_path)
+    assert PriorConfig.load(tmp_path).ray_map == "nearest"
+
+
+def test_condition_weights_are_the_first_layers_weight_norms_per_input():
+    """condition_weights reads conv_in and the class embedding's first linear layer: with weights
+    set by hand (image channels all 2, ray channels all 0.5; text columns all 0.1, each feature
+    group's columns a different constant), each figure is the constant times sqrt(fan): the L2 norm
+    of a channel of 32 x 3 x 3 equal weights, and of a column of 128 equal weights."""
+    from dreamfusion.cameras import RENDER_CONDITION_FEATURES, RENDER_CONDITION_GROUPS
+    from dreamfusion.prior.evaluate import condition_weights
+
+    covered = sorted(i for sl in RENDER_CONDITION_GROUPS.values() for i in range(sl.start, sl.stop))
+    assert covered == list(range(RENDER_CONDITION_FEATURES))  # every feature in exactly one group
+
+    cfg = PriorConfig()
+    unet = cfg.unet()
+    with torch.no_grad():
+        w_in = unet.conv_in.weight  # (32, 4 + 6, 3, 3)
+        w_in[:, :cfg.channels] = 2.0
+        w_in[:, cfg.channels:] = 0.5
+        lin = unet.class_embedding.linear_1.weight  # (128, 384 + 17)
+        lin[:, :cfg.text_dim] = 0.1
+        for k, sl in enumerate(RENDER_CONDITION_GROUPS.values()):
+            lin[:, cfg.text_dim + sl.start:cfg.text_dim + sl.stop] = 0.01 * (k + 1)
+    out_ch, hidden = w_in.shape[0], lin.shape[0]
+    w = condition_weights(unet, cfg)
+    assert w.image == pytest.approx(2.0 * math.sqrt(out_ch * 9), rel=1e-5)
+    assert w.rays == pytest.approx(0.5 * math.sqrt(out_ch * 9), rel=1e-5)
+    assert w.text == pytest.approx(0.1 * math.sqrt(hidden), rel=1e-5)
+    assert list(w.features) == list(RENDER_CONDITION_GROUPS)
+    for k, name in enumerate(RENDER_CONDITION_GROUPS):
+        assert w.features[name] == pytest.approx(0.01 * (k + 1) * math.sqrt(hidden), rel=1e-5)
+    # a text-only prior: no ray channels, no feature columns
+    v1 = PriorConfig(channels=3, condition_features=0, ray_channels=0)
+    plain = condition_weights(v1.unet(), v1)
+    assert plain.rays is None and plain.features == {} and plain.image > 0 and plain.text > 0
 
 
 def test_guided_colour_reads_the_true_colour_and_is_linear_in_the_weight(tiny_prior_dir):

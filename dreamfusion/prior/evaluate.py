@@ -13,6 +13,9 @@ prior's denoising error (lower is a better match), with shared noise and timeste
   per-checkpoint sign of whether the conditions are used at all.
 - :func:`guided_colour`: the colour of the prior's guided estimate of a true render at each
   classifier-free guidance weight against the true colour (what SDS pulls the albedo towards).
+- :func:`condition_weights`: how strongly the U-Net's first layers read each kind of render
+  condition (weight norms, no images): where the classifiers say a condition goes unused, this
+  says whether its inputs ever got weight.
 
 Images are rendered from the distribution the prior was trained on (its own camera config) and
 with its channels (RGB, plus coverage for a 4-channel prior).
@@ -26,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from diffusers import UNet2DConditionModel
 
-from ..cameras import Cameras, Lights, default_light, make_cameras, sample_backgrounds, sample_cameras, sample_lights
+from ..cameras import RENDER_CONDITION_GROUPS, Cameras, Lights, default_light, make_cameras, sample_backgrounds, sample_cameras, sample_lights
 from ..config import CameraConfig
 from ..sds import classifier_free_guidance, noise_images
 from .data import render_batch, render_object
@@ -325,3 +328,35 @@ def guided_colour(unet: UNet2DConditionModel, cfg: PriorConfig, encoder: TextEnc
         eps_hat = classifier_free_guidance(eps_c, eps_u, w)
         estimates[float(w)] = mean_rgb((z - (1 - a).sqrt() * eps_hat) / a.sqrt())
     return GuidedColour(truth=mean_rgb(x0), estimates=estimates)
+
+
+@dataclass
+class ConditionWeights:
+    """Mean L2 norm of the first layers' weights per input, by kind of input: ``image`` and
+    ``rays`` per input channel of ``conv_in`` (over its output channels and 3 x 3 taps); ``text``
+    and each of ``features`` (:data:`~dreamfusion.cameras.RENDER_CONDITION_GROUPS`) per input
+    column of the class embedding's first linear layer (pooled sentence vector, then the render
+    condition vector)."""
+
+    image: float
+    rays: float | None
+    text: float
+    features: dict[str, float]
+
+
+def condition_weights(unet: UNet2DConditionModel, cfg: PriorConfig) -> ConditionWeights:
+    """:class:`ConditionWeights` of a prior's U-Net, read from its weights alone. An input whose
+    norm stays near its initial value (or near 0, for inputs that started at 0) has not been
+    learned from; the text's columns are the yardstick of an input that has."""
+    w_in = unet.conv_in.weight.detach().float()  # (out, in, 3, 3)
+    per_channel = w_in.transpose(0, 1).flatten(1).norm(dim=1)
+    image = float(per_channel[:cfg.channels].mean())
+    rays = float(per_channel[cfg.channels:].mean()) if cfg.ray_channels else None
+    if unet.class_embedding is None:
+        raise ValueError("this prior has no class embedding: nothing but the text conditions it")
+    cols = unet.class_embedding.linear_1.weight.detach().float().norm(dim=0)  # one norm per input column
+    text = float(cols[:cfg.text_dim].mean())
+    feats = cols[cfg.text_dim:]
+    features = {name: float(feats[sl].mean()) for name, sl in RENDER_CONDITION_GROUPS.items()} if cfg.condition_features else {}
+    return ConditionWeights(image=image, rays=rays, text=text, features=features)
+

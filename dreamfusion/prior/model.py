@@ -43,6 +43,9 @@ class PriorConfig:
     ray_channels: int = RAY_CONDITION_CHANNELS
     """per-pixel camera conditions beside the noisy image: the Plücker coordinates of each pixel's
     ray (0: none)"""
+    ray_map: str = "plucker"
+    """what the ray channels hold beyond the direction (:func:`~dreamfusion.cameras.ray_condition_maps`):
+    "plucker" (the moment o x d) or "nearest" (the ray's point nearest the origin)"""
     camera: dict = field(default_factory=lambda: asdict(CameraConfig()))
     """the camera and light distribution of its training renders (a CameraConfig's fields)"""
     random_background: float = 0.5
@@ -200,7 +203,7 @@ class RenderConditions:
         features = render_condition_features(cameras, lights, modes, present) if cfg.condition_features else None
         rays = None
         if cfg.ray_channels:
-            rays = ray_condition_maps(cameras, cfg.image_size)
+            rays = ray_condition_maps(cameras, cfg.image_size, cfg.ray_map)
             if present is not None:
                 rays = rays * present.to(rays.dtype).view(-1, 1, 1, 1)
         return cls(features, rays)
