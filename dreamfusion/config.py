@@ -120,8 +120,10 @@ class GuidanceConfig:
     """classifier-free guidance weight w (None: the prior's own default, see dreamfusion.guidance.GUIDANCES)"""
     t_min: float = 0.02
     t_max: float = 0.98
-    t_max_end: float | None = 0.5
-    """anneal t_max linearly to this over the run (None: no annealing)"""
+    t_max_end: float | None = None
+    """anneal t_max linearly to this over the run (None: no annealing, the paper's U(t_min, t_max)
+    throughout; until 2026-11-25 it annealed to 0.5, which kept the dumbbell one ball once the
+    prior followed its camera: docs/ablations.md)"""
     weighting: str = "sds"
     draws: int = 1
     """independent (t, eps) draws per render, their gradients averaged: lower-variance SDS at the

@@ -1,8 +1,8 @@
 """The shipped embedded prior: it loads offline, draws objects, and follows the text.
 
 Thresholds: >= 80% noun and colour accuracy under a diffusion classifier (the first issue's
-target). The shipped weights (prior v2 at step 4,750) measured nouns 100% and colours 94% on 24
-renders, and 62% / 61% with every candidate paraphrased in words never trained on (docs/prior.md);
+target). The shipped weights (prior v2 at step 7,750) measured nouns 96% and colours 94% on 24
+renders, and 67% / 61% with every candidate paraphrased in words never trained on (docs/prior.md);
 the asserts hold them to the target, and the paraphrased classifier to well above chance.
 """
 
