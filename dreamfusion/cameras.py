@@ -255,7 +255,8 @@ def ray_condition_maps(cameras: Cameras, size: int, kind: str = "plucker") -> to
     p = o - (o . d) d (the world point the pixel looks through at the object's centre depth).
     Both fix the ray (o x d = p x d), but p is linear in what decides whether a centred object
     covers the pixel (which of its parts lie near p along d), where the moment gives p only as the
-    product d x m: a convolution reads the layout from p directly."""
+    product d x m. (That "nearest" is easier to learn is a hypothesis: warm-started from a Plücker
+    prior it was not picked up in 500 steps, docs/prior.md.)"""
     if kind not in RAY_MAP_KINDS:
         raise ValueError(f"unknown ray map {kind!r}; valid: {', '.join(RAY_MAP_KINDS)}")
     origins, dirs = camera_rays(cameras, size, size)  # (B, S, S, 3)
