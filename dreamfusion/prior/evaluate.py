@@ -359,4 +359,3 @@ def condition_weights(unet: UNet2DConditionModel, cfg: PriorConfig) -> Condition
     feats = cols[cfg.text_dim:]
     features = {name: float(feats[sl].mean()) for name, sl in RENDER_CONDITION_GROUPS.items()} if cfg.condition_features else {}
     return ConditionWeights(image=image, rays=rays, text=text, features=features)
-

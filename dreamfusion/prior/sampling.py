@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
 
+from ..sds import classifier_free_guidance
 from .model import PriorConfig, RenderConditions, TextCondition, TextEncoder, predict_noise
 
 
@@ -33,8 +34,7 @@ def sample_images(unet: UNet2DConditionModel, cfg: PriorConfig, encoder: TextEnc
         x_in = torch.cat([x, x]) if guided else x
         eps = predict_noise(unet, x_in, torch.full((x_in.shape[0],), int(t), device=device), cond, conditions)
         if guided:
-            eps_c, eps_u = eps.chunk(2)
-            eps = eps_u + guidance_scale * (eps_c - eps_u)
+            eps = classifier_free_guidance(*eps.chunk(2), guidance_scale - 1)  # diffusers' s is w + 1
         x = sched.step(eps, t, x).prev_sample
     return (x.clamp(-1, 1) + 1) / 2
 
