@@ -45,10 +45,13 @@ def noise_images(x: torch.Tensor, eps: torch.Tensor, alphas_cumprod_t: torch.Ten
     return a.sqrt() * x + (1 - a).sqrt() * eps
 
 
-def timestep_bounds(step: int, total_steps: int, t_min: float, t_max: float, t_max_end: float | None) -> tuple[float, float]:
-    """The [t_min, t_max] fraction range at a step; ``t_max`` anneals linearly to ``t_max_end``
-    over the run when given (DreamFusion draws t ~ U(0.02, 0.98))."""
-    if t_max_end is None or total_steps <= 1:
-        return t_min, t_max
-    frac = min(max(step / (total_steps - 1), 0.0), 1.0)
-    return t_min, max(t_min, t_max + (t_max_end - t_max) * frac)
+def timestep_bounds(step: int, total_steps: int, t_min: float, t_max: float, t_max_end: float | None,
+                    t_min_start: float | None = None) -> tuple[float, float]:
+    """The [t_min, t_max] fraction range at a step (DreamFusion draws t ~ U(0.02, 0.98)): ``t_max``
+    anneals linearly to ``t_max_end`` over the run when given, and the lower bound falls linearly
+    from ``t_min_start`` to ``t_min`` when given (high timesteps first). The upper bound never
+    falls below the lower."""
+    frac = 0.0 if total_steps <= 1 else min(max(step / (total_steps - 1), 0.0), 1.0)
+    hi = t_max if t_max_end is None or total_steps <= 1 else t_max + (t_max_end - t_max) * frac
+    lo = t_min if t_min_start is None or total_steps <= 1 else t_min_start + (t_min - t_min_start) * frac
+    return lo, max(lo, hi)

@@ -265,7 +265,8 @@ class Trainer:
                                            background=None if backgrounds is None else backgrounds.to(self.device))
             renders = RenderBatch(out["image"], out["opacity"], cams_d, lights_d, [mode] * len(cams))
             texts = [f"{self.prompt}, {view_label(float(a), float(e))}" for a, e in zip(cams.azimuth, cams.elevation, strict=True)]
-            t_range = timestep_bounds(self.step_count, self.total_steps, cfg.guidance.t_min, cfg.guidance.t_max, cfg.guidance.t_max_end)
+            t_range = timestep_bounds(self.step_count, self.total_steps, cfg.guidance.t_min, cfg.guidance.t_max, cfg.guidance.t_max_end,
+                                      cfg.guidance.t_min_start)
             with record_function("step.guidance"):
                 graded = guidance.loss(renders, texts, t_range, self.generator)
             frac = self.fraction_done()

@@ -41,6 +41,12 @@ def test_noise_images_and_timestep_annealing():
     lo, hi = timestep_bounds(50, 101, 0.02, 0.98, 0.5)
     assert abs(hi - 0.74) < 1e-6 and lo == 0.02
     assert timestep_bounds(100, 101, 0.02, 0.98, None) == (0.02, 0.98)
+    # the lower bound falls from t_min_start to t_min: 0.5 at the start, 0.26 halfway, 0.02 at the end
+    assert timestep_bounds(0, 101, 0.02, 0.98, None, 0.5) == (0.5, 0.98)
+    lo, hi = timestep_bounds(50, 101, 0.02, 0.98, 0.8, 0.5)
+    assert abs(lo - 0.26) < 1e-6 and abs(hi - 0.89) < 1e-6
+    lo, hi = timestep_bounds(100, 101, 0.02, 0.98, 0.8, 0.5)
+    assert abs(lo - 0.02) < 1e-6 and abs(hi - 0.8) < 1e-6
 
 
 class StubGuidance(Guidance):

@@ -472,6 +472,8 @@ def test_stop_before_run_is_not_lost_and_extend_continues(fast_config, guidance)
         (dict(device="tpu"), "unknown device 'tpu'"),
         (dict(field=FieldConfig(resolution=4)), "grid resolution"),
         (dict(guidance=GuidanceConfig(t_min=0.5, t_max=0.2)), "t_min"),
+        (dict(guidance=GuidanceConfig(t_min=0.85)), "t_max_end"),
+        (dict(guidance=GuidanceConfig(t_min_start=0.9)), "t_min_start"),
         (dict(guidance=GuidanceConfig(guidance_scale=float("nan"))), "guidance scale"),
         (dict(guidance=GuidanceConfig(random_background=1.5)), "random-background fraction"),
     ],
