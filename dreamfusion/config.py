@@ -275,6 +275,10 @@ class TrainPriorConfig:
     """fraction of each batch whose timesteps are drawn from the upper half of the schedule only
     (the rest from all of it): more of the training where the image is mostly noise, the only place
     where the camera decides what the prior should draw (0: uniform timesteps; prior v2 from step 3,500)"""
+    asymmetric_fraction: float = 0.0
+    """fraction of training images whose object is drawn from the asymmetric nouns only (mug, chair,
+    house, snowman: where every azimuth looks different, so the camera decides the picture); the rest
+    from all nouns (0: every noun equally often, as before)"""
     synonyms: bool = True
     """captions also name objects and colours in other words (prior.world.NOUN_WORDS, COLOUR_WORDS)"""
     checkpoint_every: int = 250

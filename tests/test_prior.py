@@ -6,6 +6,8 @@ renders, and 67% / 61% with every candidate paraphrased in words never trained o
 the asserts hold them to the target, and the paraphrased classifier to well above chance.
 """
 
+import dataclasses
+import json
 import math
 from pathlib import Path
 
@@ -307,3 +309,33 @@ def test_paraphrases_are_worded_by_hand_and_never_trained_on():
     assert candidate_phrase("tree", None, 1, paraphrase=True) == "christmas tree"
     assert candidate_phrase("torus", "red", 4, paraphrase=True) == "a ruby-coloured doughnut"
     assert candidate_phrase("house", None, 2, paraphrase=True) == "a picture of a cabin"
+
+
+def test_train_prior_runs_checkpoints_and_resumes_with_asymmetric_share(tmp_path):
+    """A tiny prior trained for two steps with half of its images of the asymmetric objects writes
+    its EMA weights, resume state (with the step) and loss log, and resumes from them; a share
+    outside [0, 1] is one clear error before anything is written."""
+    from safetensors import safe_open
+
+    from dreamfusion.prior.train import train_prior
+
+    tiny = PriorConfig(image_size=16, block_out_channels=(16, 32), attention_head_dim=4)
+    bad = TrainPriorConfig(out=tmp_path / "bad", steps=1, batch=2, asymmetric_fraction=1.5)
+    with pytest.raises(ValueError, match="asymmetric_fraction"):
+        train_prior(bad, tiny, on_log=lambda _: None)
+    assert not (tmp_path / "bad").exists()
+    cfg = TrainPriorConfig(out=tmp_path / "p", steps=2, batch=4, warmup=1, checkpoint_every=2, grid_every=10**6,
+                           asymmetric_fraction=0.5)
+    logs = []
+    out = train_prior(cfg, tiny, on_log=logs.append)
+    for name in (WEIGHTS_FILE, RESUME_FILE, "config.json", "train_log.jsonl"):
+        assert (out / name).exists(), name
+    with safe_open(str(out / RESUME_FILE), "pt") as f:
+        assert f.metadata()["step"] == "2"
+    assert len((out / "train_log.jsonl").read_text().splitlines()) == 2
+    train_prior(dataclasses.replace(cfg, steps=3), on_log=logs.append)
+    assert "resumed from step 2" in logs
+    with safe_open(str(out / RESUME_FILE), "pt") as f:
+        assert f.metadata()["step"] == "3"
+    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in rows)

@@ -11,6 +11,7 @@ import torch
 from dreamfusion.cameras import default_light, make_cameras, view_label
 from dreamfusion.prior.data import BACKGROUND, render_batch, render_object
 from dreamfusion.prior.world import (
+    ASYMMETRIC_NOUNS,
     COLOUR_NAMES,
     COLOURABLE_NOUNS,
     COLOURED_COMPOSITES,
@@ -419,6 +420,22 @@ def test_draw_example_deterministic():
     a = [draw_example(random.Random(42)) for _ in range(1)] + [draw_example(r) for r in [random.Random(1)] * 50]
     b = [draw_example(random.Random(42)) for _ in range(1)] + [draw_example(r) for r in [random.Random(1)] * 50]
     assert a == b
+
+
+def test_asymmetric_fraction_shares_and_keeps_the_stream():
+    """At 0 the draws are exactly those of the plain call; at f the asymmetric objects' share is
+    f + (1 - f) 4/16 (0.625 at f = 0.5), still never a held-out pair."""
+    assert [draw_example(random.Random(7), asymmetric_fraction=0.0) for _ in range(1)] == [draw_example(random.Random(7))]
+    plain, zero = random.Random(3), random.Random(3)
+    assert [draw_example(plain) for _ in range(200)] == [draw_example(zero, asymmetric_fraction=0.0) for _ in range(200)]
+    rng = random.Random(0)
+    draws = [draw_example(rng, synonyms=True, asymmetric_fraction=0.5) for _ in range(8000)]
+    share = sum(d.noun in ASYMMETRIC_NOUNS for d in draws) / len(draws)
+    assert abs(share - (0.5 + 0.5 * len(ASYMMETRIC_NOUNS) / len(NOUNS))) < 0.02
+    assert {d.noun for d in draws} == set(NOUNS)
+    assert not any(d.colour is not None and is_held_out(d.colour, d.noun) for d in draws)
+    rng = random.Random(0)
+    assert all(draw_example(rng, asymmetric_fraction=1.0).noun in ASYMMETRIC_NOUNS for _ in range(500))
 
 
 def test_uncoloured_composite_uses_default_colour():

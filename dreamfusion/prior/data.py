@@ -99,13 +99,14 @@ class Batch:
 
 def render_batch(n: int, size: int, rng: random.Random, generator: torch.Generator, camera_cfg: CameraConfig | None = None,
                  supersample: int = 2, with_alpha: bool = False, synonyms: bool = False, random_background: float = 0.0,
-                 cameras: Cameras | None = None) -> Batch:
+                 cameras: Cameras | None = None, asymmetric_fraction: float = 0.0) -> Batch:
     """``n`` random training examples (objects grouped so that each SDF is evaluated once per group),
     drawn from ``camera_cfg`` (default: the current CameraConfig); a fraction ``random_background``
     of them on a random solid colour instead of white (:func:`~dreamfusion.cameras.sample_backgrounds`).
-    ``cameras`` (n of them): render from these instead of drawing cameras."""
+    ``cameras`` (n of them): render from these instead of drawing cameras. ``asymmetric_fraction``:
+    see :func:`~dreamfusion.prior.world.draw_example`."""
     camera_cfg = camera_cfg or CameraConfig()
-    draws = [draw_example(rng, synonyms) for _ in range(n)]
+    draws = [draw_example(rng, synonyms, asymmetric_fraction) for _ in range(n)]
     cams = sample_cameras(camera_cfg, n, generator) if cameras is None else cameras
     lights = sample_lights(camera_cfg, cams, generator)
     modes = sample_shading_modes(n, rng)

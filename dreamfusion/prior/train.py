@@ -118,6 +118,8 @@ def diffusion_loss(eps_pred: torch.Tensor, noise: torch.Tensor, alphas_cumprod_t
 
 
 def train_prior(cfg: TrainPriorConfig, prior_cfg: PriorConfig | None = None, on_log: Callable[[str], None] = print) -> Path:
+    if not 0.0 <= cfg.asymmetric_fraction <= 1.0:
+        raise ValueError(f"asymmetric_fraction must be in [0, 1], got {cfg.asymmetric_fraction}")
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     resume = out / RESUME_FILE
@@ -153,7 +155,7 @@ def train_prior(cfg: TrainPriorConfig, prior_cfg: PriorConfig | None = None, on_
         if cfg.max_minutes and time.time() - t0 > cfg.max_minutes * 60:
             break
         batch = render_batch(cfg.batch, prior_cfg.image_size, rng, gen, camera_cfg, with_alpha=with_alpha, synonyms=cfg.synonyms,
-                             random_background=prior_cfg.random_background)
+                             random_background=prior_cfg.random_background, asymmetric_fraction=cfg.asymmetric_fraction)
         x0 = (batch.images * 2 - 1).to(cfg.device)
         captions = ["" if rng.random() < cfg.caption_dropout else c for c in batch.captions]
         cond = encoder.condition(captions).to(cfg.device)

@@ -489,11 +489,17 @@ def _word(options: tuple[str, ...], rng: random.Random, synonyms: bool) -> str:
     return rng.choice(options[1:]) if synonyms and len(options) > 1 and rng.random() < SYNONYM_PROBABILITY else options[0]
 
 
-def draw_example(rng: random.Random, synonyms: bool = False) -> Draw:
+def draw_example(rng: random.Random, synonyms: bool = False, asymmetric_fraction: float = 0.0) -> Draw:
     """A random (noun, colour, phrase) for training: never a held-out pair. ``synonyms``: the
     phrase may name the object and its colour in other words (:data:`NOUN_WORDS`,
-    :data:`COLOUR_WORDS`, :data:`MATERIAL_WORDS`); the pair it shows is still one the SPEC allows."""
-    noun = rng.choice(NOUNS)
+    :data:`COLOUR_WORDS`, :data:`MATERIAL_WORDS`); the pair it shows is still one the SPEC allows.
+    ``asymmetric_fraction``: with this probability the noun is drawn from :data:`ASYMMETRIC_NOUNS`
+    only (the objects whose every azimuth looks different), otherwise from all nouns; at 0 the
+    random stream is the same as before the option existed."""
+    if asymmetric_fraction > 0 and rng.random() < asymmetric_fraction:
+        noun = rng.choice(ASYMMETRIC_NOUNS)
+    else:
+        noun = rng.choice(NOUNS)
     noun_word = _word(NOUN_WORDS[noun], rng, synonyms)
     if noun in FIXED_COMPOSITES:
         return Draw(noun, None, phrase(noun_word, None, rng.choice(PHRASE_TEMPLATES_PLAIN)))
