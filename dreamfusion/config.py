@@ -139,6 +139,9 @@ class GuidanceConfig:
     """fp16 weights on CUDA (stable-diffusion)"""
     use_render_conditions: bool = True
     """a camera-aware prior is told each render's camera, light and shading mode (off: text only)"""
+    camera_guidance_scale: float = 0.0
+    """camera-aware prior: weight w_c of a second guidance term, w_c (eps(y, c) - eps(y, {})), that
+    amplifies what the render conditions add to the prediction (0: off; costs a third U-Net branch)"""
     use_alpha: bool = True
     """a prior with an opacity channel also grades (and pushes) the renders' opacity"""
     random_background: float = 1.0
@@ -327,6 +330,8 @@ def validate_config(cfg: TrainConfig) -> None:
     top = g.t_max if g.t_max_end is None else min(g.t_max, g.t_max_end)
     if g.t_min_start is not None and not 0 <= g.t_min_start < top:
         raise ValueError(f"need 0 <= t_min_start < {top} (t_max, and t_max_end if set), got {g.t_min_start}")
+    if not (g.camera_guidance_scale >= 0 and math.isfinite(g.camera_guidance_scale)):
+        raise ValueError(f"camera guidance scale must be a finite number >= 0, got {g.camera_guidance_scale}")
     if not 1 <= g.draws <= 16:
         raise ValueError(f"SDS draws per render must be between 1 and 16, got {g.draws}")
     if g.guidance_scale is not None and (g.guidance_scale < 0 or not math.isfinite(g.guidance_scale)):

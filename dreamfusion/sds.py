@@ -17,6 +17,13 @@ def classifier_free_guidance(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, w
     return (1.0 + weight) * eps_cond - weight * eps_uncond
 
 
+def camera_guidance(eps_hat: torch.Tensor, eps_cond: torch.Tensor, eps_no_camera: torch.Tensor, weight: float) -> torch.Tensor:
+    """A second guidance term for a camera-aware prior: ``eps_hat + w_c (eps(y, c) - eps(y, {}))``,
+    the text kept and the render conditions c dropped in the third branch, so what the camera adds
+    to the prediction is amplified by w_c (as InstructPix2Pix guides on its two conditions)."""
+    return eps_hat + weight * (eps_cond - eps_no_camera)
+
+
 def timestep_weight(alphas_cumprod_t: torch.Tensor, kind: str = "sds") -> torch.Tensor:
     """w(t): ``sds`` is sigma_t^2 = 1 - alpha_bar_t (DreamFusion's choice), ``uniform`` is 1."""
     if kind == "sds":

@@ -6,7 +6,15 @@ from dreamfusion.cameras import CameraConfig, sample_cameras, sample_lights
 from dreamfusion.field import Background, FieldConfig, GridField
 from dreamfusion.guidance.base import Guidance, GuidanceConfig
 from dreamfusion.render import RenderConfig, Renderer
-from dreamfusion.sds import classifier_free_guidance, noise_images, sds_gradient, sds_surrogate_loss, timestep_bounds, timestep_weight
+from dreamfusion.sds import (
+    camera_guidance,
+    classifier_free_guidance,
+    noise_images,
+    sds_gradient,
+    sds_surrogate_loss,
+    timestep_bounds,
+    timestep_weight,
+)
 
 
 def test_classifier_free_guidance_matches_dreamfusion_form():
@@ -31,6 +39,13 @@ def test_surrogate_loss_has_the_sds_gradient():
     grad = torch.randn(2, 3, 4, 4)
     sds_surrogate_loss(x, grad).backward()
     assert torch.allclose(x.grad, grad)
+
+
+def test_camera_guidance_adds_what_the_conditions_add():
+    # eps_hat 1, eps(y, c) 2, eps(y, {}) 0.5: 1 + 3 (2 - 0.5) = 5.5; -1 + 3 (0 - 1) = -4; w_c 0 leaves eps_hat
+    eh, ec, enc = torch.tensor([1.0, -1.0]), torch.tensor([2.0, 0.0]), torch.tensor([0.5, 1.0])
+    assert torch.allclose(camera_guidance(eh, ec, enc, 3.0), torch.tensor([5.5, -4.0]))
+    assert torch.equal(camera_guidance(eh, ec, enc, 0.0), eh)
 
 
 def test_noise_images_and_timestep_annealing():
@@ -113,6 +128,38 @@ def test_several_draws_average_their_gradients():
     expected = (per_copy[:2] + per_copy[2:]) / 2 / 2 * 2  # mean over draws, mean over the batch, d x / d image = 2
     assert torch.equal(out["t"], t)
     assert torch.allclose(images.grad, expected, atol=1e-5)
+
+
+def test_camera_guidance_adds_a_third_branch_without_the_render_conditions():
+    """camera_guidance_scale w_c: eps_hat = (1 + w) eps(y, c) - w eps({}, c) + w_c (eps(y, c) - eps(y, {})),
+    for a prior whose predictions depend on its render conditions (a float per render here, 0 when dropped)."""
+
+    class WithConditions(StubGuidance):
+        def render_features(self, renders):
+            return torch.tensor([2.0, -1.0])
+
+        def predict_noise(self, x_t, t, cond, features=None):
+            f = torch.zeros(x_t.shape[0]) if features is None else features
+            return 0.3 * x_t + cond.view(-1, 1, 1, 1) + f.view(-1, 1, 1, 1)
+
+    guidance = WithConditions(None, guidance_scale=5.0)
+    guidance.cfg.camera_guidance_scale = 2.0
+    images = torch.rand(2, 3, 8, 8, requires_grad=True)
+    out = guidance.sds_loss(images, ["a", "b"], (0.2, 0.6), torch.Generator().manual_seed(5))
+    out["loss"].backward()
+    g = torch.Generator().manual_seed(5)
+    t = torch.randint(200, 600, (2,), generator=g)
+    eps = torch.randn(2, 3, 8, 8, generator=g)
+    a = guidance.alphas_cumprod[t].view(-1, 1, 1, 1)
+    z = a.sqrt() * (images.detach() * 2 - 1) + (1 - a).sqrt() * eps
+    f = torch.tensor([2.0, -1.0]).view(-1, 1, 1, 1)
+    eps_c, eps_u, eps_nc = 0.3 * z + 1.0 + f, 0.3 * z + f, 0.3 * z + 1.0
+    expected = (1 - a) * (6.0 * eps_c - 5.0 * eps_u + 2.0 * (eps_c - eps_nc) - eps)
+    assert torch.allclose(images.grad, expected, atol=1e-5)  # mean over 2 renders, d x / d image = 2
+    guidance.cfg.camera_guidance_scale = 0.0  # off: the two-branch gradient
+    images.grad = None
+    guidance.sds_loss(images, ["a", "b"], (0.2, 0.6), torch.Generator().manual_seed(5))["loss"].backward()
+    assert torch.allclose(images.grad, (1 - a) * (6.0 * eps_c - 5.0 * eps_u - eps), atol=1e-5)
 
 
 def test_sds_with_an_exact_denoiser_drives_renders_to_the_target():

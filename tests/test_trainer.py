@@ -475,6 +475,7 @@ def test_stop_before_run_is_not_lost_and_extend_continues(fast_config, guidance)
         (dict(guidance=GuidanceConfig(t_min=0.85)), "t_max_end"),
         (dict(guidance=GuidanceConfig(t_min_start=0.9)), "t_min_start"),
         (dict(guidance=GuidanceConfig(guidance_scale=float("nan"))), "guidance scale"),
+        (dict(guidance=GuidanceConfig(camera_guidance_scale=-1.0)), "camera guidance scale"),
         (dict(guidance=GuidanceConfig(random_background=1.5)), "random-background fraction"),
     ],
 )

@@ -17,7 +17,7 @@ import torch
 
 from ..cameras import Cameras, Lights
 from ..config import CameraConfig, GuidanceConfig
-from ..sds import classifier_free_guidance, noise_images, sds_gradient, sds_surrogate_loss, timestep_weight
+from ..sds import camera_guidance, classifier_free_guidance, noise_images, sds_gradient, sds_surrogate_loss, timestep_weight
 
 
 @dataclass
@@ -130,7 +130,9 @@ class Guidance:
 
         ``renders``: a :class:`RenderBatch` (or just its images, (B, 3, H, W) in [0, 1]),
         differentiable; one text per image. The unconditional branch of guidance drops the text
-        but keeps the render conditions (as MVDream does). Returns ``loss`` (scalar), ``t`` (B,)
+        but keeps the render conditions (as MVDream does); with ``camera_guidance_scale`` w_c > 0 a
+        third branch keeps the text and drops the conditions, and w_c times what they add is added
+        (:func:`~dreamfusion.sds.camera_guidance`). Returns ``loss`` (scalar), ``t`` (B,)
         and ``grad_norm``."""
         renders = as_render_batch(renders)
         x = self.renders_input(renders)
@@ -154,6 +156,10 @@ class Guidance:
             out = self.predict_noise(*both) if features is None else self.predict_noise(*both, _repeat(features, 2))
             eps_c, eps_u = out.float().chunk(2)
             eps_hat = classifier_free_guidance(eps_c, eps_u, self.cfg.guidance_scale)
+            w_c = float(getattr(self.cfg, "camera_guidance_scale", 0.0))
+            if features is not None and w_c > 0:  # a third branch: the text without the render conditions
+                eps_nc = self.predict_noise(z_t, t, self.condition(texts)).float()
+                eps_hat = camera_guidance(eps_hat, eps_c, eps_nc, w_c)
             grad = sds_gradient(eps_hat, eps, timestep_weight(a_t.float(), self.cfg.weighting))
             grad = torch.nan_to_num(grad)
         return {"loss": sds_surrogate_loss(x.float(), grad) / b, "t": t, "grad_norm": float(grad.norm() / b)}
