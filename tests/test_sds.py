@@ -87,22 +87,29 @@ class StubGuidance(Guidance):
         return self.predictor(x_t, t, cond)
 
 
+def replay_draws(guidance, images, seed, copies=1):
+    """The (t, eps) that sds_loss drew for ``images`` (B, 3, H, W) with t_range (0.2, 0.6) from a
+    generator seeded ``seed``, ``copies`` per render: t (B copies,), eps, alpha_bar_t (., 1, 1, 1)
+    and z_t."""
+    g = torch.Generator().manual_seed(seed)
+    n = images.shape[0] * copies
+    t = torch.randint(200, 600, (n,), generator=g)
+    eps = torch.randn(n, *images.shape[1:], generator=g)
+    a = guidance.alphas_cumprod[t].view(-1, 1, 1, 1)
+    x = (images.detach() * 2 - 1).repeat(copies, 1, 1, 1)
+    return t, eps, a, a.sqrt() * x + (1 - a).sqrt() * eps
+
+
 def test_sds_loss_gradient_equals_weighted_residual_for_a_stub_predictor():
     predictor = lambda x_t, t, cond: 0.3 * x_t + cond.view(-1, 1, 1, 1)  # noqa: E731
     guidance = StubGuidance(predictor, guidance_scale=5.0)
     images = torch.rand(2, 3, 8, 8, requires_grad=True)
     out = guidance.sds_loss(images, ["a cube, front view", "a cube, side view"], (0.2, 0.6), torch.Generator().manual_seed(7))
     out["loss"].backward()
-    # replay the same draws
-    g = torch.Generator().manual_seed(7)
-    t = torch.randint(200, 600, (2,), generator=g)
-    eps = torch.randn(2, 3, 8, 8, generator=g)
-    a = guidance.alphas_cumprod[t]
-    x = images.detach() * 2 - 1
-    z = a.sqrt().view(-1, 1, 1, 1) * x + (1 - a).sqrt().view(-1, 1, 1, 1) * eps
+    t, eps, a, z = replay_draws(guidance, images, 7)
     eps_c, eps_u = 0.3 * z + 1.0, 0.3 * z
     eps_hat = 6.0 * eps_c - 5.0 * eps_u
-    expected = (1 - a).view(-1, 1, 1, 1) * (eps_hat - eps)
+    expected = (1 - a) * (eps_hat - eps)
     assert torch.equal(out["t"], t)
     # d loss / d images = d loss / d x * 2, and the loss is averaged over the batch
     assert torch.allclose(images.grad, expected * 2 / 2, atol=1e-5)
@@ -117,12 +124,7 @@ def test_several_draws_average_their_gradients():
     images = torch.rand(2, 3, 8, 8, requires_grad=True)
     out = guidance.sds_loss(images, ["a", "b"], (0.2, 0.6), torch.Generator().manual_seed(3))
     out["loss"].backward()
-    g = torch.Generator().manual_seed(3)
-    t = torch.randint(200, 600, (4,), generator=g)
-    eps = torch.randn(4, 3, 8, 8, generator=g)
-    a = guidance.alphas_cumprod[t].view(-1, 1, 1, 1)
-    x = (images.detach() * 2 - 1).repeat(2, 1, 1, 1)
-    z = a.sqrt() * x + (1 - a).sqrt() * eps
+    t, eps, a, z = replay_draws(guidance, images, 3, copies=2)
     eps_hat = 6.0 * (0.3 * z + 1.0) - 5.0 * (0.3 * z)
     per_copy = (1 - a) * (eps_hat - eps)  # (4, ...): copies 0-1 are the first draw, 2-3 the second
     expected = (per_copy[:2] + per_copy[2:]) / 2 / 2 * 2  # mean over draws, mean over the batch, d x / d image = 2
@@ -147,11 +149,7 @@ def test_camera_guidance_adds_a_third_branch_without_the_render_conditions():
     images = torch.rand(2, 3, 8, 8, requires_grad=True)
     out = guidance.sds_loss(images, ["a", "b"], (0.2, 0.6), torch.Generator().manual_seed(5))
     out["loss"].backward()
-    g = torch.Generator().manual_seed(5)
-    t = torch.randint(200, 600, (2,), generator=g)
-    eps = torch.randn(2, 3, 8, 8, generator=g)
-    a = guidance.alphas_cumprod[t].view(-1, 1, 1, 1)
-    z = a.sqrt() * (images.detach() * 2 - 1) + (1 - a).sqrt() * eps
+    _, eps, a, z = replay_draws(guidance, images, 5)
     f = torch.tensor([2.0, -1.0]).view(-1, 1, 1, 1)
     eps_c, eps_u, eps_nc = 0.3 * z + 1.0 + f, 0.3 * z + f, 0.3 * z + 1.0
     expected = (1 - a) * (6.0 * eps_c - 5.0 * eps_u + 2.0 * (eps_c - eps_nc) - eps)
