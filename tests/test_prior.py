@@ -1,9 +1,11 @@
 """The shipped embedded prior: it loads offline, draws objects, and follows the text.
 
 Thresholds: >= 80% noun and colour accuracy under a diffusion classifier (the first issue's
-target). The shipped weights (prior v2 at step 7,750) measured nouns 96% and colours 94% on 24
-renders, and 67% / 61% with every candidate paraphrased in words never trained on (docs/prior.md);
-the asserts hold them to the target, and the paraphrased classifier to well above chance.
+target). The shipped weights (prior v2 at step 10,750) measured nouns 100% and colours 100% on 24
+renders, and 58% / 61% with every candidate paraphrased in words never trained on, and its camera
+classifier 25% top-1 (chance 12.5%), 53% within 45 degrees (chance 37.5%) (docs/prior.md); the
+asserts hold the text to the target, the paraphrased classifier and the camera classifier to well
+above chance.
 """
 
 import dataclasses
@@ -131,6 +133,20 @@ def test_camera_classifier_needs_render_conditions_and_reports_per_noun(shipped)
     report = camera_following(v2.unet().eval(), v2, enc, nouns=("mug",), views=8, elevations=(10.0,), timesteps=(300,))
     assert report.n_images == 8 and set(report.per_noun) == {"mug"}
     assert 0.0 <= report.top1 <= report.within_45 <= 1.0
+
+
+def test_shipped_prior_tells_cameras_apart_above_chance(shipped):
+    """The camera classifier on the shipped prior (the asymmetric objects, 8 azimuths at 2
+    elevations, 64 renders): the true azimuth wins well above chance (1/8), and lands within one
+    45-degree step of the truth more often than the 3/8 of chance. The issue's 75% top-1 is not
+    met (docs/prior.md): this holds the prior to what it measured, not to the target."""
+    from dreamfusion.prior.evaluate import camera_following
+
+    unet, cfg, enc = shipped
+    report = camera_following(unet, cfg, enc, seed=0)
+    assert report.n_images == 64
+    assert report.top1 >= 1.5 / 8, report
+    assert report.within_45 >= 0.45, report
 
 
 def test_condition_use_is_zero_when_every_render_has_the_same_camera(tiny_prior_dir):
