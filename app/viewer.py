@@ -141,8 +141,14 @@ class Viewer:
             self._poses = list(poses)
             views = list(self.clients.values())
             self.frustum_poses = [tuple(reversed(cameras_to_viser(c2w))) for c2w, _ in poses]
-        for view in views:
-            self._place_frustums(view, poses)
+        for view in views:  # one visitor leaving mid-update (its handles gone) must not cost the others theirs
+            if view.stop.is_set():
+                continue
+            try:
+                self._place_frustums(view, poses)
+            except Exception as exc:  # noqa: BLE001 - e.g. viser's "removed handle" of a client that just left
+                if not view.stop.is_set():
+                    print(f"viewer: training cameras not shown to client {view.client.client_id}: {type(exc).__name__}: {exc}")
 
     def _place_frustums(self, view: ClientView, poses: list) -> None:
         for i, (c2w, focal) in enumerate(poses):

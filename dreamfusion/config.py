@@ -264,9 +264,16 @@ class TrainPriorConfig:
     lr: float = 3e-4
     warmup: int = 200
     """steps of linear learning-rate warm-up, also after each resume"""
+    cooldown: int = 0
+    """the last this many steps before ``steps``: the learning rate falls linearly from ``lr`` to 0
+    (warm-up, stable, decay); a resumed run keeps the same schedule (0: constant to the end)"""
     ema_decay: float = 0.999
     caption_dropout: float = 0.2
     """probability of training on the empty prompt (the unconditional branch of guidance)"""
+    view_label_dropout: float = 0.0
+    """probability that a (non-empty) caption is trained without its view label, the phrase alone: the
+    camera must then come from the render conditions, which a camera-aware prior otherwise leaves to
+    the label's three words (0: always with it, as before)"""
     condition_dropout: float = 0.1
     """camera-aware prior: probability of dropping the render conditions (independently of the
     caption), so the prior also works from the text alone"""

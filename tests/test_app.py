@@ -521,3 +521,34 @@ def test_viewer_clients_toggle_their_own_frustums(quick_app, tmp_path):
     finally:
         manager.stop("browser:" + "f" * 20)
         wait_for(lambda: run.status in ("stopped", "done"), timeout=60)
+
+
+def test_a_visitor_leaving_mid_update_does_not_cost_the_others_their_frustums(tmp_path):
+    """show_training_cameras places frustums in every visitor's scene; a visitor whose handles
+    viser has already removed (it left while the update ran) raises on assignment, and the
+    visitors after it still get theirs. Real viser handles on a real server (no browser)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from app.jobs import RunManager
+    from app.viewer import ClientView, Viewer
+    from dreamfusion.cameras import make_cameras
+
+    viewer = Viewer(RunManager(tmp_path), port=free_port())
+    try:
+        scene = viewer.server.scene
+        gone = ClientView(SimpleNamespace(scene=scene, client_id=1))
+        gone.frustums.append(scene.add_camera_frustum("/gone/0", fov=1.0, aspect=1.0))
+        gone.frustums[0].remove()
+        with pytest.raises(Exception, match="removed"):  # what viser does with a removed handle
+            gone.frustums[0].position = (0.0, 0.0, 1.0)
+        staying = ClientView(SimpleNamespace(scene=scene, client_id=2))
+        viewer.clients = {1: gone, 2: staying}
+        cams = make_cameras(torch.tensor([0.0, 90.0]), 20.0, 1.9, 1.2)
+        poses = [(cams.c2w[i], float(cams.focal[i])) for i in range(2)]
+        viewer.show_training_cameras(poses)
+        assert len(staying.frustums) == 2 and all(h.visible for h in staying.frustums)
+        assert np.allclose(staying.frustums[1].position, cams.c2w[1, :3, 3].numpy(), atol=1e-5)
+    finally:
+        viewer.stop()

@@ -355,3 +355,54 @@ def test_train_prior_runs_checkpoints_and_resumes_with_asymmetric_share(tmp_path
         assert f.metadata()["step"] == "3"
     rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in rows)
+
+
+def test_learning_rate_warms_up_stays_and_cools_down_by_hand():
+    """Warm-up over 4 steps from the (re)start, then constant, then a linear fall to 0 over the last
+    ``cooldown`` steps before ``steps``; without a cool-down the rate stays at ``lr``."""
+    from dreamfusion.prior.train import learning_rate
+
+    cfg = TrainPriorConfig(lr=1e-3, warmup=4, steps=100, cooldown=20)
+    assert learning_rate(cfg, 0, 0) == pytest.approx(0.25e-3)  # first step: 1/4 of the way up
+    assert learning_rate(cfg, 3, 0) == pytest.approx(1e-3)
+    assert learning_rate(cfg, 50, 0) == pytest.approx(1e-3)
+    assert learning_rate(cfg, 80, 0) == pytest.approx(1e-3)  # (100 - 80) / 20 = 1: the fall starts here
+    assert learning_rate(cfg, 90, 0) == pytest.approx(0.5e-3)
+    assert learning_rate(cfg, 99, 0) == pytest.approx(0.05e-3)
+    # resumed at 90: warm-up again from there, times the cool-down factor
+    assert learning_rate(cfg, 90, 90) == pytest.approx(1e-3 * 0.25 * 0.5)
+    assert learning_rate(dataclasses.replace(cfg, cooldown=0), 99, 0) == pytest.approx(1e-3)
+
+
+def test_train_prior_logs_the_cooled_learning_rate_and_refuses_a_negative_cooldown(tmp_path):
+    from dreamfusion.prior.train import train_prior
+
+    tiny = PriorConfig(image_size=16, block_out_channels=(16, 32), attention_head_dim=4)
+    with pytest.raises(ValueError, match="cooldown"):
+        train_prior(TrainPriorConfig(out=tmp_path / "bad", steps=1, batch=2, cooldown=-1), tiny, on_log=lambda _: None)
+    assert not (tmp_path / "bad").exists()
+    cfg = TrainPriorConfig(out=tmp_path / "p", lr=1e-3, steps=3, batch=2, warmup=1, cooldown=2, checkpoint_every=10, grid_every=10**6)
+    out = train_prior(cfg, tiny, on_log=lambda _: None)
+    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows] == pytest.approx([1e-3, 1e-3, 0.5e-3])
+
+
+def test_training_captions_drop_the_view_label_only_when_asked():
+    """``view_label_dropout`` 1: every non-empty caption is the phrase alone; 0: the caption drawn
+    (and the random stream) as before, one draw per caption."""
+    import random
+
+    from dreamfusion.prior.data import render_batch
+    from dreamfusion.prior.train import training_captions
+
+    batch = render_batch(6, 8, random.Random(0), torch.Generator().manual_seed(0), supersample=1)
+    for cap, phrase_only in zip(batch.captions, batch.phrases, strict=True):
+        label = cap.rsplit(", ", 1)[1]
+        assert cap == f"{phrase_only}, {label}" and label.endswith("view")
+    no_labels = training_captions(batch, TrainPriorConfig(caption_dropout=0.0, view_label_dropout=1.0), random.Random(1))
+    assert no_labels == batch.phrases
+    rng = random.Random(1)
+    as_before = training_captions(batch, TrainPriorConfig(caption_dropout=0.5), rng)
+    ref = random.Random(1)
+    assert as_before == ["" if ref.random() < 0.5 else c for c in batch.captions]
+    assert rng.random() == ref.random()  # no extra draws

@@ -90,6 +90,9 @@ class Batch:
     images: torch.Tensor  # (B, 3, S, S) in [0, 1], or (B, 4, S, S) with coverage last
     backgrounds: torch.Tensor  # (B, 3): each image's solid background colour
     captions: list[str]
+    """each image's phrase and view label (SPEC form, :func:`~dreamfusion.prior.world.caption`)"""
+    phrases: list[str]
+    """the same captions without the view label"""
     nouns: list[str]
     colours: list[str | None]
     modes: list[str]
@@ -123,4 +126,4 @@ def render_batch(n: int, size: int, rng: random.Random, generator: torch.Generat
         images[sel] = render_object(build_object(noun, draws[idx[0]].colour), sub_cams, sub_lights, [modes[i] for i in idx], size,
                                     supersample, with_alpha=with_alpha, part_colours=colours, backgrounds=backgrounds[sel])
     captions = [caption(dr.phrase, float(cams.azimuth[i]), float(cams.elevation[i])) for i, dr in enumerate(draws)]
-    return Batch(images, backgrounds, captions, [d.noun for d in draws], [d.colour for d in draws], modes, cams, lights)
+    return Batch(images, backgrounds, captions, [d.phrase for d in draws], [d.noun for d in draws], [d.colour for d in draws], modes, cams, lights)

@@ -21,7 +21,7 @@ from ..config import TrainPriorConfig
 from ..export import to_uint8
 from ..files import atomic_write
 from ..sds import noise_images
-from .data import render_batch
+from .data import Batch, render_batch
 from .model import RESUME_FILE, WEIGHTS_FILE, PriorConfig, RenderConditions, TextEncoder, predict_noise, save_prior_weights
 from .sampling import image_grid, sample_images
 from .vocabulary import VOCABULARY_FILE, Vocabulary
@@ -84,6 +84,31 @@ def write_sample_grid(unet: torch.nn.Module, prior_cfg: PriorConfig, encoder: Te
     iio.imwrite(path, to_uint8(grid))
 
 
+def training_captions(batch: Batch, cfg: TrainPriorConfig, rng: random.Random) -> list[str]:
+    """Each image's training caption: empty with probability ``caption_dropout`` (the unconditional
+    branch), else the phrase alone with probability ``view_label_dropout``, else phrase and view
+    label. The second draw is made only when that probability is above 0, so a recipe without it
+    keeps its random stream (and its resumed runs) as before."""
+    out = []
+    for cap, phrase_only in zip(batch.captions, batch.phrases, strict=True):
+        if rng.random() < cfg.caption_dropout:
+            out.append("")
+        elif cfg.view_label_dropout > 0 and rng.random() < cfg.view_label_dropout:
+            out.append(phrase_only)
+        else:
+            out.append(cap)
+    return out
+
+
+def learning_rate(cfg: TrainPriorConfig, step: int, start_step: int) -> float:
+    """The learning rate of optimiser step ``step`` (0-based) of a run (re)started at ``start_step``:
+    ``lr`` ramped up linearly over ``warmup`` steps from the (re)start, times the cool-down factor,
+    which falls linearly from 1 to 0 over the last ``cooldown`` steps before ``steps``."""
+    ramp = min(1.0, (step - start_step + 1) / max(cfg.warmup, 1))
+    decay = 1.0 if cfg.cooldown <= 0 else min(1.0, max(0.0, (cfg.steps - step) / cfg.cooldown))
+    return cfg.lr * ramp * decay
+
+
 def sample_timesteps(n: int, num_train_timesteps: int, high_fraction: float, generator: torch.Generator) -> torch.Tensor:
     """(n,) integer timesteps: each, with probability ``high_fraction``, uniform on the upper half
     [T/2, T) of the schedule, otherwise uniform on [0, T). Drawn from ``generator`` on the CPU."""
@@ -120,6 +145,10 @@ def diffusion_loss(eps_pred: torch.Tensor, noise: torch.Tensor, alphas_cumprod_t
 def train_prior(cfg: TrainPriorConfig, prior_cfg: PriorConfig | None = None, on_log: Callable[[str], None] = print) -> Path:
     if not 0.0 <= cfg.asymmetric_fraction <= 1.0:
         raise ValueError(f"asymmetric_fraction must be in [0, 1], got {cfg.asymmetric_fraction}")
+    if not 0.0 <= cfg.view_label_dropout <= 1.0:
+        raise ValueError(f"view_label_dropout must be in [0, 1], got {cfg.view_label_dropout}")
+    if cfg.cooldown < 0 or cfg.warmup < 0:
+        raise ValueError(f"warmup and cooldown must be 0 or more steps, got {cfg.warmup} and {cfg.cooldown}")
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     resume = out / RESUME_FILE
@@ -157,7 +186,7 @@ def train_prior(cfg: TrainPriorConfig, prior_cfg: PriorConfig | None = None, on_
         batch = render_batch(cfg.batch, prior_cfg.image_size, rng, gen, camera_cfg, with_alpha=with_alpha, synonyms=cfg.synonyms,
                              random_background=prior_cfg.random_background, asymmetric_fraction=cfg.asymmetric_fraction)
         x0 = (batch.images * 2 - 1).to(cfg.device)
-        captions = ["" if rng.random() < cfg.caption_dropout else c for c in batch.captions]
+        captions = training_captions(batch, cfg, rng)
         cond = encoder.condition(captions).to(cfg.device)
         present = torch.rand(cfg.batch, generator=gen) >= cfg.condition_dropout
         conditions = RenderConditions.of(prior_cfg, batch.cameras, batch.lights, batch.modes, present).to(cfg.device)
@@ -166,14 +195,14 @@ def train_prior(cfg: TrainPriorConfig, prior_cfg: PriorConfig | None = None, on_
         x_t = noise_images(x0, noise, alphas[t])
         loss = diffusion_loss(predict_noise(model, x_t, t, cond, conditions), noise, alphas[t], cfg.min_snr, cfg.high_t_weight_cap)
         for g in opt.param_groups:
-            g["lr"] = cfg.lr * min(1.0, (step - start_step + 1) / cfg.warmup)
+            g["lr"] = learning_rate(cfg, step, start_step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
         _ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
-        log.append({"step": step, "loss": loss.item(), "time": time.time()})
+        log.append({"step": step, "loss": loss.item(), "lr": opt.param_groups[0]["lr"], "time": time.time()})
         if step % 50 == 0:
             rate = (step - start_step) * cfg.batch / (time.time() - t0)
             on_log(f"step {step} loss {sum(r['loss'] for r in log[-50:]) / len(log[-50:]):.4f} {rate:.1f} img/s")
