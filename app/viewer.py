@@ -82,6 +82,9 @@ class ClientView:
     shadow: Renderer | None = None  # this client's copy of the scene it renders
     shadow_run: str | None = None
     frustums: list = field(default_factory=list)  # this client's own frustum handles (client.scene)
+    frustum_lock: threading.Lock = field(default_factory=threading.Lock)
+    """held while this client's frustums are placed: the frustum thread and a connecting client
+    must not both create the same-named frustum (viser then removes the first one's handle)"""
     frustums_visible: bool = True
 
 
@@ -151,6 +154,10 @@ class Viewer:
                     print(f"viewer: training cameras not shown to client {view.client.client_id}: {type(exc).__name__}: {exc}")
 
     def _place_frustums(self, view: ClientView, poses: list) -> None:
+        with view.frustum_lock:
+            self._place_frustums_locked(view, poses)
+
+    def _place_frustums_locked(self, view: ClientView, poses: list) -> None:
         for i, (c2w, focal) in enumerate(poses):
             wxyz, pos = cameras_to_viser(c2w)
             fov = 2 * math.atan(0.5 / focal)
@@ -192,14 +199,16 @@ class Viewer:
             for h in view.frustums[:len(self._poses)]:
                 h.visible = view.frustums_visible
 
-        self._place_frustums(view, list(self._poses))
-
         @client.camera.on_update
         def _(camera: viser.CameraHandle):
             view.camera_changed = time.time()
 
         view.thread = threading.Thread(target=self._render_loop, args=(view,), name=f"viewer-{client.client_id}", daemon=True)
         view.thread.start()
+        try:  # after the renders have started: frustums are extras, a failure here must not cost the view
+            self._place_frustums(view, list(self._poses))
+        except Exception as exc:  # noqa: BLE001 - e.g. the client left while connecting
+            print(f"viewer: training cameras not shown to client {client.client_id}: {type(exc).__name__}: {exc}")
 
     def _disconnect(self, client: viser.ClientHandle) -> None:
         with self.lock:

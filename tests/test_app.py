@@ -552,3 +552,43 @@ def test_a_visitor_leaving_mid_update_does_not_cost_the_others_their_frustums(tm
         assert np.allclose(staying.frustums[1].position, cams.c2w[1, :3, 3].numpy(), atol=1e-5)
     finally:
         viewer.stop()
+
+
+def test_frustums_placed_from_two_threads_at_once_stay_one_live_set(tmp_path):
+    """The frustum thread and a connecting client place the same client's frustums at the same
+    time (the race that left a page's viewer without renders): each client's placements take
+    turns, so it ends with one live handle per pose and nothing raises. Real viser handles."""
+    import threading
+    from types import SimpleNamespace
+
+    import torch
+
+    from app.jobs import RunManager
+    from app.viewer import ClientView, Viewer
+    from dreamfusion.cameras import make_cameras
+
+    viewer = Viewer(RunManager(tmp_path), port=free_port())
+    try:
+        view = ClientView(SimpleNamespace(scene=viewer.server.scene, client_id=1))
+        cams = make_cameras(torch.arange(6.0) * 60.0, 20.0, 1.9, 1.2)
+        poses = [(cams.c2w[i], float(cams.focal[i])) for i in range(6)]
+        errors: list[Exception] = []
+
+        def place():
+            for _ in range(20):
+                try:
+                    viewer._place_frustums(view, poses)
+                except Exception as exc:  # noqa: BLE001 - collected for the assert
+                    errors.append(exc)
+
+        threads = [threading.Thread(target=place) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
+        assert len(view.frustums) == 6
+        for h in view.frustums:  # every handle kept is live: assigning to it works
+            h.visible = True
+    finally:
+        viewer.stop()
