@@ -144,33 +144,32 @@ class Viewer:
             self._poses = list(poses)
             views = list(self.clients.values())
             self.frustum_poses = [tuple(reversed(cameras_to_viser(c2w))) for c2w, _ in poses]
-        for view in views:  # one visitor leaving mid-update (its handles gone) must not cost the others theirs
-            if view.stop.is_set():
-                continue
-            try:
+        for view in views:
+            if not view.stop.is_set():
                 self._place_frustums(view, poses)
-            except Exception as exc:  # noqa: BLE001 - e.g. viser's "removed handle" of a client that just left
-                if not view.stop.is_set():
-                    print(f"viewer: training cameras not shown to client {view.client.client_id}: {type(exc).__name__}: {exc}")
 
     def _place_frustums(self, view: ClientView, poses: list) -> None:
-        with view.frustum_lock:
-            self._place_frustums_locked(view, poses)
-
-    def _place_frustums_locked(self, view: ClientView, poses: list) -> None:
-        for i, (c2w, focal) in enumerate(poses):
-            wxyz, pos = cameras_to_viser(c2w)
-            fov = 2 * math.atan(0.5 / focal)
-            if i < len(view.frustums):
-                h = view.frustums[i]
-                h.wxyz, h.position, h.fov = wxyz, pos, fov
-                h.visible = view.frustums_visible
-            else:
-                view.frustums.append(view.client.scene.add_camera_frustum(
-                    f"/training_cameras/{i}", fov=fov, aspect=1.0, scale=0.08, thickness=0.003, color=(230, 120, 30),
-                    wxyz=wxyz, position=pos, visible=view.frustums_visible))
-        for h in view.frustums[len(poses):]:
-            h.visible = False
+        """Move (or create) one client's frustums to ``poses``, one placement at a time per client.
+        A failure (e.g. viser's "removed handle" of a client that just left) is reported and costs
+        only this client its frustums: not the other clients', nor this one's renders."""
+        try:
+            with view.frustum_lock:
+                for i, (c2w, focal) in enumerate(poses):
+                    wxyz, pos = cameras_to_viser(c2w)
+                    fov = 2 * math.atan(0.5 / focal)
+                    if i < len(view.frustums):
+                        h = view.frustums[i]
+                        h.wxyz, h.position, h.fov = wxyz, pos, fov
+                        h.visible = view.frustums_visible
+                    else:
+                        view.frustums.append(view.client.scene.add_camera_frustum(
+                            f"/training_cameras/{i}", fov=fov, aspect=1.0, scale=0.08, thickness=0.003, color=(230, 120, 30),
+                            wxyz=wxyz, position=pos, visible=view.frustums_visible))
+                for h in view.frustums[len(poses):]:
+                    h.visible = False
+        except Exception as exc:  # noqa: BLE001 - frustums are extras: the viewer must outlive a bad update
+            if not view.stop.is_set():
+                print(f"viewer: training cameras not shown to client {view.client.client_id}: {type(exc).__name__}: {exc}")
 
     # ------------------------------------------------------------------ clients
     def _connect(self, client: viser.ClientHandle) -> None:
@@ -205,10 +204,7 @@ class Viewer:
 
         view.thread = threading.Thread(target=self._render_loop, args=(view,), name=f"viewer-{client.client_id}", daemon=True)
         view.thread.start()
-        try:  # after the renders have started: frustums are extras, a failure here must not cost the view
-            self._place_frustums(view, list(self._poses))
-        except Exception as exc:  # noqa: BLE001 - e.g. the client left while connecting
-            print(f"viewer: training cameras not shown to client {client.client_id}: {type(exc).__name__}: {exc}")
+        self._place_frustums(view, list(self._poses))
 
     def _disconnect(self, client: viser.ClientHandle) -> None:
         with self.lock:

@@ -194,15 +194,16 @@ def train_prior(cfg: TrainPriorConfig, prior_cfg: PriorConfig | None = None, on_
         noise = torch.randn(x0.shape, generator=gen).to(cfg.device)
         x_t = noise_images(x0, noise, alphas[t])
         loss = diffusion_loss(predict_noise(model, x_t, t, cond, conditions), noise, alphas[t], cfg.min_snr, cfg.high_t_weight_cap)
+        lr = learning_rate(cfg, step, start_step)
         for g in opt.param_groups:
-            g["lr"] = learning_rate(cfg, step, start_step)
+            g["lr"] = lr
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
         _ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
-        log.append({"step": step, "loss": loss.item(), "lr": opt.param_groups[0]["lr"], "time": time.time()})
+        log.append({"step": step, "loss": loss.item(), "lr": lr, "time": time.time()})
         if step % 50 == 0:
             rate = (step - start_step) * cfg.batch / (time.time() - t0)
             on_log(f"step {step} loss {sum(r['loss'] for r in log[-50:]) / len(log[-50:]):.4f} {rate:.1f} img/s")
