@@ -139,6 +139,9 @@ class GuidanceConfig:
     cost of a larger U-Net batch"""
     half_precision: bool = False
     """fp16 weights on CUDA (stable-diffusion)"""
+    frozen_unet: bool = True
+    """embedded prior: run its U-Net as a TorchScript graph frozen once per input shape (the same
+    numbers as eager, about 10% less time a call on a CPU; off: eager PyTorch)"""
     use_render_conditions: bool = True
     """a camera-aware prior is told each render's camera, light and shading mode (off: text only)"""
     camera_guidance_scale: float = 0.0

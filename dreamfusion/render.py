@@ -68,11 +68,20 @@ def occupied_box(binaries: torch.Tensor, bound: float) -> tuple[torch.Tensor, to
 def occupied_cells(points: torch.Tensor, binaries: torch.Tensor, bound: float) -> torch.Tensor:
     """Look points (..., 3) up in a nerfacc binary grid (R, R, R) indexed [x, y, z] over
     [-bound, bound]^3. Returns a bool mask (...)."""
+    return occupied_at(points[..., 0], points[..., 1], points[..., 2], binaries, bound)
+
+
+def occupied_at(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor, binaries: torch.Tensor, bound: float) -> torch.Tensor:
+    """:func:`occupied_cells` of points given as three coordinate tensors of one shape: the
+    sampler's (rays, steps) grids, looked up without building the (rays, steps, 3) points."""
     res = binaries.shape[0]
-    idx = ((points + bound) / (2 * bound) * res).floor().long()
-    inside = ((idx >= 0) & (idx < res)).all(dim=-1)
-    idx = idx.clamp(0, res - 1)
-    return inside & binaries[idx[..., 0], idx[..., 1], idx[..., 2]]
+    inside, cells = None, []
+    for coord in (x, y, z):
+        idx = ((coord + bound) / (2 * bound) * res).floor().long()
+        ok = (idx >= 0) & (idx < res)
+        inside = ok if inside is None else inside & ok
+        cells.append(idx.clamp(0, res - 1))
+    return inside & binaries.reshape(-1)[(cells[0] * res + cells[1]) * res + cells[2]]
 
 
 def depth_image(depth: torch.Tensor, opacity: torch.Tensor) -> torch.Tensor:
@@ -203,9 +212,9 @@ class Renderer(torch.nn.Module):
         """PyTorch sampler on the occupancy grid: packed (ray index, t_start, t_end) of the
         samples that lie in occupied cells (all samples inside the box when ``dense``).
 
-        Every ray marches from where it enters the scene's box at a fixed step; only the steps
-        that can fall inside the box around the occupied cells are looked at (the same samples
-        as a full march, found with fewer lookups)."""
+        Every ray marches from where it enters the scene's box at a fixed step; only the rays that
+        meet the box around the occupied cells, and only their steps that can fall inside it, are
+        looked at (the same samples as a full march, found with fewer lookups)."""
         bound = self.field.cfg.bound
         near, far, hit = ray_aabb(origins, dirs, bound)
         n_steps = self.cfg.samples_per_ray + 1
@@ -220,17 +229,21 @@ class Renderer(torch.nn.Module):
             if box is None:
                 return empty.long(), empty, empty
             box_near, box_far, box_hit = ray_box(origins, dirs, box[0].to(origins.device), box[1].to(origins.device))
-            hit &= box_hit
-            if not bool(hit.any()):
+            rays = (hit & box_hit).nonzero()[:, 0]  # only the rays that meet the box are marched
+            if rays.numel() == 0:
                 return empty.long(), empty, empty
+            near, far, box_near, box_far = near[rays], far[rays], box_near[rays], box_far[rays]
             # steps whose midpoint may lie in [box_near, box_far], with a step of margin each side
             first = ((box_near - near) / self.step_size - 2).floor().clamp(0, n_steps - 1)
             last = ((box_far - near) / self.step_size + 1).ceil().clamp(0, n_steps - 1)
-            count = int((last - first)[hit].max()) + 1
-            t_starts, t_ends, valid = march(near, far, self.step_size, n_steps, jitter, first=first, count=count)
-            valid &= hit[:, None]
-            mids = origins[:, None] + dirs[:, None] * ((t_starts + t_ends) * 0.5)[..., None]
-            valid &= occupied_cells(mids, binaries, bound)
+            count = int((last - first).max()) + 1
+            t_starts, t_ends, valid = march(near, far, self.step_size, n_steps, None if jitter is None else jitter[rays],
+                                            first=first, count=count)
+            mids = (t_starts + t_ends) * 0.5
+            o, d = origins[rays], dirs[rays]
+            valid &= occupied_at(*(o[:, c, None] + d[:, c, None] * mids for c in range(3)), binaries, bound)
+            i, k = valid.nonzero(as_tuple=True)
+            return rays[i], t_starts[i, k], t_ends[i, k]
         ray_idx, k = valid.nonzero(as_tuple=True)
         return ray_idx, t_starts[ray_idx, k], t_ends[ray_idx, k]
 

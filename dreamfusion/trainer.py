@@ -107,7 +107,8 @@ class Trainer:
         bg = list(self.background.parameters())
         if bg:
             groups.append({"params": bg, "lr": o.lr_background, "base_lr": o.lr_background})
-        return torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-15)
+        # foreach: the same numbers as the per-tensor loop, in fewer passes over the grids (fused is faster still, but not bit-identical)
+        return torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-15, foreach=True)
 
     # ------------------------------------------------------------------ control
     def set_prompt(self, prompt: str) -> None:
@@ -284,9 +285,10 @@ class Trainer:
                 loss.backward()
             with record_function("step.optimiser"):
                 params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-                finite = bool(torch.isfinite(loss)) and all(bool(torch.isfinite(p.grad).all()) for p in params)
+                # the clipping's total norm is finite exactly when every gradient is (one pass over them, not two)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+                finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
                 if finite:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
                     self.optimizer.step()
                 else:
                     self.on_message(f"step {self.step_count}: non-finite loss or gradient, update skipped")

@@ -16,10 +16,21 @@ from pathlib import Path
 import pytest
 import torch
 
+from dreamfusion.cameras import sample_cameras, sample_lights
 from dreamfusion.config import TRAINING_PRIOR_DIR, TrainPriorConfig
 from dreamfusion.guidance import GuidanceConfig, RenderBatch, load_guidance
 from dreamfusion.prior.evaluate import text_following
-from dreamfusion.prior.model import ASSET_DIR, RESUME_FILE, WEIGHTS_FILE, PriorConfig, TextEncoder, load_unet
+from dreamfusion.prior.model import (
+    ASSET_DIR,
+    RESUME_FILE,
+    WEIGHTS_FILE,
+    FrozenUNet,
+    PriorConfig,
+    RenderConditions,
+    TextEncoder,
+    load_unet,
+    predict_noise,
+)
 from dreamfusion.prior.sampling import sample_images
 
 NOUN_MIN = 0.8
@@ -406,3 +417,69 @@ def test_training_captions_drop_the_view_label_only_when_asked():
     ref = random.Random(1)
     assert as_before == ["" if ref.random() < 0.5 else c for c in batch.captions]
     assert rng.random() == ref.random()  # no extra draws
+
+
+def _unet_batch(cfg: PriorConfig, encoder: TextEncoder, n: int, seed: int = 0):
+    """n noisy images of the prior's shape with texts, timesteps and render conditions."""
+    g = torch.Generator().manual_seed(seed)
+    cams = sample_cameras(cfg.camera_config(), n, g)
+    conditions = RenderConditions.of(cfg, cams, sample_lights(cfg.camera_config(), cams, g), (["lit", "textureless", "albedo"] * n)[:n])
+    x = torch.randn(n, cfg.channels, cfg.image_size, cfg.image_size, generator=g)
+    t = torch.randint(20, 980, (n,), generator=g)
+    return x, t, encoder.condition((["a red mug, side view", "", "a tree, back view"] * n)[:n]), conditions
+
+
+def test_frozen_unet_gives_the_eager_numbers_bit_for_bit(shipped):
+    """SDS runs the prior's U-Net as a frozen TorchScript graph (GuidanceConfig.frozen_unet): the
+    same numbers as eager PyTorch, bit for bit, one graph per input shape, and the eager U-Net
+    wherever a gradient is needed (the prior's own training)."""
+    unet, cfg, encoder = shipped
+    frozen = FrozenUNet(unet)
+    x, t, cond, conditions = _unet_batch(cfg, encoder, 4)
+    with torch.no_grad():
+        eager = predict_noise(unet, x, t, cond, conditions)
+        assert torch.equal(predict_noise(unet, x, t, cond, conditions, frozen), eager)
+        # new values, the same shapes: the same graph, still the eager numbers
+        assert torch.equal(predict_noise(unet, x * 0.5, t // 2, cond, conditions, frozen), predict_noise(unet, x * 0.5, t // 2, cond, conditions))
+        assert len(frozen._graphs) == 1
+        x2, t2, cond2, conditions2 = _unet_batch(cfg, encoder, 2, seed=1)
+        assert torch.equal(predict_noise(unet, x2, t2, cond2, conditions2, frozen), predict_noise(unet, x2, t2, cond2, conditions2))
+        assert len(frozen._graphs) == 2
+    x.requires_grad_(True)
+    predict_noise(unet, x, t, cond, conditions, frozen).square().mean().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0, "with gradients on, the eager U-Net runs"
+    assert len(frozen._graphs) == 2
+
+
+def test_frozen_unet_falls_back_to_eager_once_when_tracing_fails(tiny_prior_dir, monkeypatch, capsys):
+    unet, cfg = load_unet(tiny_prior_dir)
+    encoder = TextEncoder(cfg.max_tokens)
+    frozen = FrozenUNet(unet)
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("this graph cannot be traced")
+
+    monkeypatch.setattr(torch.jit, "trace", refuse)
+    x, t, cond, conditions = _unet_batch(cfg, encoder, 2)
+    with torch.no_grad():
+        for _ in range(2):
+            assert torch.equal(predict_noise(unet, x, t, cond, conditions, frozen), predict_noise(unet, x, t, cond, conditions))
+    printed = capsys.readouterr().out
+    assert printed.count("runs eagerly") == 1 and "this graph cannot be traced" in printed
+
+
+def test_embedded_guidance_uses_the_frozen_unet_only_when_asked(tiny_prior_dir):
+    """The same SDS loss and gradient with and without ``frozen_unet``; only the frozen one builds graphs."""
+    results = {}
+    for frozen in (True, False):
+        g = load_guidance(GuidanceConfig(model=str(tiny_prior_dir), frozen_unet=frozen), shared=False)
+        cfg = g.prior_cfg
+        cams = sample_cameras(cfg.camera_config(), 2, torch.Generator().manual_seed(0))
+        images = torch.rand(2, 3, 48, 48, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        opacity = torch.rand(2, 1, 48, 48, generator=torch.Generator().manual_seed(2))
+        batch = RenderBatch(images, opacity, cams, sample_lights(cfg.camera_config(), cams, torch.Generator().manual_seed(4)), ["lit", "albedo"])
+        out = g.sds_loss(batch, ["a red cube, front view", "a red cube, side view"], (0.02, 0.98), torch.Generator().manual_seed(3))
+        out["loss"].backward()
+        results[frozen] = (out["loss"].detach(), images.grad)
+        assert len(g.frozen_unet._graphs) == (1 if frozen else 0)
+    assert torch.equal(results[True][0], results[False][0]) and torch.equal(results[True][1], results[False][1])

@@ -102,7 +102,8 @@ def test_run_with_step_limit(fast_config, guidance):
     assert trainer.step_count == fast_config.steps
 
 
-def test_nan_loss_skips_the_update(fast_config, guidance, monkeypatch):
+@pytest.mark.parametrize("what", ["loss", "gradient"])
+def test_nan_loss_skips_the_update(fast_config, guidance, monkeypatch, what):
     messages: list[str] = []
     trainer = Trainer(fast_config, PROMPT, guidance=guidance, on_message=messages.append)
     trainer.step()  # a normal step first, so Adam has state to protect
@@ -110,7 +111,13 @@ def test_nan_loss_skips_the_update(fast_config, guidance, monkeypatch):
 
     def nan_loss(*args, **kwargs):
         out = original(*args, **kwargs)
-        return {**out, "loss": out["loss"] * float("nan")}
+        if what == "loss":
+            return {**out, "loss": out["loss"] * float("nan")}
+        # a finite loss (+ sqrt(0) = 0) whose gradient is not: d sqrt(0 * g) / dg = 0 * inf = NaN
+        corner = trainer.field.density_grid[0, 0, 0, 0, 0]
+        loss = out["loss"] + torch.sqrt(corner * 0.0)
+        assert torch.isfinite(loss)
+        return {**out, "loss": loss}
 
     monkeypatch.setattr(trainer.guidance, "sds_loss", nan_loss)
     before = grid(trainer)

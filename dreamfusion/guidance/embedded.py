@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..cameras import CameraConfig, sample_backgrounds
-from ..prior.model import ASSET_DIR, RenderConditions, TextCondition, TextEncoder, load_unet, predict_noise
+from ..prior.model import ASSET_DIR, FrozenUNet, RenderConditions, TextCondition, TextEncoder, load_unet, predict_noise
 from .base import Guidance, GuidanceConfig, GuidanceError, RenderBatch
 
 
@@ -23,6 +23,7 @@ class EmbeddedGuidance(Guidance):
             self.unet, self.prior_cfg = load_unet(folder, device)
         except FileNotFoundError as exc:
             raise GuidanceError(f"embedded prior not found: {exc}") from None
+        self.frozen_unet = FrozenUNet(self.unet)  # its graphs are shared by the light copies of this prior
         self.encoder = TextEncoder(self.prior_cfg.max_tokens, device)
         self.max_tokens = self.prior_cfg.max_tokens
         self.alphas_cumprod = self.prior_cfg.scheduler().alphas_cumprod.to(self.device)
@@ -87,4 +88,4 @@ class EmbeddedGuidance(Guidance):
 
     def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, cond: TextCondition,
                       features: RenderConditions | None = None) -> torch.Tensor:
-        return predict_noise(self.unet, x_t, t, cond, features)
+        return predict_noise(self.unet, x_t, t, cond, features, self.frozen_unet if self.cfg.frozen_unet else None)

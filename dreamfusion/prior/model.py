@@ -4,6 +4,8 @@ noise schedule, and loading/saving them as a folder (``config.json`` + safetenso
 from __future__ import annotations
 
 import json
+import threading
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -218,12 +220,10 @@ class RenderConditions:
         return RenderConditions(mv(self.features), mv(self.rays))
 
 
-def predict_noise(unet: UNet2DConditionModel, x_t: torch.Tensor, t: torch.Tensor, cond: TextCondition,
-                  conditions: RenderConditions | torch.Tensor | None = None) -> torch.Tensor:
-    """eps(x_t; y, c) for a batch: (B, C, S, S) images, (B,) timesteps, and for a camera-aware prior
-    its render conditions (a :class:`RenderConditions`, or just the global features (B, F); None:
-    unknown, all zeros). The pooled text and the global features enter through the class
-    embedding, the ray maps as extra input channels."""
+def unet_inputs(unet: UNet2DConditionModel, x_t: torch.Tensor, t: torch.Tensor, cond: TextCondition,
+                conditions: RenderConditions | torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """The U-Net's positional inputs for :func:`predict_noise`: (sample with the ray maps as extra
+    channels, timesteps, text states, text mask, class labels = pooled text + global features)."""
     if isinstance(conditions, torch.Tensor) or conditions is None:
         conditions = RenderConditions(conditions)
     labels = cond.pooled
@@ -235,7 +235,65 @@ def predict_noise(unet: UNet2DConditionModel, x_t: torch.Tensor, t: torch.Tensor
     if ray_channels:
         rays = conditions.rays if conditions.rays is not None else x_t.new_zeros(x_t.shape[0], ray_channels, *x_t.shape[2:])
         x_t = torch.cat([x_t, rays.to(x_t)], dim=1)
-    return unet(x_t, t, encoder_hidden_states=cond.states, encoder_attention_mask=cond.mask, class_labels=labels).sample
+    return x_t, t, cond.states, cond.mask, labels
+
+
+class _PositionalUNet(torch.nn.Module):
+    """The U-Net called with :func:`unet_inputs`' tuple, returning a tensor (what tracing needs)."""
+
+    def __init__(self, unet: UNet2DConditionModel):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, states: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.unet(x, t, encoder_hidden_states=states, encoder_attention_mask=mask, class_labels=labels, return_dict=False)[0]
+
+
+class FrozenUNet:
+    """A frozen U-Net for inference (SDS): traced to TorchScript and frozen once per input shape
+    (``torch.jit.freeze`` folds the weights in as constants), then reused. The same numbers as the
+    eager U-Net (tests/test_guidance.py checks it bit for bit), with less of PyTorch's per-layer
+    overhead: about 10% of a CPU guidance call (benchmarks/speed.py). Thread-safe: the app's
+    runs share one. A shape that fails to trace falls back to the eager U-Net, said once."""
+
+    def __init__(self, unet: UNet2DConditionModel):
+        self.unet = unet
+        self._graphs: dict[tuple, torch.jit.ScriptModule | None] = {}
+        self._lock = threading.Lock()
+
+    def _graph(self, inputs: tuple[torch.Tensor, ...]) -> torch.jit.ScriptModule | None:
+        key = tuple((tuple(v.shape), v.dtype, str(v.device)) for v in inputs)
+        with self._lock:
+            if key not in self._graphs:
+                try:
+                    with warnings.catch_warnings(), torch.no_grad():
+                        warnings.simplefilter("ignore")  # TracerWarnings: the shapes are fixed per graph
+                        traced = torch.jit.trace(_PositionalUNet(self.unet).eval(), inputs, check_trace=False)
+                        self._graphs[key] = torch.jit.freeze(traced)
+                except Exception as exc:  # noqa: BLE001 - any tracing failure: the eager U-Net still works
+                    print(f"prior: the U-Net runs eagerly for inputs {[tuple(v.shape) for v in inputs]} (tracing failed: {exc})")
+                    self._graphs[key] = None
+            return self._graphs[key]
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        graph = self._graph(inputs)
+        if graph is None:
+            return _PositionalUNet(self.unet)(*inputs)
+        with torch.no_grad():
+            return graph(*inputs)
+
+
+def predict_noise(unet: UNet2DConditionModel, x_t: torch.Tensor, t: torch.Tensor, cond: TextCondition,
+                  conditions: RenderConditions | torch.Tensor | None = None, frozen: FrozenUNet | None = None) -> torch.Tensor:
+    """eps(x_t; y, c) for a batch: (B, C, S, S) images, (B,) timesteps, and for a camera-aware prior
+    its render conditions (a :class:`RenderConditions`, or just the global features (B, F); None:
+    unknown, all zeros). The pooled text and the global features enter through the class
+    embedding, the ray maps as extra input channels. ``frozen``: ``unet``'s :class:`FrozenUNet`,
+    used where no gradient is needed."""
+    inputs = unet_inputs(unet, x_t, t, cond, conditions)
+    if frozen is not None and not torch.is_grad_enabled():
+        return frozen(*inputs)
+    return _PositionalUNet(unet)(*inputs)
 
 
 def load_unet(folder: Path | str = ASSET_DIR, device: torch.device | str = "cpu",
