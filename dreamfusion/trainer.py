@@ -285,7 +285,8 @@ class Trainer:
                 loss.backward()
             with record_function("step.optimiser"):
                 params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-                # the clipping's total norm is finite exactly when every gradient is (one pass over them, not two)
+                # the clipping's total norm is the finite check (one pass over the grids, not two): it is NaN or
+                # infinite when a gradient is, or when the gradients are so large their squares overflow (skipped too)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
                 finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
                 if finite:
