@@ -219,6 +219,7 @@ class Renderer(torch.nn.Module):
         near, far, hit = ray_aabb(origins, dirs, bound)
         n_steps = self.cfg.samples_per_ray + 1
         jitter = torch.rand(origins.shape[0], 1, generator=generator, device=origins.device) if stratified else None
+        rays = None  # the rays marched, when not all of them
         if dense:
             t_starts, t_ends, valid = march(near, far, self.step_size, n_steps, jitter)
             valid &= hit[:, None]
@@ -242,10 +243,8 @@ class Renderer(torch.nn.Module):
             mids = (t_starts + t_ends) * 0.5
             o, d = origins[rays], dirs[rays]
             valid &= occupied_at(*(o[:, c, None] + d[:, c, None] * mids for c in range(3)), binaries, bound)
-            i, k = valid.nonzero(as_tuple=True)
-            return rays[i], t_starts[i, k], t_ends[i, k]
-        ray_idx, k = valid.nonzero(as_tuple=True)
-        return ray_idx, t_starts[ray_idx, k], t_ends[ray_idx, k]
+        i, k = valid.nonzero(as_tuple=True)
+        return (i if rays is None else rays[i]), t_starts[i, k], t_ends[i, k]
 
     def _sample_nerfacc(self, origins: torch.Tensor, dirs: torch.Tensor,
                         stratified: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # pragma: no cover - needs CUDA

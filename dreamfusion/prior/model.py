@@ -252,7 +252,7 @@ class _PositionalUNet(torch.nn.Module):
 class FrozenUNet:
     """A frozen U-Net for inference (SDS): traced to TorchScript and frozen once per input shape
     (``torch.jit.freeze`` folds the weights in as constants), then reused. The same numbers as the
-    eager U-Net (tests/test_guidance.py checks it bit for bit), with less of PyTorch's per-layer
+    eager U-Net (tests/test_prior.py checks it bit for bit), with less of PyTorch's per-layer
     overhead: about 10% of a CPU guidance call (benchmarks/speed.py). Thread-safe: the app's
     runs share one. A shape that fails to trace falls back to the eager U-Net, said once."""
 
