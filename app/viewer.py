@@ -194,9 +194,12 @@ class Viewer:
 
         @view.controls["frustums"].on_update
         def _(event: viser.GuiEvent[viser.GuiCheckboxHandle]):  # this visitor's frustums only
-            view.frustums_visible = bool(event.target.value)
-            for h in view.frustums[:len(self._poses)]:
-                h.visible = view.frustums_visible
+            # under the client's frustum lock: a placement running now would otherwise set a handle
+            # back to the visibility it read before this change
+            with view.frustum_lock:
+                view.frustums_visible = bool(event.target.value)
+                for h in view.frustums[:len(self._poses)]:
+                    h.visible = view.frustums_visible
 
         @client.camera.on_update
         def _(camera: viser.CameraHandle):

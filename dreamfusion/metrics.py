@@ -92,6 +92,25 @@ def mesh_iou(mesh: trimesh.Trimesh, obj: WorldObject, scale_to_truth: bool = Fal
     return iou(voxelize_mesh(mesh, resolution, bound), true_occupancy(obj, resolution, bound))
 
 
+#: yaws tried by :func:`facing_iou`: -45 to 45 degrees, 5 apart (a cube's or a pyramid's every facing)
+FACING_YAWS = tuple(range(-45, 50, 5))
+
+
+def facing_iou(mesh: trimesh.Trimesh, obj: WorldObject, yaws: tuple[float, ...] = FACING_YAWS, resolution: int = GRID_RESOLUTION,
+               bound: float = GRID_BOUND) -> tuple[float, float]:
+    """A diagnostic beside the benchmark's IoU (which counts facing): the best :func:`mesh_iou` over
+    turns of the mesh about the vertical (+Z) axis, and the turn. Returns (IoU, yaw in degrees):
+    the mesh faces ``yaw`` degrees counter-clockwise (seen from above) from the truth, so a right
+    shape that faces the wrong way shows a high IoU here and a low one unturned."""
+    truth = true_occupancy(obj, resolution, bound)
+    best = (-1.0, 0.0)
+    for yaw in yaws:
+        turned = centred(mesh)
+        turned.apply_transform(trimesh.transformations.rotation_matrix(np.deg2rad(-float(yaw)), [0.0, 0.0, 1.0]))
+        best = max(best, (iou(voxelize_mesh(centred(turned), resolution, bound), truth), float(yaw)), key=lambda v: (v[0], -abs(v[1])))
+    return best
+
+
 def project_to_surface(obj: WorldObject, points: torch.Tensor, iterations: int = 2, eps: float = 1e-4) -> torch.Tensor:
     """(N, 3) points -> (N, 3) their nearest points on the object's surface: ``p - sdf(p) * n`` with
     the normal ``n`` the normalised central-difference gradient of the SDF, repeated."""

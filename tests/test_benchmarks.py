@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import trimesh
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
@@ -91,6 +92,12 @@ def test_score_true_mesh_hits_and_wrong_mesh_misses():
     small.apply_scale(0.5)
     s = quality.score_mesh(small, cube)
     assert s["iou"] < 0.2 and s["iou_scaled"] > 0.9
+    # a right cube facing 30 degrees off: a miss by the SPEC's IoU, the facing diagnostic says why
+    turned = true_mesh(quality.true_object(cube), 64)
+    turned.apply_transform(trimesh.transformations.rotation_matrix(np.deg2rad(30.0), [0, 0, 1]))
+    s = quality.score_mesh(turned, cube)
+    assert s["iou"] < 0.75 and s["facing_yaw"] == 30.0 and s["facing_iou"] > 0.9
+    assert f"| HIT | {s['facing_iou']:.3f} (+30) | " in quality.markdown_table([{**_row(1), **s}])
 
 
 def _row(index, prompt="a red cube", noun="cube", iou=0.7, hit=True, colour=0.05, basis="named", held_out=False, seconds=100.0, status="ok"):
