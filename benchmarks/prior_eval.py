@@ -42,6 +42,9 @@ def main() -> None:
     ap.add_argument("--camera", action="store_true", help="also run the camera classifier")
     ap.add_argument("--colour", action="store_true", help="also the colour guidance pulls towards, per weight")
     ap.add_argument("--paraphrase", action="store_true", help="also the text classifier with paraphrased candidates")
+    ap.add_argument("--camera-seeds", type=int, nargs="+", default=[0], help="seeds of the camera classifier's renders and noise "
+                    "(one column pair per seed run; the shipped figures are seeds 0 and 1)")
+    ap.add_argument("--noises", type=int, default=1, help="camera classifier: noise draws per timestep (1: the published figures)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rows, weight_rows = [], []
@@ -63,8 +66,9 @@ def main() -> None:
             use = condition_use(unet, cfg, enc)
             row += [f"{use.gain_over_shuffled:+.2%}", f"{use.gain_over_dropped:+.2%}"]
             if args.camera:
-                cam = camera_following(unet, cfg, enc)
-                row += [f"{cam.top1:.0%} ({', '.join(f'{k} {v:.0%}' for k, v in cam.per_noun.items())})", f"{cam.within_45:.0%}"]
+                cams = [camera_following(unet, cfg, enc, seed=s, noises=args.noises) for s in args.camera_seeds]
+                row += [" / ".join(f"{cam.top1:.0%} ({', '.join(f'{k} {v:.0%}' for k, v in cam.per_noun.items())})" for cam in cams),
+                        " / ".join(f"{cam.within_45:.0%}" for cam in cams)]
             else:
                 row += ["-", "-"]
         else:

@@ -418,9 +418,11 @@ class GuidanceSpec:
 
 
 GUIDANCES: dict[str, GuidanceSpec] = {
-    # 5 for the embedded prior: guidance pulls colours away from the truth in proportion to w
-    # (saturated albedo at 10), and below 5 the white mug vanishes (docs/ablations.md)
-    "embedded": GuidanceSpec("embedded", "dreamfusion.guidance.embedded:EmbeddedGuidance", 5.0, True,
+    # 3 for the embedded prior since 2026-12-06: guidance pulls colours away from the truth in
+    # proportion to w (saturated albedo at 10), and at 5 it turns the cubes 20-40 degrees about the
+    # vertical (no stable yaw at 0); with prior v2 at step 16,000+ the white mug no longer vanishes
+    # at 3, as it did with step 3,250 (docs/ablations.md, "The guidance weight again")
+    "embedded": GuidanceSpec("embedded", "dreamfusion.guidance.embedded:EmbeddedGuidance", 3.0, True,
                              "the shipped prior of the procedural world: offline, on a CPU"),
     "stable-diffusion": GuidanceSpec("stable-diffusion", "dreamfusion.guidance.stable_diffusion:StableDiffusionGuidance", 100.0, True,
                                      "Stable Diffusion through diffusers: a local folder or a hub id, best on a GPU"),

@@ -104,14 +104,19 @@ def test_generate_refine_export(app, clients, tiny_prior_dir):
     import trimesh
 
     a, _ = clients
-    status, run_id = generate(a, "a red cube", 150, tiny_prior_dir)
+    status, run_id = generate(a, "a red cube", 400, tiny_prior_dir)
     assert run_id and "a red cube" in status
     wait_for(lambda: info(a)["step"] >= 3)
+    # paused first, so the refinement lands mid-run however fast the tiny prior's steps are
+    # (refining a running run straight away raced the run's end on a fast machine)
+    a.predict(run_id, api_name="/pause")
     a.predict("a blue cube", 6, api_name="/refine")
+    assert info(a)["status"] == "paused"
+    a.predict(run_id, api_name="/resume")
     i = wait_for(lambda: (lambda i: i if i["status"] == "done" else None)(info(a)), timeout=120)
-    assert i["total_steps"] == 156 and i["step"] == 156
+    assert i["total_steps"] == 406 and i["step"] == 406
     assert [p for _, p in i["prompts"]] == ["a red cube", "a blue cube"]
-    assert 0 < i["prompts"][1][0] < 150  # refined mid-run, on the same scene
+    assert 0 < i["prompts"][1][0] < 400  # refined mid-run, on the same scene
     run = app.manager.get(run_id)
     assert run.trainer.prompt == "a blue cube" and (run.folder / "checkpoint.safetensors").is_file()
     files, mesh, video = a.predict(["glb", "obj", "video"], api_name="/export")

@@ -1,11 +1,11 @@
 """The shipped embedded prior: it loads offline, draws objects, and follows the text.
 
 Thresholds: >= 80% noun and colour accuracy under a diffusion classifier (the first issue's
-target). The shipped weights (prior v2 at step 10,750) measured nouns 100% and colours 100% on 24
-renders, and 58% / 61% with every candidate paraphrased in words never trained on, and its camera
-classifier 25% top-1 (chance 12.5%), 53% within 45 degrees (chance 37.5%) (docs/prior.md); the
-asserts hold the text to the target, the paraphrased classifier and the camera classifier to well
-above chance.
+target). The shipped weights (prior v2 at step 17,500) measured nouns 100% and colours 100% on 24
+renders, and 54% / 72% with every candidate paraphrased in words never trained on, and its camera
+classifier 77% top-1 on noise seed 0 (81% on seed 1; chance 12.5%), 86% within 45 degrees
+(chance 37.5%) (docs/prior.md); the asserts hold the text and the camera classifier to issue
+#10's targets (the camera's 75% top-1 on seed 0), the paraphrased classifier to well above chance.
 """
 
 import dataclasses
@@ -146,18 +146,37 @@ def test_camera_classifier_needs_render_conditions_and_reports_per_noun(shipped)
     assert 0.0 <= report.top1 <= report.within_45 <= 1.0
 
 
-def test_shipped_prior_tells_cameras_apart_above_chance(shipped):
+def test_denoising_errors_draw_fresh_noise_per_repeat(tiny_prior_dir):
+    """``noises`` repeats the timestep list with fresh noise per repeat: noises=2 over [t] is the
+    same estimate as noises=1 over [t, t], noises=1 is the default, and a second draw changes the
+    estimate (it is Monte Carlo, not the same draw counted twice)."""
+    from dreamfusion.prior.evaluate import denoising_errors
+
+    unet, cfg = load_unet(tiny_prior_dir)
+    enc = TextEncoder(cfg.max_tokens)
+    image = torch.rand(cfg.channels, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(3))
+    caps = ["a red cube", "a blue sphere", "a mug"]
+    one = denoising_errors(unet, cfg, enc, image, caps, [400], seed=5)
+    assert torch.equal(one, denoising_errors(unet, cfg, enc, image, caps, [400], seed=5, noises=1))
+    two = denoising_errors(unet, cfg, enc, image, caps, [400], seed=5, noises=2)
+    assert two.shape == (3,) and torch.isfinite(two).all()
+    assert torch.equal(two, denoising_errors(unet, cfg, enc, image, caps, [400, 400], seed=5))
+    assert not torch.equal(one, two)
+
+
+def test_shipped_prior_tells_cameras_apart(shipped):
     """The camera classifier on the shipped prior (the asymmetric objects, 8 azimuths at 2
-    elevations, 64 renders): the true azimuth wins well above chance (1/8), and lands within one
-    45-degree step of the truth more often than the 3/8 of chance. The issue's 75% top-1 is not
-    met (docs/prior.md): this holds the prior to what it measured, not to the target."""
+    elevations, 64 renders): the true azimuth wins at least 75% of the time (issue #10's target;
+    chance 1/8; step 17,500 measured 77%, 49 of 64), and lands within one 45-degree step of the
+    truth at least 80% of the time (measured 86%; chance 3/8). Every noun is above chance."""
     from dreamfusion.prior.evaluate import camera_following
 
     unet, cfg, enc = shipped
     report = camera_following(unet, cfg, enc, seed=0)
     assert report.n_images == 64
-    assert report.top1 >= 1.5 / 8, report
-    assert report.within_45 >= 0.45, report
+    assert report.top1 >= 0.75, report
+    assert report.within_45 >= 0.80, report
+    assert min(report.per_noun.values()) > 1 / 8, report
 
 
 def test_condition_use_is_zero_when_every_render_has_the_same_camera(tiny_prior_dir):

@@ -76,13 +76,16 @@ def candidate_phrase(noun: str, colour: str | None, index: int, paraphrase: bool
 
 @torch.no_grad()
 def denoising_errors(unet: UNet2DConditionModel, cfg: PriorConfig, encoder: TextEncoder, image: torch.Tensor, captions: list[str],
-                     timesteps: list[int], seed: int = 0, conditions: RenderConditions | None = None) -> torch.Tensor:
+                     timesteps: list[int], seed: int = 0, conditions: RenderConditions | None = None, noises: int = 1) -> torch.Tensor:
     """Mean squared noise-prediction error of one image (C, S, S) in [0, 1] under each candidate:
     (len(captions),). ``conditions``: None, or render conditions of one row shared by every
-    caption, or of one row per candidate. The same noise and timesteps for every candidate."""
+    caption, or of one row per candidate. The same noise and timesteps for every candidate;
+    ``noises``: draws of noise per timestep (the error is a Monte Carlo estimate: more draws, less
+    of its variance; with 1 the draws are those of earlier versions, seed for seed)."""
     g = torch.Generator().manual_seed(seed)
     x0 = image * 2 - 1
     alphas = cfg.scheduler().alphas_cumprod
+    timesteps = list(timesteps) * noises
     t = torch.tensor(timesteps)
     eps = torch.randn(len(timesteps), *x0.shape, generator=g)
     a = alphas[t].view(-1, 1, 1, 1)
@@ -172,10 +175,12 @@ class CameraReport:
 
 
 def camera_following(unet: UNet2DConditionModel, cfg: PriorConfig, encoder: TextEncoder, nouns: tuple[str, ...] = ASYMMETRIC_NOUNS, views: int = 8,
-                     elevations: tuple[float, ...] = (10.0, 35.0), seed: int = 0, timesteps: tuple[int, ...] = TIMESTEPS) -> CameraReport:
+                     elevations: tuple[float, ...] = (10.0, 35.0), seed: int = 0, timesteps: tuple[int, ...] = TIMESTEPS,
+                     noises: int = 1) -> CameraReport:
     """For each noun, render it at ``views`` azimuths 45 degrees apart (each elevation, lit, light
     at the camera) and rank the 8 candidate azimuths by the prior's denoising error under each
-    candidate's render conditions and view label: the true azimuth should win (chance 1/8)."""
+    candidate's render conditions and view label: the true azimuth should win (chance 1/8).
+    ``noises``: noise draws per timestep (see :func:`denoising_errors`)."""
     if not cfg.condition_features and not cfg.ray_channels:
         raise ValueError("this prior takes no render conditions: it cannot tell cameras apart beyond its view labels")
     camera_cfg = cfg.camera_config()
@@ -196,7 +201,7 @@ def camera_following(unet: UNet2DConditionModel, cfg: PriorConfig, encoder: Text
             feats = RenderConditions.of(cfg, cams, lights, ["lit"] * views)
             caps = [caption(text, float(a), el) for a in azimuths]
             for i in range(views):
-                err = denoising_errors(unet, cfg, encoder, images[i], caps, list(timesteps), seed + i, feats)
+                err = denoising_errors(unet, cfg, encoder, images[i], caps, list(timesteps), seed + i, feats, noises)
                 best = int(err.argmin())
                 noun_hits.append(best == i)
                 near.append(min((best - i) % views, (i - best) % views) <= 1)
