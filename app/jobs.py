@@ -1,47 +1,70 @@
-"""Runs of the app: a registry of optimisations, a FIFO queue with a bounded number running at
-once, one background thread per running optimisation, ownership by browser (or API session), and a bounded number
+"""Runs of the app: a registry of optimisations, a bounded FIFO queue, a pool of worker processes
+that train them (:mod:`app.worker`), ownership by browser (or API session), and a bounded number
 of run folders on disk.
 
-The request handlers of the web page only call the cheap methods here (submit, pause, refine, a
-snapshot of the progress); the optimisation itself always runs in :meth:`RunManager._work_loop`.
+The page's process only keeps the books here: the request handlers call the cheap methods (submit,
+pause, refine, a snapshot of the progress), and the events of the workers update the runs. No
+optimisation, export or prior runs in this process, and no method waits for a worker while it holds
+the manager's lock, so a poll never waits for a run to finish.
+
+Faults stay in their run: a worker that dies (killed, out of memory, a crash in native code) fails
+its run with a message, keeps its last checkpoint, and is replaced; a run whose owner stopped
+polling for ``abandon_after`` seconds is stopped (and keeps its checkpoint).
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import dataclasses
+import hashlib
+import hmac
 import json
+import math
+import os
+import secrets
 import shutil
 import tempfile
 import threading
 import time
-import traceback
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from dreamfusion.config import USER_GUIDANCES, resolve_guidance, with_settings
-from dreamfusion.export import to_uint8
+from dreamfusion.config import USER_GUIDANCES, ExportOptions, TrainConfig, config_to_dict, resolve_guidance, validate_config, with_settings
 from dreamfusion.files import atomic_write
-from dreamfusion.runs import MESH_FORMATS, ExportOptions, export_scene, validate_export, write_run
-from dreamfusion.trainer import TrainConfig, Trainer, validate_config, validate_prompt
+
+from .worker import WorkerError, WorkerHandle, job_payload
 
 #: limits of the settings a user may ask for from the page (the engine validates the rest)
 MAX_STEPS = 20000
 MAX_APP_RENDER_SIZE = 256
 MAX_GUIDANCE_SCALE = 1000.0
+#: what a visitor of a public server may ask for at most
+PUBLIC_MAX_RENDER_SIZE = 128
 
 ACTIVE = ("queued", "running", "paused")
+FINISHED = ("done", "stopped", "failed")
+MESH_FORMATS = ("glb", "obj", "ply")
 
 
 class RunError(ValueError):
-    """Something the user asked for that cannot be done: the message is shown as is."""
+    """Something the user asked for that cannot be done: the message is shown as is (as text)."""
+
+
+def validate_prompt(prompt: object) -> str:
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise RunError("the prompt is empty: describe an object, e.g. 'a red cube'")
+    return " ".join(prompt.split())
+
+
+def default_workers(threads: int = 1, cpus: int | None = None) -> int:
+    """Runs trained at once by default: as many as the machine's cores hold at ``threads`` each
+    (two on two cores), at most four (each worker holds its own copy of the prior)."""
+    cpus = cpus or os.cpu_count() or 1
+    return max(1, min(4, cpus // max(1, threads)))
 
 
 def _with_overrides(cfg: TrainConfig, overrides: dict) -> TrainConfig:
@@ -54,18 +77,6 @@ def _with_overrides(cfg: TrainConfig, overrides: dict) -> TrainConfig:
     return dataclasses.replace(cfg, **changes)
 
 
-def return_freed_memory() -> None:
-    """Hand memory that Python and torch have freed back to the system (glibc's malloc_trim; a
-    no-op elsewhere). Without it a server whose runs each train on a pool thread keeps the freed
-    heap of every thread's arena: measured here, 12 runs one after another in one process ended
-    at 709 MB resident without and 600 MB with."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 @dataclass
 class Run:
     id: str
@@ -75,7 +86,6 @@ class Run:
     folder: Path
     status: str = "queued"  # queued, running, paused, stopped, done, failed
     created: float = field(default_factory=time.time)
-    trainer: Trainer | None = None
     message: str = ""
     losses: list = field(default_factory=list)  # (step, loss)
     preview: np.ndarray | None = None  # (H, W, 3) uint8
@@ -85,16 +95,26 @@ class Run:
     exports: dict = field(default_factory=dict)
     prompts: list = field(default_factory=list)  # (step, prompt) history: refinements
     export_count: int = 0
-    #: set while a worker thread owns the run (between its start and its finish)
-    working: bool = False
-    cancelled: bool = False
+    worker: WorkerHandle | None = None
+    started: bool = False  # a worker has built its scene (it has something to show)
+    finishing: bool = False  # training is over, its files are being written
+    stop_requested: float | None = None
+    checkpoint_step: int = 0  # the step of the checkpoint on disk (0: none yet)
+    resume: dict | None = None  # a finished run refined: continue from its checkpoint with this
+    snapshot: tuple[int, dict] | None = None  # (step, scene tensors) last sent by the worker, for the viewer
+    snapshot_asked: float = 0.0
+    cameras: list = field(default_factory=list)  # the latest training cameras: (c2w (3, 4), focal) each
 
     @property
     def active(self) -> bool:
         return self.status in ACTIVE
 
+    @property
+    def checkpoint(self) -> Path:
+        return self.folder / "checkpoint.safetensors"
+
     def its(self) -> float:
-        """Iterations per second over the recent steps (wall clock, pauses excluded)."""
+        """Iterations per second over the recent steps (pauses excluded)."""
         times = list(self.step_times)
         if len(times) < 2:
             return 0.0
@@ -109,71 +129,107 @@ class Run:
 
 
 class RunManager:
-    """All runs of this server. ``max_concurrent`` optimisations at once, the rest queue."""
+    """All runs of this server: ``max_concurrent`` worker processes train one run each, the others
+    wait in a queue of at most ``max_queue`` runs.
 
-    def __init__(self, runs_dir: str | Path, config_overrides: dict | None = None, max_concurrent: int = 1, max_runs_kept: int = 20,
-                 threads: int = 1, checkpoint_every: int = 200, export_defaults: dict | None = None):
+    ``public``: a server for strangers (a Space): a visitor picks a prior from the operator's
+    ``models`` ({guidance name: model folder or hub id, '' for its default}), never a free path,
+    and asks for at most ``max_steps`` steps."""
+
+    #: thumbnails kept on disk (the gallery shows 30; older ones go once this many are newer)
+    GALLERY_FILES = 200
+
+    def __init__(self, runs_dir: str | Path, config_overrides: dict | None = None, max_concurrent: int | None = None, max_runs_kept: int = 20,
+                 threads: int = 1, checkpoint_every: int = 100, export_defaults: dict | None = None, max_queue: int | None = 20,
+                 public: bool = False, models: dict[str, str] | None = None, abandon_after: float = 120.0, max_steps: int = MAX_STEPS,
+                 worker_nice: int = 0, preload: bool = True, stop_grace: float = 1.0):
         self.runs_dir = Path(runs_dir).resolve()
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         self.base = _with_overrides(TrainConfig(preview_every=10), config_overrides or {})  # a bad override fails here
-        self.max_concurrent = max(1, int(max_concurrent))
+        self.base = dataclasses.replace(self.base, guidance=resolve_guidance(self.base.guidance))
+        self.threads = max(1, int(threads))
+        # None: as many as the cores hold; 0: no workers (a manager that only keeps the books, for tests)
+        self.max_concurrent = default_workers(self.threads) if max_concurrent is None else max(0, int(max_concurrent))
         self.max_runs_kept = max(1, int(max_runs_kept))
-        self.threads = threads
         self.checkpoint_every = checkpoint_every
         self.export_defaults = dict(mesh_resolution=96, video="mp4", video_frames=24, video_size=128)
         self.export_defaults.update(export_defaults or {})
+        self.max_queue = max_queue
+        self.public = public
+        self.models = dict(models) if models else {self.base.guidance.name: self.base.guidance.model}
+        self.abandon_after = abandon_after
+        self.max_steps = max_steps
+        self.stop_grace = stop_grace
+        self.worker_nice = worker_nice
         self.runs: dict[str, Run] = {}
         self.queue: list[str] = []
         self.lock = threading.RLock()
-        self.work = threading.Condition(self.lock)  # a queued run, or shutdown
         self.closing = False
         self.version = 0  # bumped whenever a run finishes (the gallery changes)
-        # the gallery's thumbnails: written once each (atomically), never rewritten, and kept after
-        # their run is pruned, so a page that listed one can always fetch it. Handing Gradio
-        # arrays instead made it rewrite one cache file per image for every polling client at
-        # once, and a client could receive a file another request had just truncated.
+        self.seen: dict[str, float] = {}  # owner -> the last time their page asked anything
+        self._secret = secrets.token_bytes(32)
+        self._viewer_owners: OrderedDict[str, str] = OrderedDict()
+        self._thumbs: OrderedDict[tuple, Path] = OrderedDict()
+        # the gallery's thumbnails: written once each (atomically) under a random name, never rewritten,
+        # and kept after their run is pruned, so a page that listed one can always fetch it
         self.gallery_dir = Path(tempfile.mkdtemp(prefix="dreamfusion-gallery-"))
-        # a fixed pool of worker threads, reused run after run: a new thread per run would leave
-        # glibc a new malloc arena each time, and memory would grow with the number of runs
-        self.workers = [threading.Thread(target=self._work_loop, name=f"run-worker-{i}", daemon=True) for i in range(self.max_concurrent)]
-        for w in self.workers:
-            w.start()
+        self._recover()
+        self._preload = {"guidance": dataclasses.asdict(self.base.guidance), "device": self.base.device} if preload else None
+        self._worker_index = 0
+        self.workers: list[WorkerHandle] = []
+        with self.lock:
+            for _ in range(self.max_concurrent):
+                self._spawn_worker()
+        self._janitor = threading.Thread(target=self._janitor_loop, name="run-janitor", daemon=True)
+        self._janitor.start()
 
     # ------------------------------------------------------------------ settings
     @staticmethod
     def guidance_choices() -> tuple[str, ...]:
-        """The priors a visitor may pick (the registry's user-facing ones)."""
+        """The priors the app offers (the registry's user-facing ones)."""
         return USER_GUIDANCES
+
+    def offered_guidances(self) -> tuple[str, ...]:
+        """The priors a visitor of this server may pick: the operator's list on a public server."""
+        return tuple(self.models) if self.public else USER_GUIDANCES
 
     def defaults(self) -> dict:
         b = self.base
-        guidance = resolve_guidance(b.guidance)
-        return {"steps": b.steps, "seed": b.seed, "guidance_name": guidance.name, "guidance_model": guidance.model,
-                "guidance_scale": guidance.guidance_scale, "render_size": b.render_size}
+        return {"steps": b.steps, "seed": b.seed, "guidance_name": b.guidance.name, "guidance_model": "" if self.public else b.guidance.model,
+                "guidance_scale": b.guidance.guidance_scale, "render_size": b.render_size}
 
     def build_config(self, steps: int | None = None, seed: int | None = None, guidance_name: str | None = None, guidance_model: str | None = None,
                      guidance_scale: float | None = None, render_size: int | None = None) -> TrainConfig:
         """The server's base config with a visitor's settings, checked against the app's limits
-        (the same builder as the command line: :func:`dreamfusion.config.with_settings`)."""
+        (the same builder as the command line: :func:`dreamfusion.config.with_settings`). Nothing is
+        loaded here: a model outside the operator's list is refused before any worker sees it."""
         try:
             steps = None if steps is None else int(steps)
             seed = None if seed is None else int(seed)
             render_size = None if render_size is None else int(render_size)
             guidance_scale = None if guidance_scale is None else float(guidance_scale)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:
             raise RunError(f"invalid setting: {exc}") from None
-        if steps is not None and steps > MAX_STEPS:
-            raise RunError(f"steps must be at most {MAX_STEPS}, got {steps}")
-        if render_size is not None and render_size > MAX_APP_RENDER_SIZE:
-            raise RunError(f"resolution must be at most {MAX_APP_RENDER_SIZE} pixels in the app, got {render_size}")
-        if guidance_scale is not None and guidance_scale > MAX_GUIDANCE_SCALE:
-            raise RunError(f"guidance weight must be at most {MAX_GUIDANCE_SCALE:g}, got {guidance_scale:g}")
-        name = str(guidance_name) if guidance_name else None
-        if name is not None and name not in USER_GUIDANCES:
-            raise RunError(f"unknown guidance {name!r}; choose {' or '.join(USER_GUIDANCES)}")
+        if steps is not None and not 1 <= steps <= self.max_steps:
+            raise RunError(f"steps must be between 1 and {self.max_steps}, got {steps}")
+        size_cap = PUBLIC_MAX_RENDER_SIZE if self.public else MAX_APP_RENDER_SIZE
+        if render_size is not None and render_size > size_cap:
+            raise RunError(f"resolution must be at most {size_cap} pixels on this server, got {render_size}")
+        if guidance_scale is not None and not (0 <= guidance_scale <= MAX_GUIDANCE_SCALE):
+            raise RunError(f"guidance weight must be between 0 and {MAX_GUIDANCE_SCALE:g}, got {guidance_scale:g}")
         if seed is not None and not 0 <= seed < 2**63:
             raise RunError(f"seed must be between 0 and 2^63, got {seed}")
+        name = str(guidance_name) if guidance_name else None
         model = None if guidance_model is None else str(guidance_model).strip()
+        if self.public:
+            name = name or self.base.guidance.name
+            if name not in self.models:
+                raise RunError(f"this server offers these priors: {', '.join(self.models)}")
+            if model and model != self.models[name]:
+                raise RunError(f"the model is chosen by this server's operator: pick a prior ({', '.join(self.models)}) and leave the model empty")
+            model = self.models[name]
+        elif name is not None and name not in USER_GUIDANCES:
+            raise RunError(f"unknown guidance {name!r}; choose {' or '.join(USER_GUIDANCES)}")
         cfg = with_settings(self.base, steps=steps, seed=seed, guidance=name, model=model, guidance_scale=guidance_scale, render_size=render_size)
         cfg = dataclasses.replace(cfg, guidance=resolve_guidance(cfg.guidance))
         try:
@@ -182,47 +238,156 @@ class RunManager:
             raise RunError(str(exc)) from None
         return cfg
 
-    def preload(self) -> str | None:
-        """Load the default prior into the process's shared cache. Returns why it could not be
-        loaded (None when it was): the page still starts, and a run reports the same error."""
-        from dreamfusion.guidance import load_guidance
+    def finish_export(self) -> ExportOptions:
+        """What a finished run writes without being asked: a GLB mesh and a turntable."""
+        kw = dict(self.export_defaults)
+        if kw.get("video", "mp4") == "none":
+            kw["video"] = "mp4"
+        return ExportOptions(formats=("glb",), **kw)
 
-        try:
-            load_guidance(self.base.guidance, self.base.device)
-        except Exception as exc:  # noqa: BLE001 - e.g. a Stable Diffusion default without its weights
-            return f"{type(exc).__name__}: {exc}"
-        return None
+    # ------------------------------------------------------------------ workers
+    def _spawn_worker(self) -> WorkerHandle:
+        self._worker_index += 1
+        w = WorkerHandle(self._worker_index, self.threads, self._on_event, self._on_exit, preload=self._preload, nice=self.worker_nice)
+        self.workers.append(w)
+        return w
 
-    def vocabulary_note(self, cfg: TrainConfig, prompt: str) -> str | None:
-        """The prior's note for a prompt far from what it knows (None for a known prompt, for a
-        prior that knows the open world, or when the prior cannot be loaded: the run says why)."""
-        from dreamfusion.guidance import load_guidance
+    def wait_ready(self, timeout: float = 120.0) -> list[str]:
+        """Wait until every worker has loaded the default prior; returns the errors of those that could not."""
+        deadline = time.time() + timeout
+        for w in list(self.workers):
+            w.ready.wait(max(0.0, deadline - time.time()))
+        return sorted({w.error for w in self.workers if w.error})
 
-        try:
-            return load_guidance(cfg.guidance, cfg.device).vocabulary_note(prompt)
-        except Exception:  # noqa: BLE001 - the run itself reports a prior that does not load
-            return None
+    def _idle_worker(self) -> WorkerHandle | None:
+        idle = [w for w in self.workers if w.alive and w.run_id is None]
+        ready = [w for w in idle if w.ready.is_set()]
+        return (ready or idle or [None])[0]
 
-    def estimated_start(self, run: Run) -> float | None:
-        """Seconds until a queued run starts, estimated from the runs ahead of it: their remaining
-        steps at the speed of the running ones (None when not queued or nothing is measured yet)."""
+    def _any_worker(self) -> WorkerHandle:
+        """A worker for a short request (a prompt check, an export from a checkpoint): idle ones first."""
         with self.lock:
-            if run.id not in self.queue:
-                return None
-            running = [r for r in self.runs.values() if r.status in ("running", "paused")]
-            rates = [r.its() for r in running if r.its() > 0]
-            if not rates:
-                return None
-            rate = sum(rates) / len(rates)
-            ahead = [self.runs[i] for i in self.queue[: self.queue.index(run.id)]]
-            work = sorted(max(0, r.total_steps - r.step) for r in running)
-            slots = [w / rate for w in work] + [0.0] * max(0, self.max_concurrent - len(work))
-            for r in ahead:  # each run ahead takes the slot that frees first
-                slots.sort()
-                slots[0] += max(0, r.total_steps - r.step) / rate
-            return min(slots) if slots else None
+            alive = [w for w in self.workers if w.alive]
+            if not alive:
+                raise RunError("the server has no worker process right now: try again in a moment")
+            return sorted(alive, key=lambda w: (w.run_id is not None, not w.ready.is_set()))[0]
+
+    def _dispatch(self) -> None:
+        """Hand queued runs to idle workers (under the lock)."""
+        while self.queue and not self.closing:
+            worker = self._idle_worker()
+            if worker is None:
+                return
+            run = self.runs[self.queue.pop(0)]
+            if run.resume is not None:
+                job = job_payload(run=run.id, folder=str(run.folder), threads=self.threads, checkpoint_every=self.checkpoint_every,
+                                  finish_export=self.finish_export(), prompt=run.prompt, resume_from=str(run.checkpoint),
+                                  extra_steps=run.resume["extra_steps"])
+            else:
+                job = job_payload(run=run.id, folder=str(run.folder), threads=self.threads, checkpoint_every=self.checkpoint_every,
+                                  finish_export=self.finish_export(), prompt=run.prompt, cfg=config_to_dict(run.cfg))
+            worker.run_id, run.worker = run.id, worker
+            run.status, run.finishing, run.stop_requested = "running", False, None
+            run.step_times.clear()
+            if not worker.send("train", job):  # it died just now: its exit puts the run back
+                continue
+            self._write_meta(run)
+
+    def _on_event(self, worker: WorkerHandle, kind: str, p: dict) -> None:
+        with self.lock:
+            if kind == "ready":
+                self._dispatch()
+                return
+            run = self.runs.get(p.get("run", ""))
+            if run is None or run.worker is not worker:
+                return
+            if kind == "started":
+                run.started, run.step, run.total_steps = True, p["step"], p["total_steps"]
+                run.preview = p["preview"]
+                run.step_times.clear()
+                run.resume = None
+            elif kind == "progress":
+                run.step, run.total_steps = p["step"], p["total_steps"]
+                if run.status == "running":
+                    run.step_times.append(p["t"])
+                if math.isfinite(p["loss"]):
+                    run.losses.append((p["step"], float(p["loss"])))
+                if "preview" in p:
+                    run.preview = p["preview"]
+                if "cameras" in p:
+                    run.cameras = p["cameras"]
+                if "checkpoint_step" in p:
+                    run.checkpoint_step = p["checkpoint_step"]
+                    self._write_meta(run)
+            elif kind == "message":
+                run.message = p["text"]
+            elif kind == "snapshot":
+                run.snapshot = (p["step"], p["tensors"])
+            elif kind == "ended":
+                run.finishing, run.stop_requested = True, None
+            elif kind == "finished":
+                self._finish(run, p["status"], p.get("message") or "", p["step"], p["total_steps"], p.get("exports", {}))
+
+    def _finish(self, run: Run, status: str, message: str, step: int, total_steps: int, exports: dict) -> None:
+        if run.worker is not None:
+            run.worker.run_id = None
+        run.worker, run.finishing, run.stop_requested, run.snapshot = None, False, None, None
+        run.status, run.step, run.total_steps = status, step, total_steps
+        run.message = message or ("" if status == "done" else run.message)
+        if exports:
+            run.exports = {k: Path(v) for k, v in exports.items()}
+        if run.checkpoint.is_file():
+            run.checkpoint_step = step if status != "failed" else run.checkpoint_step
+        self._write_meta(run)
+        self.version += 1
+        if run.resume is not None and not self.closing:  # refined while it was being written: continue it
+            self._enqueue(run)
+        self._dispatch()
+
+    def _on_exit(self, worker: WorkerHandle) -> None:
+        """A worker is gone: its run fails (or, stopped by its owner, ends stopped) with its last
+        checkpoint, and a new worker takes its place."""
+        with self.lock:
+            if worker in self.workers:
+                self.workers.remove(worker)
+            run = self.runs.get(worker.run_id or "")
+            if run is not None and run.worker is worker:
+                kept = (f"its last checkpoint (step {run.checkpoint_step}) is kept" if run.checkpoint.is_file()
+                        else "no checkpoint had been written yet")
+                if self.closing:
+                    self._finish(run, "stopped", f"the server was shut down; {kept}", run.checkpoint_step or run.step, run.total_steps, {})
+                elif run.stop_requested is not None:
+                    self._finish(run, "stopped", f"stopped mid-step; {kept}", run.checkpoint_step or run.step, run.total_steps, {})
+                else:
+                    self._finish(run, "failed", f"the worker process training this run {worker.exit_description()}; {kept}",
+                                 run.step, run.total_steps, {})
+                    print(f"app: run {run.id} failed: worker {worker.pid} {worker.exit_description()}")
+            if not self.closing and len(self.workers) < self.max_concurrent:
+                self._spawn_worker()
+            self._dispatch()
+
+    def _janitor_loop(self) -> None:
+        """Stops that a worker did not honour in time end with the worker; abandoned runs are stopped."""
+        while not self.closing:
+            time.sleep(0.2)
+            now = time.time()
+            kill = []
+            with self.lock:
+                for run in list(self.runs.values()):
+                    if run.stop_requested is not None and run.worker is not None and not run.finishing:
+                        step_time = 1.0 / run.its() if run.its() > 0 else 0.0
+                        if now - run.stop_requested > max(self.stop_grace, 3 * step_time) and run.started:
+                            kill.append(run.worker)
+                    if self.abandon_after and run.active and now - self.seen.get(run.owner, now) > self.abandon_after:
+                        self._stop_locked(run, "stopped: its page has been closed for a while")
+            for w in kill:
+                w.kill()
 
     # ------------------------------------------------------------------ queries
+    def touch(self, owner: str) -> None:
+        """``owner``'s page is still there (each poll and action says so)."""
+        self.seen[owner] = time.time()
+
     def get(self, run_id: str) -> Run:
         with self.lock:
             if run_id not in self.runs:
@@ -238,9 +403,10 @@ class RunManager:
         """The caller's run (``run_id`` or their latest); a clear error if it is not theirs."""
         run_id = (run_id or "").strip()
         if run_id:
-            run = self.get(run_id)
-            if run.owner != owner:
-                raise RunError(f"run {run_id} belongs to another session: you can only control your own runs")
+            with self.lock:
+                run = self.runs.get(run_id)
+            if run is None or run.owner != owner:  # the same answer for a run that is someone else's or none
+                raise RunError(f"no run {run_id!r} of yours on this server: you can only control your own runs")
             return run
         run = self.latest_of(owner)
         if run is None:
@@ -258,87 +424,172 @@ class RunManager:
         with self.lock:
             return self.queue.index(run.id) + 1 if run.id in self.queue else None
 
-    def current(self) -> Run | None:
-        """The most recently started run that has a scene (what the viewer shows by default)."""
+    def _rate(self) -> float:
+        rates = [r.its() for r in self.runs.values() if r.status == "running" and r.its() > 0]
+        return sum(rates) / len(rates) if rates else 0.0
+
+    def estimated_start(self, run: Run) -> float | None:
+        """Seconds until a queued run starts, estimated from the runs ahead of it: their remaining
+        steps at the speed of the running ones (None when not queued or nothing is measured yet)."""
         with self.lock:
-            cands = [r for r in self.runs.values() if r.trainer is not None]
-            act = [r for r in cands if r.status in ("running", "paused")]
-            pool = act or cands
-            return max(pool, key=lambda r: r.created) if pool else None
+            if run.id not in self.queue:
+                return None
+            rate = self._rate()
+            if rate <= 0:
+                return None
+            running = [r for r in self.runs.values() if r.worker is not None]
+            ahead = [self.runs[i] for i in self.queue[: self.queue.index(run.id)]]
+            slots = sorted(max(0, r.total_steps - r.step) / rate for r in running)
+            slots += [0.0] * max(0, self.max_concurrent - len(slots))
+            for r in ahead:  # each run ahead takes the slot that frees first
+                slots.sort()
+                slots[0] += max(0, r.total_steps - r.step) / rate
+            return min(slots) if slots else None
+
+    def busy_message(self) -> str:
+        with self.lock:
+            rate = self._rate() or 3.0
+            work = sum(max(0, r.total_steps - r.step) for r in self.runs.values() if r.active)
+            minutes = max(1, math.ceil(work / rate / max(1, self.max_concurrent) / 60))
+            return (f"The server is busy: {len(self.queue)} runs are waiting. Please try again in about {minutes} minute"
+                    f"{'s' if minutes > 1 else ''}.")
 
     def finished(self) -> list[dict]:
         """This server's finished runs on disk (newest first): what the gallery shows. Each entry
-        carries its preview as the path of a thumbnail file of its own (``preview``), copied under
-        the lock that pruning takes and never rewritten or deleted while it may still be listed:
-        an entry can never point at a file that is gone or half-written."""
+        carries its preview as a thumbnail file of its own under a random name (``preview``),
+        written once and never rewritten while it may still be listed, its prompt and status; no run
+        id, no server path of the run."""
         out = []
         with self.lock:
             for meta_path in self.runs_dir.glob("*/run.json"):
                 try:
                     meta = json.loads(meta_path.read_text())
-                    if meta.get("status") not in ("done", "stopped", "failed"):
+                    if meta.get("status") not in ("done", "stopped"):
                         continue
-                    meta["preview"] = str(self._thumbnail(meta_path.parent / "preview.png", f"{meta['id']}-{meta.get('step', 0)}"))
-                except (OSError, ValueError, KeyError):
+                    thumb = self._thumbnail(meta_path.parent / "preview.png", (meta["id"], meta.get("step", 0)))
+                except (OSError, ValueError, KeyError, TypeError):
                     continue  # a run without a preview (or half-deleted) is not listed
-                out.append(meta)
-        return sorted(out, key=lambda m: m.get("created", 0), reverse=True)
+                out.append({"preview": str(thumb), "prompt": str(meta.get("prompt", "")), "status": meta["status"],
+                            "step": int(meta.get("step", 0)), "created": float(meta.get("created", 0))})
+        return sorted(out, key=lambda m: m["created"], reverse=True)
 
-    #: thumbnails kept on disk (the gallery shows 30; older ones go once this many are newer)
-    GALLERY_FILES = 200
-
-    def _thumbnail(self, preview: Path, key: str) -> Path:
-        """The gallery's copy of a run's preview: written once under a temporary name and renamed
-        into place, then left alone; the oldest beyond :data:`GALLERY_FILES` are removed."""
+    def _thumbnail(self, preview: Path, key: tuple) -> Path:
         if not preview.is_file():
             raise OSError(f"no preview: {preview}")  # the run lost it (pruned mid-listing): not listed
-        target = self.gallery_dir / f"{key}.png"
-        if not target.exists():
+        target = self._thumbs.get(key)
+        if target is None or not target.exists():
+            target = self.gallery_dir / f"{secrets.token_urlsafe(16)}.png"
             atomic_write(target, lambda tmp: shutil.copyfile(preview, tmp))
-            files = sorted(self.gallery_dir.glob("*.png"), key=lambda p: p.stat().st_mtime)
-            for old in files[:-self.GALLERY_FILES]:
+            self._thumbs[key] = target
+            while len(self._thumbs) > self.GALLERY_FILES:
+                _, old = self._thumbs.popitem(last=False)
                 old.unlink(missing_ok=True)
         return target
 
+    # ------------------------------------------------------------------ the viewer
+    def viewer_key(self, owner: str) -> str:
+        """A key the page puts in its viewer's address: it lets the viewer follow ``owner``'s runs
+        (and nothing else), and gives away nothing of the owner's token."""
+        key = hmac.new(self._secret, owner.encode(), hashlib.sha256).hexdigest()[:32]
+        with self.lock:
+            self._viewer_owners[key] = owner
+            self._viewer_owners.move_to_end(key)
+            while len(self._viewer_owners) > 10000:
+                self._viewer_owners.popitem(last=False)
+        return key
+
+    def viewer_owner(self, key: str | None) -> str | None:
+        with self.lock:
+            return self._viewer_owners.get(key or "")
+
+    def viewer_run(self, owner: str | None) -> Run | None:
+        """What a viewer shows: its owner's latest run that has a scene, else the newest finished result."""
+        with self.lock:
+            if owner is not None:
+                mine = [r for r in self.runs.values() if r.owner == owner and (r.started or r.checkpoint_step)]
+                if mine:
+                    return max(mine, key=lambda r: r.created)
+            done = [r for r in self.runs.values() if r.status == "done" and r.checkpoint_step]
+            return max(done, key=lambda r: r.created) if done else None
+
+    def scene_source(self, run: Run, max_age: float = 1.0) -> tuple[tuple, object] | None:
+        """Where a viewer gets ``run``'s scene: ``(key, tensors)`` of the latest snapshot of a run in
+        training (a new one is asked for when this one is older than ``max_age`` seconds), or
+        ``(key, checkpoint path)`` of a finished run; None while there is nothing to show."""
+        with self.lock:
+            if run.worker is not None and run.started:
+                now = time.time()
+                if now - run.snapshot_asked >= max_age and (run.snapshot is None or run.snapshot[0] != run.step):
+                    run.snapshot_asked = now
+                    run.worker.send("snapshot", {"run": run.id})
+                if run.snapshot is None:
+                    return None
+                return ("live", run.id, run.snapshot[0]), run.snapshot[1]
+            if run.checkpoint_step and run.checkpoint.is_file():
+                return ("checkpoint", run.id, run.checkpoint_step), run.checkpoint
+            return None
+
     # ------------------------------------------------------------------ actions
     def submit(self, owner: str, prompt: str, **settings) -> Run:
-        try:
-            prompt = validate_prompt(prompt)
-        except ValueError as exc:
-            raise RunError(str(exc)) from None
+        prompt = validate_prompt(prompt)
         cfg = self.build_config(**settings)
         with self.lock:
+            if self.closing:
+                raise RunError("the server is shutting down")
             for r in self.runs.values():
                 if r.owner == owner and r.active:
                     raise RunError(f"your run {r.id} is still {r.status}: stop it before generating another "
                                    "(or use Refine to change its prompt)")
-            run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+            if self.max_queue is not None and len(self.queue) >= self.max_queue:
+                raise RunError(self.busy_message())
+            self.touch(owner)
+            run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:10]
             run = Run(run_id, owner, prompt, cfg, self.runs_dir / run_id, total_steps=cfg.steps)
             run.prompts.append((0, prompt))
             run.folder.mkdir(parents=True)
             self.runs[run_id] = run
-            self._write_meta(run)
             self._prune_disk()
             self._enqueue(run)
         return run
 
+    def check_prompt(self, cfg: TrainConfig, prompt: str, timeout: float = 20.0) -> str | None:
+        """Ask a worker whether the run's prior takes ``prompt`` (:class:`RunError` if not) and for
+        its note on a prompt far from what it knows (None: a known prompt, or no answer in time)."""
+        payload = {"guidance": dataclasses.asdict(cfg.guidance), "device": cfg.device, "prompt": prompt}
+        try:
+            return self._any_worker().request("check", payload, timeout)
+        except WorkerError as exc:
+            if "no answer" in str(exc) or "process" in str(exc):
+                return None
+            raise RunError(f"cannot use {prompt!r}: {exc}") from None
+
+    def vocabulary_note(self, cfg: TrainConfig, prompt: str) -> str | None:
+        """The prior's note for a prompt far from what it knows (None for a known prompt, or when
+        the prior cannot say: the run itself reports a prior that does not load)."""
+        try:
+            return self.check_prompt(cfg, prompt, timeout=10.0)
+        except RunError:
+            return None
+
     def pause(self, owner: str, run_id: str | None = None) -> Run:
         run = self.owned(owner, run_id)
         with self.lock:
-            if run.status != "running" or run.trainer is None:
+            if run.status != "running" or run.worker is None or run.finishing:
                 raise RunError(f"run {run.id} is {run.status}, not running: nothing to pause")
-            run.trainer.pause()
+            run.worker.send("pause", {"run": run.id})
             run.status = "paused"
+            self._write_meta(run)
         return run
 
     def resume(self, owner: str, run_id: str | None = None) -> Run:
         run = self.owned(owner, run_id)
         with self.lock:
-            if run.status != "paused":
+            if run.status != "paused" or run.worker is None:
                 raise RunError(f"run {run.id} is {run.status}, not paused: nothing to resume")
+            run.worker.send("resume", {"run": run.id})
             run.status = "running"
             run.step_times.clear()
-            run.trainer.resume()
+            self._write_meta(run)
         return run
 
     def stop(self, owner: str, run_id: str | None = None) -> Run:
@@ -346,215 +597,192 @@ class RunManager:
         with self.lock:
             if not run.active:
                 raise RunError(f"run {run.id} is already {run.status}")
-            if run.status == "queued":
-                self.queue.remove(run.id)
-                run.status = "stopped"
-                run.message = "stopped before it started" if run.trainer is None else "stopped"
-                self._write_meta(run)
-                return run
-            if run.trainer is None:  # still being set up by its worker
-                run.cancelled = True
-            else:
-                run.trainer.stop()  # the worker sees it after the current step and finishes the run
+            self._stop_locked(run, "")
         return run
+
+    def _stop_locked(self, run: Run, message: str) -> None:
+        if run.id in self.queue:
+            self.queue.remove(run.id)
+            run.resume = None
+            run.status = "stopped"
+            run.message = message or ("stopped before it started" if not run.checkpoint_step else "stopped")
+            self._write_meta(run)
+            self.version += 1
+            return
+        if run.worker is not None and run.stop_requested is None:
+            run.worker.send("stop", {"run": run.id})  # after the current step; the worker then writes the run
+            run.stop_requested = time.time()
+            run.message = message or "stopping…"
+            if run.status == "paused":
+                run.status = "running"
 
     def refine(self, owner: str, prompt: str, extra_steps: int = 0, run_id: str | None = None) -> Run:
         """Change the prompt of the caller's run and keep optimising the same scene (Figure 4).
         Everything is checked before anything changes: a rejected request changes nothing."""
         run = self.owned(owner, run_id)
+        prompt = validate_prompt(prompt)
         try:
-            prompt = validate_prompt(prompt)
             extra_steps = int(extra_steps or 0)
-        except (TypeError, ValueError) as exc:
-            raise RunError(str(exc)) from None
-        if extra_steps < 0 or extra_steps > MAX_STEPS:
-            raise RunError(f"extra steps must be between 0 and {MAX_STEPS}, got {extra_steps}")
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise RunError(f"invalid extra steps: {exc}") from None
+        if not 0 <= extra_steps <= self.max_steps:
+            raise RunError(f"extra steps must be between 0 and {self.max_steps}, got {extra_steps}")
         with self.lock:
-            if run.status == "queued" and run.trainer is None:
+            if run.status == "failed":
+                raise RunError(f"run {run.id} failed: {run.message}")
+            if run.status == "queued" and run.resume is None and not run.started:
                 run.prompt = prompt
-                run.prompts.append((0, prompt))
+                run.prompts[-1:] = [(0, prompt)]
                 run.cfg = dataclasses.replace(run.cfg, steps=run.cfg.steps + extra_steps)
                 run.total_steps = run.cfg.steps
                 self._write_meta(run)
                 return run
-            trainer = run.trainer
-            if trainer is None:
-                raise RunError(f"run {run.id} has no scene to refine ({run.status})")
+            worker = run.worker if run.status in ("running", "paused") else None
+        if worker is not None:
+            try:
+                reply = worker.request("refine", {"run": run.id, "prompt": prompt, "extra_steps": extra_steps}, timeout=60)
+            except WorkerError as exc:
+                raise RunError(f"cannot refine with {prompt!r}: {exc}") from None
+            if not reply["finishing"]:
+                with self.lock:
+                    run.prompt, run.total_steps = prompt, reply["total_steps"]
+                    run.prompts.append((reply["step"], prompt))
+                    self._write_meta(run)
+                return run
+            deadline = time.time() + 300  # it was being written: refine the finished run
+            while run.active and time.time() < deadline:
+                time.sleep(0.05)
+        with self.lock:
+            if run.active:
+                raise RunError(f"run {run.id} is busy ({run.status}): try again in a moment")
             if run.status == "failed":
                 raise RunError(f"run {run.id} failed: {run.message}")
-            finished = run.status in ("done", "stopped")
-            if finished and trainer.step_count >= trainer.total_steps and not extra_steps:
+            if not run.checkpoint.is_file():
+                raise RunError(f"run {run.id} has no checkpoint to continue from")
+            if run.step >= run.total_steps and not extra_steps:
                 raise RunError(f"run {run.id} is {run.status}: give extra steps to keep optimising it with the new prompt")
-            try:
-                trainer.set_prompt(prompt)  # may take the shared prior again (a finished run is parked without it)
-            except Exception as exc:  # noqa: BLE001 - e.g. the prior cannot take this prompt: nothing has changed
-                raise RunError(f"cannot refine with {prompt!r}: {exc}") from None
-            if extra_steps:
-                trainer.extend(extra_steps)
+            if self.max_queue is not None and len(self.queue) >= self.max_queue:
+                raise RunError(self.busy_message())
+        self.check_prompt(run.cfg, prompt)  # the prior refuses it: nothing has changed
+        with self.lock:
+            if run.active:
+                raise RunError(f"run {run.id} is busy ({run.status}): try again in a moment")
+            run.resume = {"extra_steps": extra_steps}
             run.prompt = prompt
-            run.total_steps = trainer.total_steps
-            run.prompts.append((trainer.step_count, prompt))
-            if finished:
-                trainer.resume()
-                self._enqueue(run)
-            self._write_meta(run)
+            run.total_steps = run.step + max(0, run.total_steps - run.step) + extra_steps
+            run.prompts.append((run.step, prompt))
+            run.message = ""
+            self._enqueue(run)
         return run
 
     def export(self, owner: str, formats: Sequence[str] | None = ("glb",), run_id: str | None = None, **opts) -> dict[str, Path]:
-        """Export the current scene of the caller's run (running or finished)."""
+        """Export the current scene of the caller's run (in training, in a worker; finished, from its
+        checkpoint, in a worker too)."""
+        from dreamfusion.runs import validate_export
+
         run = self.owned(owner, run_id)
-        trainer = run.trainer
-        if trainer is None:
-            raise RunError(f"run {run.id} has no scene yet ({run.status}): wait until it starts")
         formats = [str(f).lower() for f in (formats or [])]
         if not formats:
             raise RunError("choose at least one export format")
-        meshes = tuple(f for f in formats if f in MESH_FORMATS)
-        video = "mp4" if ("video" in formats or "mp4" in formats) else "none"
         unknown = [f for f in formats if f not in MESH_FORMATS and f not in ("video", "mp4")]
         if unknown:
             raise RunError(f"unknown export format {unknown[0]!r}; choose from glb, obj, ply, video")
         kw = dict(self.export_defaults)
         kw.update(opts)
-        kw["video"] = video if video == "none" else kw.get("video", "mp4")
-        options = ExportOptions(formats=meshes, **kw)
+        kw["video"] = kw.get("video", "mp4") if ("video" in formats or "mp4" in formats) else "none"
+        if kw["video"] == "none" and ("video" in formats or "mp4" in formats):
+            kw["video"] = "mp4"
+        options = ExportOptions(formats=tuple(f for f in formats if f in MESH_FORMATS), **kw)
         try:
             validate_export(options)
         except ValueError as exc:
             raise RunError(str(exc)) from None
         with self.lock:
+            live = run.worker if run.worker is not None and run.started and not run.finishing else None
+            if live is None and not (run.checkpoint_step and run.checkpoint.is_file()):
+                raise RunError(f"run {run.id} has no scene yet ({run.status}): wait until it starts")
             run.export_count += 1
             folder = run.folder / f"export-{run.export_count:03d}"
-        folder.mkdir(parents=True, exist_ok=True)
+        payload = {"folder": str(folder), "options": dataclasses.asdict(options)}
         try:
-            written = export_scene(trainer, folder, options)
-        except Exception as exc:  # noqa: BLE001 - shown to the user, the server keeps running
-            raise RunError(f"export failed: {type(exc).__name__}: {exc}") from None
+            if live is not None:
+                written = live.request("export", {**payload, "run": run.id}, timeout=600)
+            else:
+                written = self._any_worker().request("export_checkpoint", {**payload, "checkpoint": str(run.checkpoint)}, timeout=600)
+        except WorkerError as exc:
+            raise RunError(f"export failed: {exc}") from None
         with self.lock:
             run.exports = {k: Path(v) for k, v in written.items()}
-        return run.exports
+            return dict(run.exports)
 
     # ------------------------------------------------------------------ machinery
     def _enqueue(self, run: Run) -> None:
-        with self.lock:
-            run.status = "queued"
-            self.queue.append(run.id)
-            self.work.notify()
-
-    def _work_loop(self) -> None:
-        """A worker thread: take the next queued run, optimise it until it is done or stopped,
-        and again; one torch thread count for its whole life."""
-        torch.set_num_threads(self.threads)
-        while True:
-            with self.lock:
-                while not self.queue and not self.closing:
-                    self.work.wait()
-                if self.closing:
-                    return
-                run = self.runs[self.queue.pop(0)]
-                run.status = "running"
-                run.working = True
-                run.step_times.clear()
-            self._optimise(run)
-
-    def _on_metrics(self, run: Run, m: dict) -> None:
-        run.step = m["step"]
-        run.total_steps = m["total_steps"]
-        run.step_times.append(time.perf_counter())
-        if np.isfinite(m["loss"]):
-            run.losses.append((m["step"], float(m["loss"])))
-        if "preview" in m:
-            run.preview = to_uint8(m["preview"])
-        if self.checkpoint_every and m["step"] % self.checkpoint_every == 0 and run.trainer is not None:
-            run.trainer.save_checkpoint(run.folder / "checkpoint.safetensors")
-
-    def _optimise(self, run: Run) -> None:
-        """Drive one run with the Trainer's own controls (pause, stop and extend act on it
-        directly); finish it under the manager's lock, so a Refine that extends the run either
-        comes before the check (and is optimised here) or after the finish (and queues it again)."""
-        try:
-            trainer = run.trainer
-            if trainer is None:
-                trainer = Trainer(run.cfg, run.prompt, callbacks=[lambda m: self._on_metrics(run, m)],
-                                  on_message=lambda msg: setattr(run, "message", msg))
-                with self.lock:
-                    run.trainer = trainer
-                    run.total_steps = trainer.total_steps
-                    if run.cancelled:  # Stop pressed while the scene and prior were being set up
-                        trainer.stop()
-                run.preview = to_uint8(trainer.preview())
-            while True:
-                trainer.run()
-                with self.lock:
-                    if trainer.stopped or trainer.done:
-                        status = "stopped" if trainer.stopped and not trainer.done else "done"
-                        self._finish(run, status, "")
-                        return
-        except Exception as exc:  # noqa: BLE001 - a crashed run keeps its checkpoint, the server keeps running
-            traceback.print_exc()
-            with self.lock:
-                self._finish(run, "failed", f"{type(exc).__name__}: {exc}")
-
-    def _finish(self, run: Run, status: str, message: str) -> None:
-        """Write the run's folder (checkpoint, log, preview, and the default files: a GLB mesh and a
-        turntable, so the result is there without an Export) with the one writer the command line
-        uses, and let the run keep its scene but not its prior nor what only training needs
-        (gradients, Adam's moments: back from the checkpoint if it is refined)."""
-        trainer = run.trainer
-        if trainer is not None:
-            checkpoint = None
-            try:
-                written = write_run(trainer, run.folder, self.finish_export())
-                run.exports = {k: Path(v) for k, v in written.items() if k in ("glb", "video")}
-                checkpoint = written.get("checkpoint")
-            except Exception as exc:  # noqa: BLE001
-                message = (message + "; " if message else "") + f"could not save the run: {exc}"
-            trainer.park(checkpoint)  # the scene stays; prior, gradients and Adam's moments go
-            return_freed_memory()
-        run.status = status
-        run.working = False
-        run.message = message or run.message
+        run.status = "queued"
+        self.queue.append(run.id)
         self._write_meta(run)
-        self.version += 1
-
-    def finish_export(self) -> ExportOptions:
-        """What a finished run writes without being asked: a GLB mesh and an MP4 turntable."""
-        kw = dict(self.export_defaults)
-        return ExportOptions(formats=("glb",), **{**kw, "video": kw.get("video", "mp4") if kw.get("video", "mp4") != "none" else "mp4"})
+        self._dispatch()
 
     def _write_meta(self, run: Run) -> None:
+        """``run.json``: the run's state as it is now (what the gallery and a restarted server read)."""
         meta = {"id": run.id, "prompt": run.prompt, "prompts": run.prompts, "status": run.status, "created": run.created,
-                "step": run.step, "total_steps": run.total_steps, "message": run.message}
+                "step": run.step, "total_steps": run.total_steps, "checkpoint_step": run.checkpoint_step, "message": run.message}
         try:
-            (run.folder / "run.json").write_text(json.dumps(meta, indent=2))
+            atomic_write(run.folder / "run.json", lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
         except OSError:
             pass
+
+    def _recover(self) -> None:
+        """Runs a previous server left active (it was killed): failed, with their checkpoint kept."""
+        for meta_path in self.runs_dir.glob("*/run.json"):
+            try:
+                meta = json.loads(meta_path.read_text())
+                if meta.get("status") not in ACTIVE:
+                    continue
+                has = (meta_path.parent / "checkpoint.safetensors").is_file()
+                step = int(meta.get("checkpoint_step") or 0)
+                meta["status"] = "stopped" if has and (meta_path.parent / "preview.png").is_file() else "failed"
+                meta["message"] = (f"the server stopped while this run was {meta.get('status')}; "
+                                   + (f"its last checkpoint (step {step}) is kept" if has else "nothing was saved"))
+                if has:
+                    meta["step"] = step
+                atomic_write(meta_path, lambda tmp, m=meta: Path(tmp).write_text(json.dumps(m, indent=2)))
+            except (OSError, ValueError, TypeError):
+                continue
 
     def _prune_disk(self) -> None:
         """Keep at most ``max_runs_kept`` run folders: delete the oldest inactive ones."""
         folders = sorted((p for p in self.runs_dir.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
-        active = {r.id for r in self.runs.values() if r.active or r.working}
+        busy = {r.id for r in self.runs.values() if r.active or r.worker is not None}
         excess = len(folders) - self.max_runs_kept
         for p in folders:
             if excess <= 0:
                 break
-            if p.name in active:
+            if p.name in busy:
                 continue
             shutil.rmtree(p, ignore_errors=True)
-            run = self.runs.get(p.name)
-            if run is not None and not run.active:
-                self.runs.pop(p.name, None)
+            self.runs.pop(p.name, None)
             excess -= 1
 
     def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop every run (each writes what it can in ``timeout`` seconds) and end the workers."""
         with self.lock:
-            self.queue.clear()
             self.closing = True
-            self.work.notify_all()
-            runs = list(self.runs.values())
-        for r in runs:
-            if r.trainer is not None:
-                r.trainer.stop()
-        for w in self.workers:
-            w.join(timeout)
+            for rid in list(self.queue):
+                run = self.runs[rid]
+                run.status, run.message = "stopped", "the server was shut down before it started"
+                self._write_meta(run)
+            self.queue.clear()
+            workers = list(self.workers)
+        deadline = time.time() + timeout
+        for w in workers:
+            w.send("shutdown")
+        for w in workers:
+            w.close(max(0.5, deadline - time.time()))
+        with self.lock:
+            for run in self.runs.values():
+                if run.active:
+                    run.status, run.message = "stopped", "the server was shut down"
+                    self._write_meta(run)
         shutil.rmtree(self.gallery_dir, ignore_errors=True)
+
+

@@ -1,16 +1,22 @@
-"""The live 3D viewer: a viser server that shows the scene being optimised from each browser's
-own camera.
+"""The live 3D viewer: a viser server that shows a run's scene from each browser's own camera.
 
-Each connected client gets a render thread that renders the current run's scene with the
-client's camera (low resolution while the camera moves, full resolution once it stops) and sends
-it as the scene's background image. Renders are rate limited (``min_interval`` per client, and
-``scene_interval`` when only the training progressed) so the viewer does not starve training.
-The relighting and shading controls change only what this client sees, never training.
+Each visitor's viewer follows that visitor's own run (the page puts a key in the viewer's address
+that names its owner without giving away the owner's token), or, with none, the newest finished
+result: never a stranger's run in progress. Each connected client gets a render thread that
+renders its run's scene with the client's camera and sends it as the scene's background image:
+low resolution while the camera moves, ``full_size`` once it stops, and, while neither the camera
+nor the scene changes, sharper step by step up to the client's canvas (at most ``max_size``).
+Renders are rate limited (``min_interval`` per client, and ``scene_interval`` when only the training
+progressed). The scene comes from the worker that trains the run (a snapshot of its tensors) or
+from a finished run's checkpoint: the viewer never touches training. The relighting and shading
+controls change only what this client sees. Everything a visitor typed is shown as text.
 """
 
 from __future__ import annotations
 
+import html
 import math
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,7 +31,22 @@ from dreamfusion.export import to_uint8
 from dreamfusion.render import Renderer
 from dreamfusion.shading import SHADING_MODES
 
-from .jobs import RunManager
+from .jobs import Run, RunManager
+
+#: the viewer's address for one visitor: ``.../k/<key>/`` (the key names whose runs it follows)
+KEY_IN_PATH = re.compile(r"/k/([0-9a-f]{16,64})/?$")
+
+
+#: where a markdown renderer would see the start of a bare link (GFM autolinks: scheme://, www., user@host)
+AUTOLINK = re.compile(r"(?<=:)(?=//)|(?<=www)(?=\.)|(?<=@)", re.IGNORECASE)
+
+
+def markdown_text(text: str) -> str:
+    """``text`` for a markdown field that shows it verbatim: HTML escaped (viser renders raw HTML in
+    markdown), markdown's own syntax backslash-escaped (no links, images or emphasis), and a
+    zero-width space where a bare address would become a link."""
+    escaped = html.escape(AUTOLINK.sub("\u200b", str(text)), quote=False)
+    return re.sub(r"([\\`*_{}\[\]()#+\-.!|~:/@=<>\"'])", r"\\\1", escaped)
 
 
 def viser_to_cameras(position: np.ndarray, wxyz: np.ndarray, fov_y: float, aspect: float, height: int) -> tuple[Cameras, int, int]:
@@ -46,9 +67,9 @@ def viser_to_cameras(position: np.ndarray, wxyz: np.ndarray, fov_y: float, aspec
     return cams, height, width
 
 
-def cameras_to_viser(c2w: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """One (3, 4) OpenGL c2w -> viser (wxyz, position) in its OpenCV convention."""
-    m = c2w.detach().cpu().numpy().astype(np.float64)
+def cameras_to_viser(c2w: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One (3, 4) OpenGL c2w (a tensor or an array) -> viser (wxyz, position) in its OpenCV convention."""
+    m = (c2w.detach().cpu().numpy() if isinstance(c2w, torch.Tensor) else np.asarray(c2w)).astype(np.float64)
     rot = np.stack([m[:, 0], -m[:, 1], -m[:, 2]], axis=1)
     return tf.SO3.from_matrix(rot).wxyz, m[:, 3]
 
@@ -69,6 +90,7 @@ class ViewSettings:
 @dataclass
 class ClientView:
     client: viser.ClientHandle
+    owner: str | None = None  # whose runs this client follows (None: the newest finished result)
     settings: ViewSettings = field(default_factory=ViewSettings)
     controls: dict = field(default_factory=dict)
     stop: threading.Event = field(default_factory=threading.Event)
@@ -80,23 +102,24 @@ class ClientView:
     last_size: int = 0
     thread: threading.Thread | None = None
     shadow: Renderer | None = None  # this client's copy of the scene it renders
-    shadow_run: str | None = None
+    shadow_key: tuple | None = None  # which run, and which snapshot or checkpoint of it, the copy holds
+    run_id: str | None = None  # the run shown
     frustums: list = field(default_factory=list)  # this client's own frustum handles (client.scene)
     frustum_lock: threading.Lock = field(default_factory=threading.Lock)
     """held while this client's frustums are placed: the frustum thread and a connecting client
     must not both create the same-named frustum (viser then removes the first one's handle)"""
     frustums_visible: bool = True
+    poses: list = field(default_factory=list)  # the training cameras shown to this client: (c2w, focal) each
+    poses_key: tuple | None = None
 
 
 class Viewer:
     def __init__(self, manager: RunManager, host: str = "127.0.0.1", port: int = 8080, full_size: int = 128, low_size: int = 48,
-                 min_interval: float = 0.2, scene_interval: float = 1.0, settle: float = 0.3, frustum_interval: float = 0.5):
+                 max_size: int = 512, min_interval: float = 0.2, scene_interval: float = 1.0, settle: float = 0.3, frustum_interval: float = 0.5):
         self.manager = manager
-        self.full_size, self.low_size = full_size, low_size
+        self.full_size, self.low_size, self.max_size = full_size, low_size, max(full_size, max_size)
         self.min_interval, self.scene_interval, self.settle = min_interval, scene_interval, settle
         self.frustum_interval = frustum_interval
-        self.frustum_poses: list = []  # (position, wxyz) of the training cameras shown: what the viewer draws
-        self._poses: list = []  # the latest (c2w, focal) pairs, for clients that connect later
         self.server = viser.ViserServer(host=host, port=port, label="DreamFusion live viewer", verbose=False)
         self.server.scene.set_up_direction("+z")
         self.clients: dict[int, ClientView] = {}
@@ -121,29 +144,27 @@ class Viewer:
 
     # ------------------------------------------------------------------ scene
     def _frustum_loop(self) -> None:
-        """Show the cameras the current run trained with in its last steps as frustums, moved
+        """Show each client the cameras its run trained with in its last steps as frustums, moved
         as training draws new ones (``frustum_interval`` seconds apart at most)."""
-        shown = None
         while not self._stopping.wait(self.frustum_interval):
-            try:
-                run = self.manager.current()
-                if run is None or run.trainer is None:
-                    continue
-                key = (run.id, run.trainer.step_count)
-                if key == shown:
-                    continue
-                shown = key
-                self.show_training_cameras(run.trainer.training_cameras())
-            except Exception as exc:  # noqa: BLE001 - the viewer must outlive a bad update
-                print(f"viewer: training cameras not shown: {type(exc).__name__}: {exc}")
+            with self.lock:
+                views = list(self.clients.values())
+            for view in views:
+                try:
+                    run = self.manager.viewer_run(view.owner)
+                    active = run is not None and run.worker is not None
+                    key = (run.id, run.step) if active else None
+                    if key == view.poses_key:
+                        continue
+                    view.poses_key = key
+                    self._place_frustums(view, list(run.cameras) if active else [])
+                except Exception as exc:  # noqa: BLE001 - the viewer must outlive a bad update
+                    print(f"viewer: training cameras not shown: {type(exc).__name__}: {exc}")
 
     def show_training_cameras(self, poses: list) -> None:
-        """Place one frustum per (c2w, focal) in ``poses`` in every client's own scene (each visitor
-        shows or hides them for themselves); unused frustums are hidden."""
+        """Place one frustum per (c2w, focal) in ``poses`` in every client's own scene."""
         with self.lock:
-            self._poses = list(poses)
             views = list(self.clients.values())
-            self.frustum_poses = [tuple(reversed(cameras_to_viser(c2w))) for c2w, _ in poses]
         for view in views:
             if not view.stop.is_set():
                 self._place_frustums(view, poses)
@@ -154,6 +175,7 @@ class Viewer:
         only this client its frustums: not the other clients', nor this one's renders."""
         try:
             with view.frustum_lock:
+                view.poses = list(poses)
                 for i, (c2w, focal) in enumerate(poses):
                     wxyz, pos = cameras_to_viser(c2w)
                     fov = 2 * math.atan(0.5 / focal)
@@ -171,9 +193,38 @@ class Viewer:
             if not view.stop.is_set():
                 print(f"viewer: training cameras not shown to client {view.client.client_id}: {type(exc).__name__}: {exc}")
 
+    def _scene(self, view: ClientView, run: Run) -> Renderer | None:
+        """This client's copy of ``run``'s latest scene (refreshed in place when a newer one exists)."""
+        from dreamfusion.checkpoint import build_scene, load_scene, load_scene_tensors
+
+        source = self.manager.scene_source(run, self.scene_interval)
+        if source is None:
+            return view.shadow if view.shadow_key is not None and view.shadow_key[1] == run.id else None
+        key, data = source
+        if key == view.shadow_key:
+            return view.shadow
+        if isinstance(data, dict):
+            scene = view.shadow if view.shadow is not None and view.shadow_key is not None and view.shadow_key[1] == run.id else None
+            scene = scene or build_scene(run.cfg)
+            load_scene_tensors(scene, {k: torch.from_numpy(v) for k, v in data.items()})
+        else:
+            scene, _, _ = load_scene(data)
+        view.shadow, view.shadow_key = scene, key
+        return scene
+
     # ------------------------------------------------------------------ clients
+    def _client_owner(self, client: viser.ClientHandle) -> str | None:
+        """Whose runs a client follows: the key in the address it connected to (through the page's
+        proxy: ``/viewer/k/<key>``); None for an address without one."""
+        try:
+            connection = self.server._websock_server._live_connections[client.client_id]  # noqa: SLF001 - viser keeps the request there
+            match = KEY_IN_PATH.search(connection.request.path.split("?")[0])
+        except (AttributeError, KeyError):
+            return None
+        return self.manager.viewer_owner(match.group(1)) if match else None
+
     def _connect(self, client: viser.ClientHandle) -> None:
-        view = ClientView(client)
+        view = ClientView(client, owner=self._client_owner(client))
         with self.lock:
             self.clients[client.client_id] = view
         client.camera.position = (1.75, 0.65, 0.75)  # about the training cameras' distance
@@ -191,14 +242,13 @@ class Viewer:
             view.controls["ambient"] = gui.add_slider("Ambient", min=0.0, max=1.0, step=0.05, initial_value=s.ambient)
             view.controls["frustums"] = gui.add_checkbox("Training cameras", initial_value=True)
 
-
         @view.controls["frustums"].on_update
         def _(event: viser.GuiEvent[viser.GuiCheckboxHandle]):  # this visitor's frustums only
             # under the client's frustum lock: a placement running now would otherwise set a handle
             # back to the visibility it read before this change
             with view.frustum_lock:
                 view.frustums_visible = bool(event.target.value)
-                for h in view.frustums[:len(self._poses)]:
+                for h in view.frustums[:len(view.poses)]:
                     h.visible = view.frustums_visible
 
         @client.camera.on_update
@@ -207,7 +257,6 @@ class Viewer:
 
         view.thread = threading.Thread(target=self._render_loop, args=(view,), name=f"viewer-{client.client_id}", daemon=True)
         view.thread.start()
-        self._place_frustums(view, list(self._poses))
 
     def _disconnect(self, client: viser.ClientHandle) -> None:
         with self.lock:
@@ -215,20 +264,27 @@ class Viewer:
         if view is not None:
             view.stop.set()
 
+    @staticmethod
+    def status_text(run: Run | None, own: bool) -> str:
+        """The viewer's status line (markdown, every visitor's text escaped)."""
+        if run is None:
+            return "Waiting for a run: start one on the Gradio page."
+        whose = "" if own else "Newest result · "
+        return f"{whose}**{run.status}** · step {run.step}/{run.total_steps} · *{markdown_text(run.prompt)}*"
+
     def _render_loop(self, view: ClientView) -> None:
         torch.set_num_threads(1)
         last_key = None
-        last_run_step = (None, -1)
         status_text = ""
+        size = self.full_size
         while not view.stop.wait(0.05):
             try:
-                run = self.manager.current()
-                text = ("Waiting for a run: start one on the Gradio page." if run is None else
-                        f"**{run.status}** · step {run.step}/{run.total_steps} · *{run.prompt}*")
+                run = self.manager.viewer_run(view.owner)
+                text = self.status_text(run, run is not None and view.owner is not None and run.owner == view.owner)
                 if text != status_text:
                     view.controls["status"].content = text
                     status_text = text
-                if run is None or run.trainer is None:
+                if run is None:
                     continue
                 cam = view.client.camera
                 if cam.update_timestamp == 0.0:  # no camera message from the browser yet
@@ -240,34 +296,50 @@ class Viewer:
                 now = time.time()
                 if now - view.last_render < self.min_interval:
                     continue
-                moving = now - view.camera_changed < self.settle
-                size = self.low_size if moving else self.full_size
-                key = (run.id, tuple(np.round(cam.position, 5)), tuple(np.round(cam.wxyz, 5)), round(cam.fov, 5), round(cam.aspect, 4),
-                       tuple(vars(view.settings).values()), size)
-                run_step = (run.id, run.trainer.step_count)
-                scene_due = run_step != last_run_step and now - view.last_render >= self.scene_interval
-                if key == last_key and not scene_due:
+                scene = self._scene(view, run)
+                if scene is None:
                     continue
-                if view.shadow_run != run.id:
-                    view.shadow, view.shadow_run = None, run.id
-                view.shadow = run.trainer.snapshot(view.shadow)  # a copy: the render never holds a training step up
-                image = self.render(view.shadow, cam.position, cam.wxyz, cam.fov, cam.aspect, size, view.settings)
+                moving = now - view.camera_changed < self.settle
+                key = (view.shadow_key, tuple(np.round(cam.position, 5)), tuple(np.round(cam.wxyz, 5)), round(cam.fov, 5),
+                       round(cam.aspect, 4), tuple(vars(view.settings).values()))
+                if moving:
+                    size = self.low_size
+                elif key != last_key or view.last_size < self.full_size:
+                    size = self.full_size
+                elif run.status != "running" and view.last_size < self.refine_limit(cam):
+                    # a still view of a scene that does not change (paused or finished): sharper, step by
+                    # step; a run in training keeps full_size, its next snapshot is due soon
+                    size = min(self.refine_limit(cam), view.last_size * 2)
+                else:
+                    continue
+                if key == last_key and size == view.last_size:
+                    continue
+                image = self.render(scene, cam.position, cam.wxyz, cam.fov, cam.aspect, size, view.settings)
                 view.client.scene.set_background_image(image, format="jpeg", jpeg_quality=90)
                 view.last_image, view.last_size = image, size
                 view.renders += 1
                 view.last_render = time.time()
-                last_key, last_run_step = key, run_step
+                view.run_id = run.id
+                last_key = key
             except Exception as exc:  # noqa: BLE001 - a client going away mid-render must not kill the server
                 if view.stop.is_set():
                     break
                 print(f"viewer: render for client {view.client.client_id} failed: {type(exc).__name__}: {exc}")
                 view.stop.wait(1.0)
 
+    def refine_limit(self, cam: viser.CameraHandle) -> int:
+        """The sharpest render for a still view: the client's canvas height, at most ``max_size``."""
+        try:
+            canvas = int(cam.image_height or 0)
+        except (AttributeError, TypeError, ValueError):
+            canvas = 0
+        return max(self.full_size, min(self.max_size, canvas or self.full_size))
+
     @staticmethod
     @torch.no_grad()
     def render(scene: Renderer, position: np.ndarray, wxyz: np.ndarray, fov: float, aspect: float, size: int, settings: ViewSettings) -> np.ndarray:
-        """(H, W, 3) uint8 image of a scene (a :meth:`snapshot`) from a viser camera (the
-        engine's ``render_views`` is square only, so this calls the renderer directly)."""
+        """(H, W, 3) uint8 image of a scene (a snapshot) from a viser camera (the engine's
+        ``render_views`` is square only, so this calls the renderer directly)."""
         device = scene.field.density_grid.device
         cams, h, w = viser_to_cameras(position, wxyz, fov, aspect, size)
         out = scene.render(cams.to(device), settings.lights().to(device), h, w, settings.mode)
