@@ -187,7 +187,7 @@ def build_blocks(manager: RunManager, viewer_url: str | None = None) -> gr.Block
                     pause_btn = gr.Button("Pause")
                     resume_btn = gr.Button("Resume")
                     stop_btn = gr.Button("Stop", variant="stop")
-                with gr.Accordion("Settings", open=False):
+                with gr.Accordion("Settings", open=False, elem_id="settings"):
                     with gr.Row():
                         steps = gr.Number(label="Steps", value=d["steps"], precision=0, minimum=1, maximum=manager.max_steps)
                         seed = gr.Number(label="Seed", value=d["seed"], precision=0, minimum=0)
@@ -213,7 +213,8 @@ def build_blocks(manager: RunManager, viewer_url: str | None = None) -> gr.Block
                 loss_plot = gr.LinePlot(x="step", y="loss", color="series", title="Guidance loss (raw and running mean)", height=220,
                                         visible=False, elem_id="loss")
         with gr.Row():
-            model3d = gr.Model3D(label="Exported mesh", height=360, elem_id="result-mesh", visible=False, clear_color=(1.0, 1.0, 1.0, 1.0))
+            model3d = gr.Model3D(label="Exported mesh", height=360, elem_id="result-mesh", visible="hidden", interactive=False,
+                                 clear_color=(1.0, 1.0, 1.0, 1.0))
             video = gr.Video(label="Turntable", interactive=False, height=360, elem_id="result-video", visible=False)
         viewer_frame = None
         if viewer_url:

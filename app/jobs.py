@@ -54,9 +54,15 @@ class RunError(ValueError):
     """Something the user asked for that cannot be done: the message is shown as is (as text)."""
 
 
+#: the longest prompt the page takes (a prior reads far less: the embedded one 24 tokens)
+MAX_PROMPT_CHARS = 500
+
+
 def validate_prompt(prompt: object) -> str:
     if not isinstance(prompt, str) or not prompt.strip():
         raise RunError("the prompt is empty: describe an object, e.g. 'a red cube'")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise RunError(f"the prompt is longer than {MAX_PROMPT_CHARS} characters")
     return " ".join(prompt.split())
 
 

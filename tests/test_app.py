@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from gradio_client import Client  # noqa: E402
 
 from app.headless import CHROMIUM, CHROMIUM_ARGS, free_port  # noqa: E402
 from app.jobs import RunError  # noqa: E402
+from dreamfusion.checkpoint import read_checkpoint  # noqa: E402
 
 
 def non_loopback_ip() -> str | None:
@@ -40,9 +42,10 @@ def app(tiny_prior_dir, tmp_path_factory):
     overrides = {"render_size": 32, "views": 1, "preview_every": 2,
                  "field": {"resolution": 24, "blob_density": 20.0, "blob_radius": 0.5, "blob_fade_steps": 0},
                  "guidance": {"model": str(tiny_prior_dir)}}
-    handle = create_app(tmp_path_factory.mktemp("runs"), overrides, viewer_port=free_port(),
+    handle = create_app(tmp_path_factory.mktemp("runs"), overrides, viewer_port=free_port(), max_concurrent=1,
                         viewer_kwargs={"full_size": 96, "low_size": 32}, export_defaults={"mesh_resolution": 32, "video_frames": 8, "video_size": 64})
     handle.launch(port=free_port())
+    assert handle.manager.wait_ready() == []
     yield handle
     handle.close()
 
@@ -118,7 +121,8 @@ def test_generate_refine_export(app, clients, tiny_prior_dir):
     assert [p for _, p in i["prompts"]] == ["a red cube", "a blue cube"]
     assert 0 < i["prompts"][1][0] < 400  # refined mid-run, on the same scene
     run = app.manager.get(run_id)
-    assert run.trainer.prompt == "a blue cube" and (run.folder / "checkpoint.safetensors").is_file()
+    meta, _ = read_checkpoint(run.folder / "checkpoint.safetensors")
+    assert (meta["prompt"], int(meta["step"])) == ("a blue cube", 406)  # what the worker trained
     files, mesh, video = a.predict(["glb", "obj", "video"], api_name="/export")
     names = sorted(Path(f).name for f in files)
     assert names == ["mesh.glb", "mesh.obj", "turntable.mp4"]
@@ -134,7 +138,7 @@ def test_ownership_and_bad_input(app, clients, tiny_prior_dir):
     run_a = info(a)["run"]
     assert run_a is not None
     for action in ("/pause", "/stop"):
-        with pytest.raises(AppError, match="another session"):
+        with pytest.raises(AppError, match="of yours"):
             b.predict(run_a, api_name=action)
     with pytest.raises(AppError, match="no run yet"):
         b.predict(["glb"], api_name="/export")
@@ -142,11 +146,11 @@ def test_ownership_and_bad_input(app, clients, tiny_prior_dir):
         b.predict("a hat", 0, api_name="/refine")
     with pytest.raises(AppError, match="prompt is empty"):
         generate(b, "   ", 10, tiny_prior_dir)
-    with pytest.raises(AppError, match="steps must be positive|less than minimum"):
+    with pytest.raises(AppError, match="steps must be between|less than minimum"):
         generate(b, "a cube", -5, tiny_prior_dir)
     with pytest.raises(AppError, match="resolution must be at most"):
         generate(b, "a cube", 10, tiny_prior_dir, res=100000)
-    with pytest.raises(AppError, match="guidance weight must be at most"):
+    with pytest.raises(AppError, match="guidance weight must be between"):
         generate(b, "a cube", 10, tiny_prior_dir, gscale=1e9)
     with pytest.raises(AppError, match="not in the list of choices"):
         generate(b, "a cube", 10, tiny_prior_dir, gname="imagen")
@@ -157,7 +161,7 @@ def test_ownership_and_bad_input(app, clients, tiny_prior_dir):
     generate(b, "a yellow cone", 10, tiny_prior_dir)
     ib = info(b)
     assert ib["status"] == "queued" and ib["queue_position"] == 1
-    assert "position **1**" in b.predict(api_name="/poll")[0]
+    assert "position <b>1</b>" in b.predict(api_name="/poll")[0]
     b.predict("", api_name="/stop")
     assert info(b)["status"] == "stopped"
     with pytest.raises(AppError, match="not running|is done|already"):
@@ -174,7 +178,7 @@ def test_ownership_and_bad_input(app, clients, tiny_prior_dir):
     # another browser's token, or none, controls nothing of A's
     other = User(app.url, "browser-c-" + "y" * 16)
     assert info(other)["run"] is None
-    with pytest.raises(AppError, match="another session"):
+    with pytest.raises(AppError, match="of yours"):
         other.predict(info(a)["run"], api_name="/stop")
 
 
@@ -189,9 +193,14 @@ def _centre(png: bytes) -> np.ndarray:
 
 
 def _its(run, seconds=3.0) -> float:
-    s0, t0 = run.trainer.step_count, time.perf_counter()
+    s0, t0 = run.step, time.perf_counter()
     time.sleep(seconds)
-    return (run.trainer.step_count - s0) / (time.perf_counter() - t0)
+    return (run.step - s0) / (time.perf_counter() - t0)
+
+
+def viewer_of(app, user) -> str:
+    """The address of a user's own viewer, as their page embeds it (through the page's port)."""
+    return app.viewer_proxy_url + f"k/{app.manager.viewer_key('browser:' + user.token)}/"
 
 
 def save_screenshot(png: bytes, tmp_path: Path, name: str) -> None:
@@ -211,6 +220,14 @@ def test_viewer_through_the_page_port(app):
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     assert r.content == direct.content and b"<html" in r.content[:200]
     assert httpx.get(app.url + "viewer/no-such-file.js").status_code == 404
+    # a visitor's own viewer: the same page under its key, with a policy that allows viser's own
+    # boot script (by hash) and no other inline script, frame or plugin
+    keyed = httpx.get(app.viewer_proxy_url + "k/" + "ab" * 16 + "/")
+    assert keyed.status_code == 200 and keyed.content == direct.content
+    csp = keyed.headers["content-security-policy"]
+    assert "'sha256-" in csp and "'unsafe-inline'" not in csp.split("script-src")[1].split(";")[0]
+    assert "frame-src 'none'" in csp and "object-src 'none'" in csp
+    assert httpx.get(app.viewer_proxy_url + "k/not-a-key/").status_code == 404
 
 
 def test_viewer_proxy_reports_an_unreachable_viewer():
@@ -241,15 +258,16 @@ def test_viewer_and_page_in_browser(app, clients, tiny_prior_dir, tmp_path):
     if run is None or run.status != "running":
         generate(a, "a green sphere", 2000, tiny_prior_dir)
         run = app.manager.get(info(a)["run"])
-    wait_for(lambda: run.trainer is not None and run.trainer.step_count > 5)
+    wait_for(lambda: run.started and run.step > 5)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             its_alone = _its(run)
             page = browser.new_page(viewport={"width": 900, "height": 640})
-            page.goto(app.viewer.url)
+            page.goto(viewer_of(app, a))  # A's own viewer: it follows A's run
             view = wait_for(lambda: next(iter(app.viewer.clients.values()), None), timeout=30)
-            wait_for(lambda: view.renders >= 2, timeout=30)
+            assert view.owner == "browser:" + a.token
+            wait_for(lambda: view.renders >= 2 and view.run_id == run.id, timeout=30)
             its_viewer = _its(run)
             print(f"\ntraining it/s: {its_alone:.2f} without a viewer client, {its_viewer:.2f} with one "
                   f"({view.renders} viewer renders so far)")
@@ -259,15 +277,15 @@ def test_viewer_and_page_in_browser(app, clients, tiny_prior_dir, tmp_path):
             save_screenshot(shot1, tmp_path, "app_viewer.png")
             c1 = _centre(shot1)
             assert np.abs(c1 - 255).mean() > 5 and c1.std() > 3, "the viewer's centre is blank"
-            # the frustums are the cameras training actually drew, and move with it
-            poses = wait_for(lambda: app.viewer.frustum_poses, timeout=10)
-            trained = run.trainer.training_cameras()
-            assert len(poses) == len(trained) > 0
-            radii = [float(np.linalg.norm(p)) for p, _ in poses]
+            # the frustums are the cameras training actually drew (sent by the worker), and move with it
+            poses = wait_for(lambda: list(view.poses), timeout=10)
+            assert len(poses) == len(run.cameras) > 0
+            radii = [float(np.linalg.norm(c2w[:, 3])) for c2w, _ in poses]
             cam = run.cfg.camera
             assert all(cam.distance_range[0] - 1e-4 <= r <= cam.distance_range[1] + 1e-4 for r in radii)
-            first = [p.copy() for p, _ in poses]
-            wait_for(lambda: any(not np.allclose(p, q) for (p, _), q in zip(app.viewer.frustum_poses, first, strict=False)), timeout=10)
+            first = [c2w.copy() for c2w, _ in poses]
+            wait_for(lambda: any(not np.allclose(c2w, q) for (c2w, _), q in zip(view.poses, first, strict=False)), timeout=10)
+            assert all(h.visible for h in view.frustums[:len(view.poses)])
             # the render follows training
             n = view.renders
             wait_for(lambda: view.renders >= n + 2, timeout=30)
@@ -277,9 +295,10 @@ def test_viewer_and_page_in_browser(app, clients, tiny_prior_dir, tmp_path):
             # relighting changes what the viewer shows, not training
             a.predict("", api_name="/pause")
             time.sleep(1.0)
+            wait_for(lambda: view.last_size >= 96, timeout=30)  # a still view of a paused run: sharper than full_size, step by step
             n = view.renders
             c3 = _centre(page.screenshot())
-            step = run.trainer.step_count
+            step = run.step
             view.controls["ambient"].value = 1.0
             view.controls["light_intensity"].value = 0.0
             wait_for(lambda: view.renders > n, timeout=30)
@@ -292,7 +311,9 @@ def test_viewer_and_page_in_browser(app, clients, tiny_prior_dir, tmp_path):
             time.sleep(0.7)
             c5 = _centre(page.screenshot())
             assert np.abs(c5 - c4).mean() > 1.0, "the shading mode did not change the viewer"
-            assert run.trainer.step_count == step and run.status == "paused"
+            assert run.step == step and run.status == "paused"
+            # still, the paused scene is refined up to the canvas (640 px high here: capped at max_size)
+            wait_for(lambda: view.last_size == app.viewer.max_size, timeout=60)
             a.predict("", api_name="/stop")
             wait_for(lambda: run.status == "stopped", timeout=30)
             assert (run.folder / "checkpoint.safetensors").is_file()  # a stopped run keeps its checkpoint
@@ -310,25 +331,32 @@ def test_viewer_and_page_in_browser(app, clients, tiny_prior_dir, tmp_path):
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             page.goto(app.url)
             page.get_by_label("Prompt", exact=True).fill("a red cube")
+            page.locator("#settings").get_by_text("Settings").first.click()
+            page.get_by_label("Steps", exact=True).fill("1777")
             page.get_by_role("button", name="Generate").click()
             page.get_by_text("Running").first.wait_for(timeout=30000)
             page.get_by_text("it/s").first.wait_for(timeout=30000)
-            # the embedded viewer: an iframe on the page's own port (/viewer/, proxied to viser);
-            # Chromium does not run off-screen iframes' frames
-            frame = page.locator("iframe").first
-            assert frame.get_attribute("src") == "viewer/"
+            # the embedded viewer: an iframe on the page's own port (/viewer/k/<key>/, proxied to viser),
+            # following this page's own run; Chromium does not run off-screen iframes' frames
+            frame = page.locator("#viewer iframe").first
+            assert re.fullmatch(r"viewer/k/[0-9a-f]{32}/", frame.get_attribute("src"))
             frame.scroll_into_view_if_needed()
-            view = wait_for(lambda: next(iter(app.viewer.clients.values()), None), timeout=30)
+            mine = wait_for(lambda: next((r for r in app.manager.runs.values() if r.prompt == "a red cube" and r.status == "running"), None))
+            view = wait_for(lambda: next((v for v in app.viewer.clients.values() if v.run_id == mine.id), None), timeout=30)
             wait_for(lambda: view.renders >= 2, timeout=30)
             time.sleep(1.5)
             c = _centre(frame.screenshot())
             assert np.abs(c - 255).mean() > 5 and c.std() > 3, "the viewer embedded through the page's port is blank"
             save_screenshot(page.screenshot(full_page=True), tmp_path, "app_page.png")
             page.get_by_text("Iteration").first.wait_for(timeout=10000)  # the status is re-rendered every second
-            # a reload keeps control of the run (the owner token lives in the browser's storage)
+            # a reload keeps control of the run (the owner token lives in the browser's storage), and
+            # brings back its prompt and settings
             page.reload()
             page.get_by_text("Running").first.wait_for(timeout=30000)
             page.get_by_text("a red cube").first.wait_for(timeout=30000)
+            wait_for(lambda: page.get_by_label("Prompt", exact=True).input_value() == "a red cube", timeout=15)
+            page.locator("#settings").get_by_text("Settings").first.click()
+            wait_for(lambda: page.get_by_label("Steps", exact=True).input_value() == "1777", timeout=15)
             page.get_by_role("button", name="Stop").click()
             page.get_by_text("Stopped").first.wait_for(timeout=30000)
         finally:
@@ -415,7 +443,8 @@ def test_a_page_that_generated_before_its_token_arrived_keeps_its_run(tmp_path, 
     from app.interface import _owner
     from app.jobs import RunManager
 
-    manager = RunManager(tmp_path, {"render_size": 32, "views": 1, "field": {"resolution": 24}, "guidance": {"model": str(tiny_prior_dir)}})
+    manager = RunManager(tmp_path, {"render_size": 32, "views": 1, "field": {"resolution": 24}, "guidance": {"model": str(tiny_prior_dir)}},
+                         max_concurrent=0)
     try:
         page, other = SimpleNamespace(session_hash="page-session"), SimpleNamespace(session_hash="other-session")
         early = _owner(manager, None, page)
@@ -424,7 +453,7 @@ def test_a_page_that_generated_before_its_token_arrived_keeps_its_run(tmp_path, 
         owner = _owner(manager, "t" * 20, page)  # the page's next poll, now with its token
         assert owner == "browser:" + "t" * 20 and manager.latest_of(owner) is run and run.owner == owner
         assert _owner(manager, "u" * 20, other) != owner and manager.latest_of(_owner(manager, None, other)) is None
-        with pytest.raises(Exception, match="another session"):
+        with pytest.raises(Exception, match="of yours"):
             manager.stop(_owner(manager, "u" * 20, other), run.id)
     finally:
         manager.shutdown()
@@ -439,10 +468,11 @@ def quick_app(tmp_path_factory):
     from app import create_app
 
     overrides = {"steps": 8, "render_size": 32, "views": 1, "preview_every": 2, "field": {"resolution": 24}}
-    handle = create_app(tmp_path_factory.mktemp("quick"), overrides, viewer_port=free_port(),
+    handle = create_app(tmp_path_factory.mktemp("quick"), overrides, viewer_port=free_port(), max_concurrent=1,
                         viewer_kwargs={"full_size": 64, "low_size": 32},
                         export_defaults={"mesh_resolution": 32, "video_frames": 8, "video_size": 64})
     handle.launch(port=free_port())
+    assert handle.manager.wait_ready() == []
     yield handle
     handle.close()
 
@@ -502,13 +532,14 @@ def test_viewer_clients_toggle_their_own_frustums(quick_app, tmp_path):
     manager = quick_app.manager
     viewer = quick_app.viewer
     run = manager.submit("browser:" + "f" * 20, "a red cube", steps=3000)
+    key = manager.viewer_key("browser:" + "f" * 20)
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             try:
                 pages = [browser.new_page(viewport={"width": 900, "height": 640}) for _ in range(2)]
-                for page in pages:
-                    page.goto(viewer.url)
+                for page in pages:  # the same visitor in two tabs: both follow the run
+                    page.goto(quick_app.viewer_proxy_url + f"k/{key}/")
                 views = wait_for(lambda: list(viewer.clients.values()) if len(viewer.clients) == 2 else None, timeout=30)
                 wait_for(lambda: all(len(v.frustums) > 0 and v.frustums[0].visible for v in views), timeout=30)
                 # one visitor unticks "Training cameras" in its own browser (which viewer client
@@ -538,7 +569,7 @@ def bare_viewer(tmp_path):
     from app.jobs import RunManager
     from app.viewer import ClientView, Viewer
 
-    viewer = Viewer(RunManager(tmp_path), port=free_port())
+    viewer = Viewer(RunManager(tmp_path, max_concurrent=0), port=free_port())
     try:
         yield viewer, lambda client_id: ClientView(SimpleNamespace(scene=viewer.server.scene, client_id=client_id))
     finally:
