@@ -3,9 +3,11 @@ and with one viewer whose camera keeps moving (low-resolution renders while it m
 
     python benchmarks/viewer_load.py [--seconds 20 --warmup 150 --threads 1 --chromium /usr/bin/chromium]
 
-Starts the app's run manager and viser viewer on free local ports with the shipped prior (as
-``python -m app`` does), trains "a red cube", and opens the viewer in headless Chromium. The
-budget: training keeps at least 70% of its solo it/s with one viewer open.
+Starts the app (its page, one worker process and the viser viewer) on free local ports with the
+shipped prior, as ``python -m app`` does, trains "a red cube" in the worker, and opens that
+visitor's own viewer (through the page's port, as the page embeds it) in headless Chromium. The
+viewer renders in the page's process, training in the worker's. The budget: training keeps at
+least 70% of its solo it/s with one viewer open.
 """
 
 from __future__ import annotations
@@ -24,20 +26,19 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app.headless import CHROMIUM, CHROMIUM_ARGS, free_port  # noqa: E402
-from app.jobs import Run, RunManager  # noqa: E402
-from app.viewer import Viewer  # noqa: E402
+from app.jobs import Run  # noqa: E402
 
 BUDGET = 0.7
 
 
 def its(run: Run, seconds: float, during: Callable[[float], object] | None = None) -> float:
-    s0, t0 = run.trainer.step_count, time.perf_counter()
+    s0, t0 = run.step, time.perf_counter()
     end = t0 + seconds
     while time.perf_counter() < end:
         if during is not None:
             during(time.perf_counter() - t0)
         time.sleep(0.1)
-    return (run.trainer.step_count - s0) / (time.perf_counter() - t0)
+    return (run.step - s0) / (time.perf_counter() - t0)
 
 
 def main() -> int:
@@ -51,18 +52,22 @@ def main() -> int:
 
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} cores for torch, torch {torch.__version__}; "
           f"training thread {args.threads} torch thread(s), viewer renders 1 thread")
+    from app import create_app
+
     with tempfile.TemporaryDirectory() as runs_dir:
-        manager = RunManager(runs_dir, threads=args.threads, checkpoint_every=0)
-        viewer = Viewer(manager, port=free_port())
+        handle = create_app(runs_dir, viewer_port=free_port(), max_concurrent=1, threads=args.threads, manager_kwargs={"checkpoint_every": 0})
+        handle.launch(port=free_port())
+        manager, viewer = handle.manager, handle.viewer
         try:
+            manager.wait_ready()
             run = manager.submit("bench", "a red cube", steps=20000)
-            while run.trainer is None or run.trainer.step_count < args.warmup:
+            while run.step < args.warmup:
                 time.sleep(0.2)
             alone = its(run, args.seconds)
             with sync_playwright() as p:
                 browser = p.chromium.launch(executable_path=args.chromium, args=CHROMIUM_ARGS)
                 page = browser.new_page(viewport={"width": 900, "height": 640})
-                page.goto(viewer.url)
+                page.goto(handle.viewer_proxy_url + f"k/{manager.viewer_key('bench')}/")
                 while not viewer.clients or next(iter(viewer.clients.values())).renders < 2:
                     time.sleep(0.1)
                 view = next(iter(viewer.clients.values()))
@@ -80,8 +85,7 @@ def main() -> int:
                 moving_renders = view.renders - r0
                 browser.close()
         finally:
-            manager.shutdown()
-            viewer.stop()
+            handle.close()
     print("\n| viewer | training it/s | of solo | viewer renders/s |")
     print("|---|---|---|---|")
     print(f"| none | {alone:.2f} | 100% | - |")

@@ -13,6 +13,7 @@ the threshold sits between the two groups.
 
 from __future__ import annotations
 
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .model import TextEncoder
-from .world import COLOUR_WORDS, FIXED_COMPOSITES, MATERIAL_WORDS, NOUN_WORDS
+from .world import COLOUR_WORDS, FIXED_COMPOSITES, MATERIAL_WORDS, NOUN_WORDS, parse_prompt
 
 OOV_THRESHOLD = 0.62
 VOCABULARY_FILE = "vocabulary.safetensors"
@@ -40,23 +41,33 @@ def known_phrases() -> list[str]:
     return sorted(out)
 
 
+def plain_words(prompt: str) -> str:
+    """The prompt's words, without emoji and symbols (which only pull its sentence vector away from
+    the phrase it contains)."""
+    return " ".join(re.sub(r"[^\w\s,'-]", " ", prompt).split())
+
+
 @dataclass
 class VocabularyMatch:
     prompt: str
     similarity: float
     nearest: str
+    names: str | None = None
+    """an object of the world that the prompt names word for word ('a red cube 🚀' names the cube)"""
 
     @property
     def known(self) -> bool:
-        return self.similarity >= OOV_THRESHOLD
+        return self.similarity >= OOV_THRESHOLD or self.names is not None
 
     def note(self) -> str | None:
-        """A sentence for the user when the prompt is far from what the prior knows (else None)."""
+        """A sentence for the user when the prompt is far from what the prior knows (else None). It
+        names no command-line flag or control: the command line and the page each say how to choose
+        another prior in their own terms."""
         if self.known:
             return None
         return (f"the built-in prior knows 16 simple objects in 12 colours, and {self.prompt!r} is far from all of them "
                 f"(nearest: {self.nearest!r}, similarity {self.similarity:.2f}); the result will likely be a blob. "
-                "Open-ended prompts need Stable Diffusion (--guidance stable-diffusion: a GPU and its weights)")
+                "Open-ended prompts need a prior of the open world, such as Stable Diffusion (a GPU and its weights)")
 
 
 class Vocabulary:
@@ -97,7 +108,8 @@ class Vocabulary:
         return atomic_write(Path(folder) / VOCABULARY_FILE, lambda tmp: save_file(tensors, tmp, metadata={"phrases": "\n".join(self.phrases)}))
 
     def match(self, prompt: str) -> VocabularyMatch:
-        v = self.encoder.condition([prompt]).pooled.float().cpu()
+        words = plain_words(prompt) or prompt
+        v = self.encoder.condition([words]).pooled.float().cpu()
         sims = (self.vectors @ v.T).squeeze(1)
         i = int(sims.argmax())
-        return VocabularyMatch(prompt, float(sims[i]), self.phrases[i])
+        return VocabularyMatch(prompt, float(sims[i]), self.phrases[i], parse_prompt(words)[0])
