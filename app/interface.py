@@ -245,7 +245,9 @@ def build_blocks(manager: RunManager, viewer_url: str | None = None) -> gr.Block
                 raise fail(exc) from None
             note = manager.vocabulary_note(run.cfg, run.prompt)
             if note:  # the run goes on; the visitor knows why a squirrel comes out as a blob
-                gr.Warning(text(note[0].upper() + note[1:]), duration=20)
+                if "stable-diffusion" in manager.offered_guidances():
+                    note += ": choose it under Settings → Guidance"
+                gr.Warning(text(note[0].upper() + note[1:] + "."), duration=20)
             return status_html(run_info(manager, owner)), run.id
 
         def control(action: str):

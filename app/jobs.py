@@ -644,6 +644,7 @@ class RunManager:
                 self._write_meta(run)
                 return run
             worker = run.worker if run.status in ("running", "paused") else None
+            run.message = ""  # a note about the old prompt (its truncation, say) no longer holds
         if worker is not None:
             try:
                 reply = worker.request("refine", {"run": run.id, "prompt": prompt, "extra_steps": extra_steps}, timeout=60)

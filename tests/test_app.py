@@ -505,10 +505,26 @@ def test_first_visit_examples_vocabulary_note_and_result_at_once(quick_app, tmp_
             downloads = page.locator("#downloads").inner_text().replace("\n", "")
             assert "mesh.glb" in downloads and "turntable.mp4" in downloads  # offered without an Export
             # and the gallery lists it (its thumbnail, sent when the gallery's version changes)
-            page.locator("#gallery img").first.wait_for(timeout=30000)
+            thumb = page.locator("#gallery img").first
+            thumb.wait_for(timeout=30000)
             assert "a blue torus" in page.locator("#gallery").inner_html()
+            # the thumbnail is shown whole: the image lies inside the gallery (one thumbnail stretched to the
+            # page's width in a 200 px high gallery showed only its white top)
+            thumb.scroll_into_view_if_needed()  # (loaded lazily)
+            wait_for(lambda: thumb.evaluate("e => e.complete && e.naturalWidth > 0"), timeout=15)
+            assert thumb.evaluate("e => getComputedStyle(e).objectFit") == "contain"
+            box, outer = thumb.bounding_box(), page.locator("#gallery").bounding_box()
+            assert 64 <= box["height"] and box["y"] >= outer["y"] and box["y"] + box["height"] <= outer["y"] + outer["height"]
+            assert box["x"] >= outer["x"] and box["x"] + box["width"] <= outer["x"] + outer["width"]
             assert _toasts(page) == ""  # a known prompt: no note
             save_screenshot(page.screenshot(full_page=True), tmp_path, "finished.png")
+            # Refine a finished run: the prompt box follows the new prompt, the refine box empties
+            page.get_by_label("Refine: new prompt for the running scene").fill("a green torus")
+            page.get_by_label("Extra steps").fill("4")
+            page.get_by_role("button", name="Refine").click()
+            wait_for(lambda: prompt.input_value() == "a green torus", timeout=30)
+            wait_for(lambda: page.get_by_label("Refine: new prompt for the running scene").input_value() == "", timeout=10)
+            wait_for(lambda: run.status == "done" and run.step == 12 and run.prompt == "a green torus", timeout=120)
             # a paraphrase: no note either
             for text, note_expected in (("a cube painted red", False), ("a DSLR photo of a squirrel", True)):
                 page.get_by_label("Prompt", exact=True).fill(text)
