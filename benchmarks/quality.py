@@ -7,7 +7,7 @@ mesh against the world's true object (``shared/world/SPEC.md``, "Benchmark promp
 Per prompt: a ``Trainer`` with the default ``TrainConfig`` (steps and seed overridden),
 ``trainer.run()``, then ``runs.export_scene`` writes ``OUT/meshes/NN-slug/mesh.ply``, which is read
 back and scored. With ``--jobs 1`` the prompts run one after another in this process; with
-``--jobs N`` they are tasks of the batch engine (``dreamfusion.batch.run_tasks``, the engine of
+``--jobs N`` they are tasks of the batch engine (``dreamfusion.batch.tasks.run_tasks``, the engine of
 ``dreamfusion batch``): N at once on a local Ray, each with ``--threads`` CPUs (needs
 ``pip install -e ".[cluster]"``). Scores:
 
@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     import trimesh
     from clip_rprecision import Clip
 
-    from dreamfusion.batch import TaskOutcome
+    from dreamfusion.batch.tasks import TaskOutcome
     from dreamfusion.cameras import Cameras
     from dreamfusion.config import TrainConfig
     from dreamfusion.prior.world import WorldObject
@@ -435,7 +435,7 @@ def run_jobs(jobs: list[tuple], parallel: int, threads: int) -> list[tuple[dict,
     """The prompts' jobs as tasks of the batch engine (``dreamfusion batch``'s): ``parallel`` at once on
     a local Ray, ``threads`` CPUs each; results in list order. A worker that dies (killed, out of
     memory) fails its prompt's row only; Ctrl-C cancels the rest and ends the benchmark."""
-    from dreamfusion.batch import ClusterOptions, import_ray, ray_session, run_tasks
+    from dreamfusion.batch.tasks import ClusterOptions, import_ray, ray_session, run_tasks
 
     import_ray("--jobs above 1")
     cluster = ClusterOptions(cpus_per_run=threads, max_parallel=parallel)
