@@ -499,6 +499,7 @@ def test_benchmark_scores_through_the_batch_engine_match_scoring_each_folder(ray
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import quality
+    import scoring
 
     prompts = write(tmp_path / "bench.txt", "a white mug\tmug\twhite\na red cube\tcube\tred\n")
     out = tmp_path / "results"
@@ -510,6 +511,6 @@ def test_benchmark_scores_through_the_batch_engine_match_scoring_each_folder(ray
     for row, item in zip(data["rows"], quality.parse_benchmark(prompts), strict=True):
         assert row["status"] == "ok", row.get("error")
         assert f"[{row['index']}] {row['prompt']}: IoU {row['iou']:.3f}" in printed
-        direct = quality.score_mesh(trimesh.load(out / row["mesh"], process=False, force="mesh"), item)
+        direct = scoring.score_mesh(trimesh.load(out / row["mesh"], process=False, force="mesh"), item)
         assert {k: row[k] for k in direct} == pytest.approx(direct)
     assert {r["prompt"]: r["status"] for r in read_csv(out / "results.csv")} == {"a white mug": "ok", "a red cube": "ok"}
