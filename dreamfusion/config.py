@@ -435,7 +435,7 @@ def validate_config(cfg: TrainConfig) -> None:
     _between("optim.lr_decay_start", o.lr_decay_start, 0.0, 1.0)
     _between("optim.lr_final_factor", o.lr_final_factor, 1e-12, 1.0)
     _between("optim.orientation_ramp", o.orientation_ramp, 0.0, 1.0)
-    for name in ("orientation_weight", "opacity_weight", "entropy_weight", "tv_weight", "tv_albedo_weight"):
+    for name in (f.name for f in fields(o) if f.name.endswith("_weight")):  # every loss term's
         _between(f"optim.{name}", getattr(o, name), 0.0, 1e12)
     _at_least("optim.grad_norm_every", o.grad_norm_every, 0)
 
