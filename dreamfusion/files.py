@@ -50,9 +50,11 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> Path:
         write(tmp)
         os.chmod(tmp, ordinary_file_mode())  # mkstemp (and safetensors) make 0600; a finished file reads like any other
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:  # a failed write names no file: name ours
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
     return path
 
