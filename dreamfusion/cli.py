@@ -441,6 +441,9 @@ def run_app(argv: list[str]) -> None:
 
 
 def run_train_prior(cfg: TrainPriorConfig) -> Path:
+    from .config import validate_train_prior
+
+    validate_train_prior(cfg)
     from .prior.train import train_prior
 
     return train_prior(cfg)

@@ -317,14 +317,19 @@ class TrainPriorConfig:
 # ----------------------------------------------------------------------------- validation
 
 
+def _number(value: float) -> str:
+    """1000000 as '1000000' (not '1e+06'), 0.5 as '0.5'."""
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else f"{value:g}"
+
+
 def _between(what: str, value: float, low: float, high: float) -> None:
     if not low <= value <= high:
-        raise ValueError(f"{what} must be between {low:g} and {high:g}, got {value:g}")
+        raise ValueError(f"{what} must be between {_number(low)} and {_number(high)}, got {_number(value)}")
 
 
 def _at_least(what: str, value: float, low: float) -> None:
     if not value >= low:
-        raise ValueError(f"{what} must be {low:g} or more, got {value:g}")
+        raise ValueError(f"{what} must be {_number(low)} or more, got {_number(value)}")
 
 
 def _one_of(what: str, value: str, valid: tuple[str, ...]) -> None:
@@ -335,7 +340,7 @@ def _one_of(what: str, value: str, valid: tuple[str, ...]) -> None:
 def _range_pair(what: str, pair: tuple[float, float], low: float, high: float) -> None:
     """A (low, high) range of a random draw: both inside [low, high], in order."""
     if len(pair) != 2 or not low <= pair[0] <= pair[1] <= high:
-        raise ValueError(f"{what} must be two numbers low <= high within {low:g}..{high:g}, got {tuple(pair)}")
+        raise ValueError(f"{what} must be two numbers low <= high within {_number(low)}..{_number(high)}, got {tuple(pair)}")
 
 
 def validate_prompt(prompt: str) -> str:
@@ -474,6 +479,29 @@ def validate_export(opts: ExportOptions) -> None:
     if opts.video != "none":
         _one_of("turntable shading", opts.video_mode, SHADING_MODES)
         validate_turntable(opts.video_frames, opts.video_size)
+
+
+def validate_train_prior(cfg: TrainPriorConfig) -> None:
+    """Reject settings of ``train-prior`` that cannot work (``ValueError``), before anything is loaded."""
+    _between("steps", cfg.steps, 1, MAX_STEPS)
+    _between("batch", cfg.batch, 1, 4096)
+    _between("lr", cfg.lr, 1e-12, 1.0)
+    if cfg.cooldown < 0 or cfg.warmup < 0:
+        raise ValueError(f"warmup and cooldown must be 0 or more steps, got {cfg.warmup} and {cfg.cooldown}")
+    _between("ema_decay", cfg.ema_decay, 0.0, 1.0)
+    for name in ("caption_dropout", "view_label_dropout", "condition_dropout", "high_t_fraction", "asymmetric_fraction"):
+        value = getattr(cfg, name)
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {value}")
+    _at_least("min_snr", cfg.min_snr, 0.0)
+    _at_least("high_t_weight_cap", cfg.high_t_weight_cap, 0.0)
+    _between("checkpoint_every", cfg.checkpoint_every, 1, MAX_STEPS)
+    _between("grid_every", cfg.grid_every, 1, 10 * MAX_STEPS)
+    _between("threads", cfg.threads, 1, 1024)
+    _at_least("max_minutes", cfg.max_minutes, 0.0)
+    validate_seed(cfg.seed)
+    if cfg.device not in ("cpu", "mps") and not cfg.device.startswith("cuda"):
+        raise ValueError(f"unknown device {cfg.device!r}; use cpu or cuda")
 
 
 # ----------------------------------------------------------------------------- building and (de)serialisation

@@ -665,6 +665,8 @@ def test_bad_arguments_are_refused_before_torch_is_imported(tmp_path, generated)
         (["render", str(generated), "--out", "x.mp4", "--frames", "300", "--size", "1024"], "a turntable of 300 frames at 1024 px is too large"),
         (["render", str(tmp_path), "--out", "x.png"], "is a folder without a checkpoint"),
         (["export", str(tmp_path / "nothing"), "--out", "y"], "checkpoint not found"),
+        (["train-prior", "--steps", "0", "--out", "p"], "steps must be between 1 and 1000000, got 0"),
+        (["train-prior", "--seed", "-1", "--out", "p"], "seed must be a whole number from 0 to 2^63 - 1"),
     ]
     code = ("import contextlib, io, json, sys\nfrom dreamfusion.cli import main\nresults = []\n"
             f"for args in {[args for args, _ in cases]!r}:\n"

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from ..cameras import default_light, orbit_cameras
-from ..config import ASSET_DIR, TrainPriorConfig
+from ..config import ASSET_DIR, TrainPriorConfig, validate_train_prior
 from ..export import to_uint8
 from ..files import atomic_write
 from ..sds import noise_images
@@ -168,12 +168,7 @@ def resume_snapshot(out: Path, shipped: Path = ASSET_DIR) -> Path:
 
 
 def train_prior(cfg: TrainPriorConfig, prior_cfg: PriorConfig | None = None, on_log: Callable[[str], None] = print) -> Path:
-    if not 0.0 <= cfg.asymmetric_fraction <= 1.0:
-        raise ValueError(f"asymmetric_fraction must be in [0, 1], got {cfg.asymmetric_fraction}")
-    if not 0.0 <= cfg.view_label_dropout <= 1.0:
-        raise ValueError(f"view_label_dropout must be in [0, 1], got {cfg.view_label_dropout}")
-    if cfg.cooldown < 0 or cfg.warmup < 0:
-        raise ValueError(f"warmup and cooldown must be 0 or more steps, got {cfg.warmup} and {cfg.cooldown}")
+    validate_train_prior(cfg)
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     resume = out / RESUME_FILE
