@@ -73,9 +73,9 @@ class Generate(RunOptions):
     stopped run's checkpoint waits"""
     resume: Path | None = None
     """continue a stopped run to its step count: its folder (the --out it was given) or its
-    checkpoint; a finished run continues when --steps is above its own. The run keeps its prompt
-    and settings: only --steps, --device, --threads, --quiet, --checkpoint-every and --export.*
-    may be given with it"""
+    checkpoint; a finished run continues into a new --out when --steps is above its own. The run
+    keeps its prompt and settings: only --steps, --device, --threads, --quiet, --checkpoint-every,
+    --out and --export.* may be given with it"""
 
 
 @dataclass
@@ -139,8 +139,8 @@ class Render:
 
 @dataclass
 class App:
-    """Start the web page and the live 3D viewer: ``python -m app`` with the arguments that follow
-    (``dreamfusion app --help`` lists them)."""
+    """Start the web page and the live 3D viewer: python -m app with the arguments that follow
+    (dreamfusion app --help lists them)."""
 
 
 class CommandStopped(Exception):
@@ -243,7 +243,7 @@ def plan_resume(args: Generate) -> GeneratePlan:
     given = settings_given_with_resume(args, info.prompt)
     if given:
         raise ValueError(f"--resume continues the run with its own prompt and settings; leave out {', '.join(given)} "
-                         "(--steps, --device, --threads, --quiet, --checkpoint-every and --export.* may be given)")
+                         "(--steps, --device, --threads, --quiet, --checkpoint-every, --out and --export.* may be given)")
     total = info.total_steps if args.steps is None else args.steps
     if total < info.total_steps:
         raise ValueError(f"the run has {info.total_steps} steps; --steps may raise that, not lower it (got {total})")
