@@ -533,6 +533,7 @@ def test_a_config_read_from_json_is_checked_for_types():
 
 
 def test_snapshot_is_a_copy_and_an_export_comes_from_one(fast_config, guidance, tmp_path, monkeypatch):
+    import dreamfusion.export as export
     import dreamfusion.runs as runs
 
     trainer = Trainer(fast_config, PROMPT, guidance=guidance)
@@ -549,7 +550,7 @@ def test_snapshot_is_a_copy_and_an_export_comes_from_one(fast_config, guidance, 
     # a training step lands while the mesh is being extracted: the turntable still shows the
     # state the mesh came from, not the newer one
     state = trainer.snapshot()
-    real_extract = runs.extract_mesh
+    real_extract = export.extract_mesh
     seen = {}
 
     def extract_then_train(*args, **kwargs):
@@ -561,8 +562,8 @@ def test_snapshot_is_a_copy_and_an_export_comes_from_one(fast_config, guidance, 
         seen["frames"] = render_fn(cams)
         return path
 
-    monkeypatch.setattr(runs, "extract_mesh", extract_then_train)
-    monkeypatch.setattr(runs, "save_turntable", capture_turntable)
+    monkeypatch.setattr(export, "extract_mesh", extract_then_train)  # runs imports them when it exports (it imports no torch itself)
+    monkeypatch.setattr(export, "save_turntable", capture_turntable)
     step = trainer.step_count
     runs.export_scene(trainer, tmp_path, runs.ExportOptions(formats=("ply",), video="gif", video_size=16, mesh_resolution=32))
     assert trainer.step_count == step + 1
