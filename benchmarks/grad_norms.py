@@ -20,7 +20,8 @@ import sys
 
 import torch
 from prompts import DEFAULT_PROMPTS, parse_benchmark, select
-from quality import apply_overrides
+
+from dreamfusion.config import apply_overrides
 
 GRIDS = ("density", "albedo")
 

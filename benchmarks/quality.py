@@ -7,7 +7,7 @@ mesh against the world's true object (``shared/world/SPEC.md``, "Benchmark promp
 Per prompt: a ``Trainer`` with the default ``TrainConfig`` (steps and seed overridden),
 ``trainer.run()``, then ``runs.export_scene`` writes ``OUT/meshes/NN-slug/mesh.ply``, which is read
 back and scored. With ``--jobs 1`` the prompts run one after another in this process; with
-``--jobs N`` they are tasks of the batch engine (``dreamfusion.batch.run_tasks``, the engine of
+``--jobs N`` they are tasks of the batch engine (``dreamfusion.batch.tasks.run_tasks``, the engine of
 ``dreamfusion batch``): N at once on a local Ray, each with ``--threads`` CPUs (needs
 ``pip install -e ".[cluster]"``). Scores:
 
@@ -26,290 +26,45 @@ and textureless, then the result lit and textureless, from the three-quarter vie
 and prints a markdown table, group means (all, seen, held-out, asymmetric) and PASS/MISSED per
 target. A prompt whose generation or export fails gets a row with its error and counts as a miss
 (IoU 0, no hit, colour error 1, time over the limit).
+
+This file is the runner; the scores are ``scoring.py``, the tables and the contact sheet
+``tables.py``, and ``--set`` is :func:`dreamfusion.config.apply_overrides`.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import json
 import os
-import re
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from prompts import DEFAULT_PROMPTS, REPO, BenchmarkPrompt, parse_benchmark, select  # noqa: F401 - re-exported for callers
+from scoring import evaluate_targets, score_mesh, summarize, true_object
+from tables import SHEET_SIZE, contact_sheet, markdown_table, summary_table, write_csv
+
+from dreamfusion.config import apply_overrides
+from dreamfusion.files import slug
 
 if TYPE_CHECKING:
-    import trimesh
     from clip_rprecision import Clip
 
-    from dreamfusion.batch import TaskOutcome
+    from dreamfusion.batch.tasks import TaskOutcome
     from dreamfusion.cameras import Cameras
     from dreamfusion.config import TrainConfig
-    from dreamfusion.prior.world import WorldObject
 
 DEFAULT_OUT = REPO / "benchmarks" / "results"
-
-#: the issue's targets
-TARGET_IOU = 0.6
-TARGET_R_PRECISION = 0.8
-TARGET_COLOUR_ERROR = 0.12
-TARGET_SECONDS = 600.0
-
-#: what a failed prompt counts as in the means
-FAILED_SCORES = {"iou": 0.0, "iou_scaled": 0.0, "hit": False, "colour_error": 1.0}
-
-SHEET_SIZE = 128
-
-
-# ----------------------------------------------------------------------------- scoring
-
-
-def true_object(item: BenchmarkPrompt) -> WorldObject:
-    from dreamfusion.prior.world import build_object
-
-    return build_object(item.noun, item.colour)
-
-
-def score_mesh(mesh: trimesh.Trimesh, item: BenchmarkPrompt) -> dict:
-    """All scores of one mesh (world coordinates, +Z up, vertex colours) against the prompt's truth."""
-    from dreamfusion.metrics import colour_error, facing_iou, geometric_r_precision, mesh_iou
-
-    obj = true_object(item)
-    grp = geometric_r_precision(mesh, item.noun)
-    turned_iou, yaw = facing_iou(mesh, obj)
-    return {
-        "iou": grp["true_iou"],  # the same centred, unscaled IoU as metrics.mesh_iou
-        "iou_scaled": mesh_iou(mesh, obj, scale_to_truth=True),
-        "colour_error": colour_error(mesh, obj),
-        "colour_basis": "named" if item.colour else "parts",
-        "true_iou": grp["true_iou"],
-        "best_other_iou": grp["best_other_iou"],
-        "best_noun": grp["best_noun"],
-        "sphere_iou": grp["sphere_iou"],
-        "hit": bool(grp["hit"]),
-        # a diagnostic, not a score (the SPEC's IoU counts facing): the IoU of the mesh turned about +Z to
-        # the yaw that fits best, and that yaw; a high value beside a low IoU is a right shape facing wrong
-        "facing_iou": turned_iou,
-        "facing_yaw": yaw,
-        "vertices": int(len(mesh.vertices)),
-        "faces": int(len(mesh.faces)),
-    }
-
-
-def _value(row: dict, key: str):
-    return FAILED_SCORES[key] if row.get("status") != "ok" else row[key]
-
-
-def _mean(values: Iterable[float]) -> float | None:
-    values = [float(v) for v in values]
-    return float(np.mean(values)) if values else None
-
-
-def group_rows(rows: list[dict]) -> dict[str, list[dict]]:
-    return {
-        "all": rows,
-        "seen": [r for r in rows if not r["held_out"]],
-        "held-out": [r for r in rows if r["held_out"]],
-        "asymmetric": [r for r in rows if r["asymmetric"]],
-    }
-
-
-def summarize(rows: list[dict]) -> dict[str, dict]:
-    """Means per group (failed prompts count with :data:`FAILED_SCORES`)."""
-    out = {}
-    for name, group in group_rows(rows).items():
-        ok = [r for r in group if r["status"] == "ok"]
-        named = [r for r in group if r["colour_basis"] == "named"]
-        parts = [r for r in group if r["colour_basis"] == "parts"]
-        out[name] = {
-            "n": len(group),
-            "failed": len(group) - len(ok),
-            "iou": _mean(_value(r, "iou") for r in group),
-            "iou_scaled": _mean(_value(r, "iou_scaled") for r in group),
-            "r_precision": _mean(_value(r, "hit") for r in group),
-            "colour_error": _mean(_value(r, "colour_error") for r in named),
-            "colour_error_parts": _mean(_value(r, "colour_error") for r in parts),
-            "best_other_iou": _mean(r["best_other_iou"] for r in ok),
-            "sphere_iou": _mean(r["sphere_iou"] for r in ok),
-            "seconds": _mean(r["seconds"] for r in group if r.get("seconds") is not None),
-            "max_seconds": max((r["total_seconds"] for r in group if r.get("total_seconds") is not None), default=None),
-        }
-    return out
-
-
-def evaluate_targets(rows: list[dict]) -> list[dict]:
-    """The issue's four targets on all rows, each with its value and ``passed``."""
-    s = summarize(rows)["all"]
-    failed = [r for r in rows if r["status"] != "ok"]
-    slow = [r for r in rows if r["status"] != "ok" or r.get("total_seconds") is None or r["total_seconds"] > TARGET_SECONDS]
-
-    def target(name: str, value: float | None, op: str, threshold: float, fmt: str):
-        passed = bool(rows) and value is not None and (value >= threshold if op == ">=" else value <= threshold)
-        return {"target": name, "value": value, "op": op, "threshold": threshold, "passed": passed,
-                "text": f"{name}: {'n/a' if value is None else fmt.format(value)} (target {op} {fmt.format(threshold)})"}
-
-    targets = [
-        target("mean IoU", s["iou"], ">=", TARGET_IOU, "{:.3f}"),
-        target("geometric R-Precision", s["r_precision"], ">=", TARGET_R_PRECISION, "{:.0%}"),
-        target("mean colour error (named colours)", s["colour_error"], "<=", TARGET_COLOUR_ERROR, "{:.3f}"),
-        target("max minutes per prompt", None if s["max_seconds"] is None else s["max_seconds"] / 60.0, "<=", TARGET_SECONDS / 60.0, "{:.1f}"),
-    ]
-    if slow:  # a failed prompt cannot pass the time target
-        targets[3]["passed"] = False
-    for t in targets:
-        if failed:
-            t["text"] += f" [{len(failed)} failed prompt(s) counted as misses]"
-    return targets
-
-
-# ----------------------------------------------------------------------------- reports
-
-
-def _f(v: float | None, fmt: str = "{:.3f}") -> str:
-    return "-" if v is None else fmt.format(v)
-
-
-def _facing(row: dict) -> str:
-    """'IoU (yaw)' of :func:`dreamfusion.metrics.facing_iou`, '-' for a row scored before it existed."""
-    if row.get("facing_iou") is None:
-        return "-"
-    return f"{row['facing_iou']:.3f} ({row['facing_yaw']:+.0f})"
-
-
-def markdown_table(rows: list[dict]) -> str:
-    head = ("| # | prompt | held-out | IoU | IoU scaled | best other | sphere | hit | IoU turned (yaw) | colour err | s | it | status |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    lines = [head]
-    for r in rows:
-        if r["status"] == "ok":
-            star = "*" if r["colour_basis"] == "parts" else ""
-            lines.append(f"| {r['index']} | {r['prompt']} | {'yes' if r['held_out'] else ''} | {r['iou']:.3f} | {r['iou_scaled']:.3f} | "
-                         f"{r['best_other_iou']:.3f} ({r['best_noun'] if r['best_noun'] != r['noun'] else 'self'}) | {r['sphere_iou']:.3f} | "
-                         f"{'HIT' if r['hit'] else 'miss'} | {_facing(r)} | "
-                         f"{r['colour_error']:.3f}{star} | {_f(r['seconds'], '{:.0f}')} | {r['iterations']} | ok |")
-        else:
-            err = str(r.get("error", "")).replace("|", "/").replace("\n", " ")[:120]
-            lines.append(f"| {r['index']} | {r['prompt']} | {'yes' if r['held_out'] else ''} | - | - | - | - | miss | - | - | "
-                         f"{_f(r.get('seconds'), '{:.0f}')} | {r.get('iterations', 0)} | FAILED: {err} |")
-    return "\n".join(lines)
-
-
-def summary_table(summary: dict[str, dict]) -> str:
-    lines = ["| group | n | failed | mean IoU | mean IoU scaled | R-Precision | colour err (named) | colour err (parts*) | best other "
-             "| sphere | mean s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for name, s in summary.items():
-        if not s["n"]:
-            continue
-        lines.append(f"| {name} | {s['n']} | {s['failed']} | {_f(s['iou'])} | {_f(s['iou_scaled'])} | {_f(s['r_precision'], '{:.0%}')} | "
-                     f"{_f(s['colour_error'])} | {_f(s['colour_error_parts'])} | {_f(s['best_other_iou'])} | {_f(s['sphere_iou'])} | "
-                     f"{_f(s['seconds'], '{:.0f}')} |")
-    return "\n".join(lines)
-
-
-CSV_FIELDS = ("index", "prompt", "noun", "colour", "held_out", "asymmetric", "status", "iou", "iou_scaled", "colour_error", "colour_basis",
-              "true_iou", "best_other_iou", "best_noun", "sphere_iou", "hit", "facing_iou", "facing_yaw", "seconds", "export_seconds",
-              "total_seconds", "iterations", "it_per_s", "vertices", "faces", "clip_r_precision", "clip_r_precision_textureless", "mesh",
-              "notes", "error")
-
-
-def write_csv(rows: list[dict], path: Path) -> Path:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("; ".join(r[k]) if isinstance(r.get(k), list) else r.get(k)) for k in CSV_FIELDS})
-    return path
-
-
-def contact_sheet(entries: list[dict], path: Path, size: int = SHEET_SIZE) -> Path:
-    """Per entry one strip: label, then truth lit | truth textureless | result lit | result
-    textureless. ``entries``: dicts with ``label``, ``score`` (second label line) and the four
-    images (``truth_lit``, ``truth_textureless``, ``lit``, ``textureless``: (3, H, W) tensors in
-    [0, 1] or None, drawn as a grey panel)."""
-    from PIL import Image, ImageDraw
-
-    from dreamfusion.export import to_uint8
-
-    cols = ("truth_lit", "truth_textureless", "lit", "textureless")
-    titles = ("truth, lit", "truth, textureless", "result, lit", "result, textureless")
-    pad, label_h, head_h = 4, 26, 16
-    width = pad + len(cols) * (size + pad)
-    height = head_h + len(entries) * (label_h + size + pad) + pad
-    sheet = Image.new("RGB", (width, height), (255, 255, 255))
-    draw = ImageDraw.Draw(sheet)
-    for c, title in enumerate(titles):
-        draw.text((pad + c * (size + pad) + 2, 2), title, fill=(0, 0, 0))
-    y = head_h
-    for e in entries:
-        draw.text((pad, y + 1), str(e.get("label", "")), fill=(0, 0, 0))
-        draw.text((pad, y + 13), str(e.get("score", "")), fill=(160, 0, 0) if e.get("bad") else (0, 100, 0))
-        y += label_h
-        for c, key in enumerate(cols):
-            x = pad + c * (size + pad)
-            img = e.get(key)
-            if img is None:
-                draw.rectangle((x, y, x + size - 1, y + size - 1), fill=(200, 200, 200))
-                draw.text((x + 4, y + size // 2 - 6), "no render", fill=(120, 0, 0))
-            else:
-                tile = Image.fromarray(to_uint8(img))
-                if tile.size != (size, size):
-                    tile = tile.resize((size, size), Image.BILINEAR)
-                sheet.paste(tile, (x, y))
-            draw.rectangle((x - 1, y - 1, x + size, y + size), outline=(180, 180, 180))
-        y += size + pad
-    tmp = path.with_name(path.name + ".tmp.png")
-    sheet.save(tmp)
-    tmp.replace(path)
-    return path
+#: run folders are OUT/meshes/NN-<slug of the prompt, at most this long>
+SLUG_LENGTH = 40
 
 
 # ----------------------------------------------------------------------------- running
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "prompt"
-
-
-def parse_override(text: str) -> tuple[list[str], object]:
-    """'section.key=value' (or 'key=value' for a top-level setting) -> (path, value), the value
-    read as JSON where it parses (numbers, true/false, null, lists) and as a string otherwise."""
-    if "=" not in text:
-        raise ValueError(f"--set expects key=value, got {text!r}")
-    key, raw = text.split("=", 1)
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw
-    return key.strip().split("."), value
-
-
-def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
-    """``cfg`` (a TrainConfig) with '--set section.key=value' settings applied, each checked
-    against the typed config (an unknown key is an error)."""
-    from dreamfusion.config import config_from_dict, config_to_dict
-
-    data = config_to_dict(cfg)
-    for text in overrides or []:
-        path, value = parse_override(text)
-        node = data
-        for part in path[:-1]:
-            if not isinstance(node.get(part), dict):
-                raise ValueError(f"--set {text!r}: no settings section {part!r}")
-            node = node[part]
-        if path[-1] not in node:
-            raise ValueError(f"--set {text!r}: no setting {path[-1]!r} there (known: {', '.join(node)})")
-        node[path[-1]] = value
-    return config_from_dict(data)
 
 
 def build_config(args: argparse.Namespace) -> TrainConfig:
@@ -367,7 +122,7 @@ def run_prompt(index: int, item: BenchmarkPrompt, cfg: TrainConfig, mesh_resolut
         entry.update(render_truth(item, cams, sheet_size))
     except Exception as exc:  # the reference picture is a nicety; never lose the row to it
         row["notes"].append(f"truth render failed: {exc}")
-    folder = out / "meshes" / f"{index:02d}-{slug(item.prompt)}"
+    folder = out / "meshes" / f"{index:02d}-{slug(item.prompt, SLUG_LENGTH)}"
     stage = "generation"
     start = time.perf_counter()
     try:
@@ -435,7 +190,7 @@ def run_jobs(jobs: list[tuple], parallel: int, threads: int) -> list[tuple[dict,
     """The prompts' jobs as tasks of the batch engine (``dreamfusion batch``'s): ``parallel`` at once on
     a local Ray, ``threads`` CPUs each; results in list order. A worker that dies (killed, out of
     memory) fails its prompt's row only; Ctrl-C cancels the rest and ends the benchmark."""
-    from dreamfusion.batch import ClusterOptions, import_ray, ray_session, run_tasks
+    from dreamfusion.batch.tasks import ClusterOptions, import_ray, ray_session, run_tasks
 
     import_ray("--jobs above 1")
     cluster = ClusterOptions(cpus_per_run=threads, max_parallel=parallel)

@@ -1,23 +1,31 @@
 """The ``dreamfusion`` command line: generate, batch, export, render, app, train-prior.
 
-Options come from typed dataclasses (tyro), so ``--help`` documents every one. Only the torch-free
-:mod:`dreamfusion.config` is imported before a command runs, so help is instant. Bad input ends
-with one ``error:`` line on stderr and exit status 2; nothing already written is touched.
+Options come from typed dataclasses (tyro), so ``--help`` documents every one. Only torch-free
+modules are imported before a command has checked its input, so help is instant and bad input
+is refused at once: one ``error:`` line on stderr and exit status 2 (1 for a file-system error
+such as a full disk), nothing already written touched, never a traceback. Ctrl-C and SIGTERM
+stop a run after its current step and keep its checkpoint, and say where.
 """
 
 from __future__ import annotations
 
+import math
+import os
+import signal
 import sys
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated
 
 import tyro
 
-from .config import ExportOptions, TrainConfig, TrainPriorConfig, with_settings
+from .config import GUIDANCES, USER_GUIDANCES, ExportOptions, TrainConfig, TrainPriorConfig, with_settings
+from .pipeline import DEFAULT_CHECKPOINT_EVERY, Interrupted
 
 DEFAULT_PROMPT = "a red cube"
+DEFAULT_OUT = Path("outputs/run")
+#: the weights each prior uses unless told otherwise, for --help (from the registry, so never stale)
+GUIDANCE_DEFAULTS = ", ".join(f"{GUIDANCES[name].guidance_scale:g} {name}" for name in USER_GUIDANCES)
 
 
 @dataclass
@@ -27,13 +35,12 @@ class RunOptions:
     steps: int | None = None
     """iterations (default: --advanced.steps)"""
     seed: int | None = None
-    """(default: --advanced.seed)"""
+    """0 to 2^63 - 1: the same seed and settings give the same object, bit for bit (default: --advanced.seed)"""
     guidance: str | None = None
     """prior: embedded or stable-diffusion (default: --advanced.guidance.name)"""
     model: str | None = None
     """stable-diffusion: local folder or hub id; embedded: another prior folder"""
-    cfg: float | None = None
-    """classifier-free guidance weight (default: the prior's own: 10 embedded, 100 stable-diffusion)"""
+    cfg: Annotated[float | None, tyro.conf.arg(help=f"classifier-free guidance weight (default: the prior's own: {GUIDANCE_DEFAULTS})")] = None
     resolution: int | None = None
     """training render size in pixels (default: --advanced.render-size)"""
     device: str | None = None
@@ -42,6 +49,9 @@ class RunOptions:
     """CPU threads for torch (0: torch's default)"""
     quiet: bool = False
     """no progress bar"""
+    checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY
+    """write the run's checkpoint (atomically) every this many steps while it trains, so a run that is
+    killed outright loses at most these steps (0: only when stopped)"""
     export: ExportOptions = field(default_factory=ExportOptions)
     advanced: TrainConfig = field(default_factory=TrainConfig)
     """every setting of the run (an option above, when given, takes precedence)"""
@@ -50,13 +60,22 @@ class RunOptions:
 @dataclass
 class Generate(RunOptions):
     """Make a 3D object from a text prompt and write DIR/mesh.glb, mesh.obj, mesh.ply,
-    turntable.mp4, checkpoint.safetensors, config.json, log.jsonl and preview.png."""
+    turntable.mp4, checkpoint.safetensors, config.json, log.jsonl and preview.png. The run is
+    written in DIR.partial and moved to DIR when whole; Ctrl-C (or SIGTERM) stops it after the
+    current step with its checkpoint kept there, and --resume DIR continues it."""
 
     prompt: Annotated[str, tyro.conf.Positional] = DEFAULT_PROMPT
-    out: Path = Path("outputs/run")
-    """output folder (must not exist or be empty unless --overwrite)"""
+    out: Path | None = None
+    """output folder: must not exist or be empty unless --overwrite (default: outputs/run; with
+    --resume, the resumed run's)"""
     overwrite: bool = False
-    """replace the output folder (only once the new run has been written)"""
+    """replace the output folder (only once the new run has been written), or start over where a
+    stopped run's checkpoint waits"""
+    resume: Path | None = None
+    """continue a stopped run to its step count: its folder (the --out it was given) or its
+    checkpoint; a finished run continues into a new --out when --steps is above its own. The run
+    keeps its prompt and settings: only --steps, --device, --threads, --quiet, --checkpoint-every,
+    --out and --export.* may be given with it"""
 
 
 @dataclass
@@ -84,9 +103,10 @@ class Batch(RunOptions):
 
 @dataclass
 class Export:
-    """Re-export the scene of a checkpoint as meshes and a turntable (no prior is loaded)."""
+    """Re-export the scene of a run as meshes and a turntable (no prior is loaded)."""
 
-    checkpoint: Annotated[Path, tyro.conf.Positional]
+    checkpoint: Annotated[Path, tyro.conf.Positional, tyro.conf.arg(metavar="RUN")]
+    """a run folder or a checkpoint file"""
     out: Path = Path("outputs/export")
     overwrite: bool = False
     export: ExportOptions = field(default_factory=ExportOptions)
@@ -94,15 +114,17 @@ class Export:
 
 @dataclass
 class Render:
-    """Render a checkpoint's scene to an image (.png) or a turntable (.mp4/.gif), with any shading
+    """Render the scene of a run to an image (.png) or a turntable (.mp4/.gif), with any shading
     and light (no prior is loaded)."""
 
-    checkpoint: Annotated[Path, tyro.conf.Positional]
+    checkpoint: Annotated[Path, tyro.conf.Positional, tyro.conf.arg(metavar="RUN")]
+    """a run folder or a checkpoint file"""
     out: Path = Path("render.png")
     overwrite: bool = False
     mode: str = "lit"
     """lit, textureless, albedo, normals or depth"""
     size: int = 256
+    """pixels per side, 16 to 1024"""
     azimuth: float = 30.0
     elevation: float = 20.0
     distance: float = 1.9
@@ -112,22 +134,24 @@ class Render:
     light_intensity: float = 0.75
     ambient: float = 0.2
     frames: int = 36
+    """turntable frames, 1 to 360 (and frames x size^2 at most 360 x 512^2)"""
 
 
 @dataclass
 class App:
-    """Start the web page and the live 3D viewer (the same as ``python -m app``)."""
+    """Start the web page and the live 3D viewer: python -m app with the arguments that follow
+    (dreamfusion app --help lists them)."""
 
-    host: str = "127.0.0.1"
-    """address both servers bind (0.0.0.0 exposes them; GRADIO_SERVER_NAME sets the default)"""
-    port: int = 7860
-    viewer_port: int = 8080
-    no_viewer: bool = False
-    runs_dir: str = "runs/app"
-    max_concurrent: int = 1
-    max_runs_kept: int = 20
-    threads: int = 1
-    device: str | None = None
+
+class CommandStopped(Exception):
+    """A command that ended early: its one line for the user and its exit status."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
+# ----------------------------------------------------------------------------- generate
 
 
 def train_config(args: RunOptions) -> TrainConfig:
@@ -137,75 +161,234 @@ def train_config(args: RunOptions) -> TrainConfig:
                          guidance_scale=args.cfg, render_size=args.resolution, device=args.device)
 
 
-def run_generate(args: Generate) -> Path:
-    """``dreamfusion generate``: train, then write the run folder through a staging folder."""
-    import torch
+def check_run_options(args: RunOptions) -> None:
+    if args.threads < 0:
+        raise ValueError(f"threads must be 0 (torch's default) or more, got {args.threads}")
+    if args.checkpoint_every < 0:
+        raise ValueError(f"--checkpoint-every must be 0 (only when stopped) or more steps, got {args.checkpoint_every}")
 
-    from .runs import staged_output, validate_export, write_run
-    from .trainer import Trainer, validate_config, validate_prompt
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+@dataclass(frozen=True)
+class GeneratePlan:
+    """What ``generate`` will do, decided (and every input checked) before anything is loaded."""
+
+    prompt: str
+    cfg: TrainConfig
+    export: ExportOptions
+    out: Path
+    overwrite: bool
+    resume_from: Path | None = None
+
+
+def resume_target(path: Path) -> tuple[Path, Path]:
+    """(the run's folder DIR, the checkpoint to continue) for ``--resume PATH``: a run folder (a
+    stopped run's checkpoint in DIR.partial first, else a finished run's), its staging folder, or
+    a checkpoint file."""
+    from .checkpoint import CHECKPOINT_FILE
+    from .files import staging_folder
+    from .runs import stopped_checkpoint
+
+    path = Path(path)
+    if not path.exists() and staging_folder(path).is_dir():  # a stopped run that was never finished: only DIR.partial exists
+        path = staging_folder(path)
+    if not path.exists():
+        raise ValueError(f"nothing to resume at {path}: give the run's folder (its --out) or its checkpoint")
+    folder = path.parent if path.is_file() else path
+    out = folder.with_name(folder.name.removesuffix(".partial")) if folder.name.endswith(".partial") else folder
+    if path.is_file():
+        return out, path
+    checkpoint = stopped_checkpoint(out) or (out / CHECKPOINT_FILE if (out / CHECKPOINT_FILE).is_file() else None)
+    if checkpoint is None:
+        raise ValueError(f"{path} holds no run to resume (no {CHECKPOINT_FILE} in {out} or {out}.partial)")
+    return out, checkpoint
+
+
+def settings_given_with_resume(args: Generate, prompt: str) -> list[str]:
+    """The options of ``args`` that would change a resumed run's own settings."""
+    from .config import validate_prompt
+
+    given = [f"--{name}" for name in ("seed", "guidance", "model", "cfg", "resolution") if getattr(args, name) is not None]
+    if args.advanced != TrainConfig():
+        given.append("--advanced.*")
+    if args.prompt != DEFAULT_PROMPT and validate_prompt(args.prompt) != prompt:
+        given.append("a prompt")
+    return given
+
+
+def recorded_export(folder: Path) -> ExportOptions | None:
+    """The export options a run recorded in its config.json (None: no such file)."""
+    import json
+
+    from .config import dataclass_from_dict
+
+    path = folder / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        return dataclass_from_dict(ExportOptions, json.loads(path.read_text()).get("export", {}), "export")
+    except (ValueError, AttributeError) as exc:
+        raise ValueError(f"{path} is not a run's config.json ({exc}); give the --export.* options again") from None
+
+
+def plan_resume(args: Generate) -> GeneratePlan:
+    """``--resume``: a stopped run continues in its own folder to its step count (or --steps); a
+    finished one continues into a new --out, with --steps above its own."""
+    from .checkpoint import read_checkpoint_info
+    from .config import validate_config, validate_export
+    from .files import staging_folder
+    from .runs import check_output
+
+    source, checkpoint = resume_target(args.resume)
+    info = read_checkpoint_info(checkpoint)
+    given = settings_given_with_resume(args, info.prompt)
+    if given:
+        raise ValueError(f"--resume continues the run with its own prompt and settings; leave out {', '.join(given)} "
+                         "(--steps, --device, --threads, --quiet, --checkpoint-every, --out and --export.* may be given)")
+    total = info.total_steps if args.steps is None else args.steps
+    if total < info.total_steps:
+        raise ValueError(f"the run has {info.total_steps} steps; --steps may raise that, not lower it (got {total})")
+    stopped = checkpoint.resolve().parent == staging_folder(source).resolve()
+    if stopped:
+        out = source
+        if args.out is not None and Path(args.out).resolve() != out.resolve():
+            raise ValueError(f"--resume continues the stopped run in {out}; leave out --out (or give that folder)")
+    else:
+        if total <= info.step or args.out is None:
+            raise ValueError(f"{checkpoint} is a finished run ({info.step} of {info.total_steps} steps); to train it further give "
+                             f"--steps above {info.step} and a new --out")
+        out = Path(args.out)
+    cfg = replace(info.cfg, steps=total, device=args.device or info.cfg.device)
+    validate_config(cfg)
+    export = args.export
+    if export == ExportOptions():  # the options the run was started with, unless others are given
+        export = recorded_export(checkpoint.parent) or export
+        validate_export(export)
+    check_output(out, args.overwrite, resume=stopped)
+    return GeneratePlan(info.prompt, cfg, export, out, overwrite=args.overwrite, resume_from=checkpoint)
+
+
+def plan_generate(args: Generate) -> GeneratePlan:
+    """Every check of ``generate``'s input, torch-free: the settings, the export options, the
+    output folder, and for ``--resume`` the checkpoint's header and settings."""
+    from .config import validate_config, validate_export, validate_prompt
+    from .runs import check_output
+
+    check_run_options(args)
+    validate_export(args.export)
+    if args.resume is not None:
+        return plan_resume(args)
     prompt = validate_prompt(args.prompt)
     cfg = train_config(args)
     validate_config(cfg)
-    validate_export(args.export)
-    with staged_output(args.out, args.overwrite) as staging:
-        messages: list[str] = []
-        trainer = Trainer(cfg, prompt, on_message=lambda m: (messages.append(m), print(f"note: {m}", file=sys.stderr)))
-        unknown = trainer.guidance.vocabulary_note(prompt)
-        if unknown:
-            trainer.on_message(unknown)
-        start = time.perf_counter()
-        if args.quiet:
-            trainer.run()
-        else:
-            from tqdm import tqdm
+    out = Path(args.out) if args.out is not None else DEFAULT_OUT
+    check_output(out, args.overwrite)
+    return GeneratePlan(prompt, cfg, args.export, out, args.overwrite)
 
-            with tqdm(total=trainer.total_steps, desc=prompt[:40], unit="it", dynamic_ncols=True) as bar:
-                trainer.callbacks.append(lambda m: (bar.update(1), bar.set_postfix(loss=f"{m['loss']:.3g}", occ=f"{m['occupancy']:.2f}")))
-                trainer.run()
-        seconds = time.perf_counter() - start
-        timing = {"seconds": seconds, "iterations": trainer.step_count, "it_per_s": trainer.step_count / max(seconds, 1e-9), "notes": messages}
-        write_run(trainer, staging, args.export, timing)
-    print(f"wrote {args.out} ({trainer.step_count} iterations in {seconds:.0f} s, {timing['it_per_s']:.1f} it/s)")
-    return args.out
+
+def stop_message(out: Path, exc: BaseException) -> CommandStopped:
+    """The one line for a run that was stopped (by a signal) or failed, with its checkpoint, if
+    one was kept: where it is and how to continue."""
+    from .checkpoint import CheckpointError, read_checkpoint_info
+    from .runs import stopped_checkpoint
+
+    checkpoint = stopped_checkpoint(out)
+    kept = None
+    if checkpoint is not None:
+        try:
+            info = read_checkpoint_info(checkpoint)
+            kept = f"the checkpoint of step {info.step} of {info.total_steps} is {checkpoint}; continue with: dreamfusion generate --resume {out}"
+        except CheckpointError:
+            kept = f"{checkpoint} is kept but unreadable"
+    if isinstance(exc, KeyboardInterrupt):
+        signum = getattr(exc, "signum", signal.SIGINT)
+        status = 128 + int(signum)
+        if kept is None:
+            return CommandStopped(f"interrupted ({signal.Signals(signum).name}) before the first checkpoint; nothing was written to {out}", status)
+        return CommandStopped(f"interrupted ({signal.Signals(signum).name}): {kept}", status)
+    return CommandStopped(f"error: {error_text(exc)}" + (f"; {kept}" if kept else ""), 1 if isinstance(exc, OSError) else 2)
+
+
+def run_generate(args: Generate) -> Path:
+    """``dreamfusion generate``: train, then write the run folder through a staging folder."""
+    plan = plan_generate(args)
+    from .pipeline import generate
+
+    try:
+        result = generate(plan.prompt, plan.cfg, plan.export, plan.out, overwrite=plan.overwrite, resume_from=plan.resume_from,
+                          checkpoint_every=args.checkpoint_every, threads=args.threads, progress=not args.quiet, stop_on_signal=True,
+                          on_message=lambda m: print(f"note: {m}", file=sys.stderr))
+    except (KeyboardInterrupt, OSError, MemoryError) as exc:
+        raise stop_message(plan.out, exc) from None
+    t = result.timing
+    resumed = f"; {result.steps - t['resumed_at']} after resuming at step {t['resumed_at']}," if "resumed_at" in t else ""
+    print(f"wrote {plan.out} ({result.steps} iterations{resumed} in {t['seconds']:.0f} s, {t['it_per_s']:.1f} it/s)")
+    return plan.out
+
+
+# ----------------------------------------------------------------------------- export and render
 
 
 def run_export(args: Export) -> Path:
-    from .checkpoint import load_scene, read_checkpoint
-    from .runs import export_renderer, staged_output, validate_export
+    from .checkpoint import checkpoint_in, read_checkpoint_info
+    from .config import validate_export
+    from .runs import check_output
 
-    # every check that can fail on bad input comes before anything is created
+    # every check that can fail on bad input comes before anything is created or loaded
     validate_export(args.export)
-    read_checkpoint(args.checkpoint)
+    checkpoint = checkpoint_in(args.checkpoint)
+    read_checkpoint_info(checkpoint)
+    check_output(args.out, args.overwrite)
+
+    from .checkpoint import load_scene
+    from .runs import export_renderer, staged_output
+
     with staged_output(args.out, args.overwrite) as staging:
-        scene, _, _ = load_scene(args.checkpoint)
+        scene, _, _ = load_scene(checkpoint)
         for note in export_renderer(scene, staging, args.export):
             print(f"note: {note}", file=sys.stderr)
     print(f"wrote {args.out}")
     return args.out
 
 
+def check_render(args: Render) -> None:
+    from .config import SHADING_MODES, validate_turntable
+
+    if args.mode not in SHADING_MODES:
+        raise ValueError(f"unknown shading mode {args.mode!r}; valid modes: {', '.join(SHADING_MODES)}")
+    suffix = args.out.suffix.lower()
+    if suffix not in (".png", ".mp4", ".gif"):
+        raise ValueError(f"output must end in .png, .mp4 or .gif, got {args.out.name!r}")
+    if not 16 <= args.size <= 1024:
+        raise ValueError(f"size must be between 16 and 1024 pixels, got {args.size}")
+    if suffix != ".png":
+        validate_turntable(args.frames, args.size)
+    angles = (args.azimuth, args.elevation, args.light_elevation) + (() if args.light_azimuth is None else (args.light_azimuth,))
+    if not all(math.isfinite(a) for a in angles):
+        raise ValueError("camera and light angles must be finite numbers of degrees")
+    if not 0.5 <= args.distance <= 100:
+        raise ValueError(f"distance must be between 0.5 and 100, got {args.distance}")
+    if not (0 <= args.light_intensity <= 10 and 0 <= args.ambient <= 10):
+        raise ValueError(f"light intensity and ambient must be between 0 and 10, got {args.light_intensity} and {args.ambient}")
+    if args.out.exists() and not args.overwrite:
+        raise ValueError(f"{args.out} already exists; pass --overwrite to replace it")
+
+
 def run_render(args: Render) -> Path:
+    from .checkpoint import checkpoint_in, read_checkpoint_info
+
+    check_render(args)
+    checkpoint = checkpoint_in(args.checkpoint)
+    read_checkpoint_info(checkpoint)
+
     import imageio.v3 as iio
     import torch
 
     from .cameras import VIEW_FOCAL, Cameras, Lights, make_cameras, spherical_to_position
     from .checkpoint import load_scene
     from .export import save_turntable, to_uint8
-    from .shading import SHADING_MODES
+    from .files import atomic_write
 
-    if args.mode not in SHADING_MODES:
-        raise ValueError(f"unknown shading mode {args.mode!r}; valid modes: {', '.join(SHADING_MODES)}")
-    if not 16 <= args.size <= 1024:
-        raise ValueError(f"size must be between 16 and 1024 pixels, got {args.size}")
-    suffix = args.out.suffix.lower()
-    if suffix not in (".png", ".mp4", ".gif"):
-        raise ValueError(f"output must end in .png, .mp4 or .gif, got {args.out.name!r}")
-    if args.out.exists() and not args.overwrite:
-        raise ValueError(f"{args.out} already exists; pass --overwrite to replace it")
-    scene, _, _ = load_scene(args.checkpoint)
+    scene, _, _ = load_scene(checkpoint)
 
     def lights_for(cams: Cameras) -> Lights:
         n = len(cams)
@@ -219,82 +402,108 @@ def run_render(args: Render) -> Path:
         with torch.no_grad():
             return scene.render(cams, lights_for(cams), args.size, args.size, args.mode)["image"].clamp(0, 1)
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    if suffix == ".png":
+    if args.out.suffix.lower() == ".png":
         img = render(make_cameras(args.azimuth, args.elevation, args.distance, VIEW_FOCAL))[0]
-        tmp = args.out.with_name(args.out.name + ".tmp.png")
-        iio.imwrite(tmp, to_uint8(img))
-        tmp.replace(args.out)
+        atomic_write(args.out, lambda tmp: iio.imwrite(tmp, to_uint8(img), extension=".png"))
     else:
         save_turntable(render, args.out, frames=args.frames, size=args.size)
     print(f"wrote {args.out}")
     return args.out
 
 
-def run_app(args: App) -> None:
-    from app.__main__ import main as app_main
-
-    argv = ["--host", args.host, "--port", str(args.port), "--viewer-port", str(args.viewer_port), "--runs-dir", args.runs_dir,
-            "--max-concurrent", str(args.max_concurrent), "--max-runs-kept", str(args.max_runs_kept), "--threads", str(args.threads)]
-    argv += ["--no-viewer"] if args.no_viewer else []
-    argv += ["--device", args.device] if args.device else []
-    app_main(argv)
+# ----------------------------------------------------------------------------- batch, app, train-prior
 
 
 def run_batch(args: Batch) -> int:
     """``dreamfusion batch``: the exit status is the number of failed prompts (130: interrupted)."""
-    from dataclasses import fields
-
-    from .batch import ClusterOptions, import_ray, read_prompts, report
-    from .batch import run_batch as run_prompts
+    from .batch.prompts import read_prompts
+    from .batch.run import run_batch as run_prompts
+    from .batch.summary import report
+    from .batch.tasks import ClusterOptions, import_ray
 
     import_ray("dreamfusion batch")  # without the extra, say how to install it before anything else
+    check_run_options(args)
     prompts = read_prompts(args.prompts)
-    template = Generate(**{f.name: getattr(args, f.name) for f in fields(RunOptions)})
+    if args.device is None and args.gpus_per_run and args.advanced.device == "cpu":
+        args = replace(args, device="cuda")  # a run that asks Ray for a GPU uses it
     cluster = ClusterOptions(address=args.address, cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run,
                              max_parallel=args.max_parallel)
-    result = run_prompts(prompts, args.out, template, cluster, overwrite=args.overwrite, prompt_file=args.prompts, quiet=args.quiet)
+    result = run_prompts(prompts, args.out, train_config(args), args.export, cluster, threads=args.threads, overwrite=args.overwrite,
+                         prompt_file=args.prompts, quiet=args.quiet, checkpoint_every=args.checkpoint_every)
     print(report(result, args.out))
     return result.exit_status
 
 
+def run_app(argv: list[str]) -> None:
+    """``dreamfusion app ...``: this process becomes ``python -m app ...`` (the app's own options
+    and --help; the library never imports the app)."""
+    os.execv(sys.executable, [sys.executable, "-m", "app", *argv])
+
+
 def run_train_prior(cfg: TrainPriorConfig) -> Path:
+    from .config import validate_train_prior
+
+    validate_train_prior(cfg)
     from .prior.train import train_prior
 
     return train_prior(cfg)
 
 
 COMMANDS = {"generate": (Generate, run_generate), "batch": (Batch, run_batch), "export": (Export, run_export),
-            "render": (Render, run_render), "app": (App, run_app), "train-prior": (TrainPriorConfig, run_train_prior)}
+            "render": (Render, run_render), "app": (App, None), "train-prior": (TrainPriorConfig, run_train_prior)}
 
 
-def quiet_libraries() -> None:
-    """Model-loading progress bars of transformers/diffusers would bury our own output."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
+# ----------------------------------------------------------------------------- errors
 
-    transformers_logging.disable_progress_bar()
-    diffusers_logging.disable_progress_bar()
+
+def error_text(exc: BaseException) -> str:
+    """One line for an error: an ``OSError`` as 'what: file', anything else as its message."""
+    if isinstance(exc, MemoryError):
+        return "out of memory; try smaller settings (--resolution, --advanced.field.resolution, --export.*)"
+    if isinstance(exc, OSError) and exc.strerror:
+        where = exc.filename if exc.filename2 is None else f"{exc.filename} -> {exc.filename2}"
+        return f"{exc.strerror}: {where}" if where is not None else exc.strerror
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def user_error(exc: BaseException) -> bool:
+    """Bad input or a failing file system, told in one line: ``ValueError`` (settings, checkpoints,
+    folders in use), ``OSError``, a prior that cannot load (``GuidanceError``) and safetensors' own
+    errors. Looked up in ``sys.modules``: a module never imported raised nothing."""
+    if isinstance(exc, (ValueError, OSError, MemoryError)):
+        return True
+    kinds = [getattr(sys.modules.get(name), attr, None) for name, attr in (("dreamfusion.guidance.base", "GuidanceError"),
+                                                                          ("safetensors", "SafetensorError"))]
+    return any(kind is not None and isinstance(exc, kind) for kind in kinds)
+
+
+def raise_interrupted(signum: int, frame: object) -> None:
+    raise Interrupted(signum)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["app"]:
+        run_app(argv[1:])
     args = tyro.extras.subcommand_cli_from_dict({name: cls for name, (cls, _) in COMMANDS.items()}, args=argv, prog="dreamfusion")
     handler = next(fn for cls, fn in COMMANDS.values() if type(args) is cls)
-    from .checkpoint import CheckpointError
-    from .guidance import GuidanceError
-
-    if handler is not run_batch:  # a batch loads no model here: its workers quiet their own
-        quiet_libraries()
+    previous = signal.signal(signal.SIGTERM, raise_interrupted)  # SIGTERM ends a command as Ctrl-C does: cleanly, in one line
     try:
         status = handler(args)
-    except (ValueError, GuidanceError, CheckpointError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        kept = "finished runs are kept in the batch folder" if handler is run_batch else "nothing was written to the output folder"
-        print(f"error: interrupted; {kept}", file=sys.stderr)
-        return 130
+    except CommandStopped as exc:
+        print(str(exc), file=sys.stderr)
+        return exc.status
+    except KeyboardInterrupt as exc:
+        kept = "finished runs are kept in the batch folder" if handler is run_batch else "nothing was written"
+        print(f"interrupted; {kept}", file=sys.stderr)
+        return 128 + int(getattr(exc, "signum", signal.SIGINT))
+    except Exception as exc:
+        if not user_error(exc):
+            raise
+        print(f"error: {error_text(exc)}", file=sys.stderr)
+        return 1 if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError) else 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return status if type(status) is int else 0  # a command that counts failures (batch) says how many
 
 

@@ -14,9 +14,20 @@ from pathlib import Path
 
 ASSET_DIR = Path(__file__).resolve().parents[1] / "assets" / "prior"
 """the shipped embedded prior (a snapshot of a training run: weights, config, vocabulary, samples)"""
-TRAINING_PRIOR_DIR = ASSET_DIR.parent / "prior_v2"
-"""the prior in training: its resume state, what ``train-prior`` continues by default"""
+TRAINING_PRIOR_DIR = ASSET_DIR.parent / "prior_training"
+"""the resume state of the prior in training (raw weights and log), what ``train-prior`` continues
+by default; the EMA weights and config that go with it are the shipped prior's while the two are
+at the same step, and only a prior trained further keeps its own here"""
 MAX_RENDER_SIZE = 512
+MAX_SEED = 2**63 - 1
+"""seeds are 0..2^63 - 1, what ``torch.Generator.manual_seed`` takes without wrapping"""
+MAX_STEPS = 1_000_000
+MAX_IMAGE_SIZE = 1024
+"""largest side of a rendered image or turntable frame, in pixels"""
+MAX_TURNTABLE_FRAMES = 360
+MAX_TURNTABLE_PIXELS = 360 * 512 * 512
+"""a turntable is held in memory whole before it is encoded: frames x size^2 stays under this
+(about 280 MB of RGB)"""
 
 
 # ----------------------------------------------------------------------------- cameras
@@ -45,12 +56,14 @@ class CameraConfig:
     shown values its training images could hold"""
 
 
-#: the distribution the first embedded prior (v1) was trained on: wider framing, elevation from -10,
-#: light + ambient up to 1.2. For comparisons with that prior.
+#: the distribution of a version-1 prior folder, whose config.json predates the camera field: wider
+#: framing, elevation from -10, light + ambient up to 1.2
 LEGACY_CAMERA = CameraConfig(elevation_range=(-10.0, 90.0), distance_range=(1.6, 2.1), focal_range=(0.95, 1.25), zoom_range=None,
                              light_intensity_range=(0.6, 0.9), ambient_range=(0.1, 0.3))
 
 
+#: what a render can show: lit (Lambertian), textureless (white albedo, lit), albedo, normals, depth
+SHADING_MODES = ("lit", "textureless", "albedo", "normals", "depth")
 #: probabilities of the lit, textureless and albedo shading modes: the prior's training renders
 #: and SDS training draw from the same
 SHADING_PROBS = (0.6, 0.2, 0.2)
@@ -117,23 +130,20 @@ class GuidanceConfig:
     model: str = ""
     """stable-diffusion: a local folder or a hub id; embedded: a folder other than assets/prior"""
     guidance_scale: float | None = None
-    """classifier-free guidance weight w (None: the prior's own default, see dreamfusion.guidance.GUIDANCES)"""
+    """classifier-free guidance weight w (None: the prior's own default, from the guidance registry)"""
     t_min: float = 0.02
     t_max: float = 0.98
     t_max_end: float | None = 0.8
     """anneal t_max linearly to this over the run (None: no annealing, the paper's U(t_min, t_max)
-    throughout). 0.8 since 2026-11-25 (fourth sitting): the run keeps its highest timesteps for
-    most of its length (a dumbbell's two balls need them) and ends without those above 0.8; on the
-    whole list colour error fell 0.088 -> 0.071 (lower on all 15 prompts) and mean IoU rose 0.798
-    -> 0.814 against None. Annealing to 0.5, the default before None, kept the dumbbell one ball
-    (docs/ablations.md)"""
+    throughout): the run keeps its highest timesteps for most of its length (a dumbbell's two balls
+    need them) and ends without the noisiest ones, which pull colours away from the prompt's; lower
+    values leave too few high timesteps to form separate parts (docs/ablations.md)"""
     t_min_start: float | None = 0.7
     """start the run with the lower bound at this and lower it linearly to t_min over the run (None:
     t_min throughout): high timesteps first, as DreamTime argues. Left out early, the low timesteps
-    cannot erase a part that is still faint. 0.7 since 2026-12-03: the chair gets its backrest (a
-    hit from seeds 0 and 1, a table at None), and on the whole list mean IoU 0.814 -> 0.823, colour
-    error 0.071 -> 0.072, R-Precision 93% either way (docs/ablations.md)"""
+    cannot erase a part that is still faint, such as a chair's backrest (docs/ablations.md)"""
     weighting: str = "sds"
+    """w(t) of the SDS gradient: sds (1 - alpha_bar_t, the paper's) or uniform"""
     draws: int = 1
     """independent (t, eps) draws per render, their gradients averaged: lower-variance SDS at the
     cost of a larger U-Net batch"""
@@ -235,7 +245,7 @@ class ExportOptions:
     level: str = "silhouette"
     """how the surface level is chosen when no threshold is given: silhouette (the level whose
     silhouettes match the renders' opacity > 0.5 from a ring of views) or fixed (opacity 0.5 over a
-    0.15-unit segment, the first version's rule)"""
+    0.15-unit segment)"""
     colour_depth: float = 2.0
     """vertex colours composite the albedo along the normal from this many grid voxels outside the
     surface to as many inside, as a ray sees it: the albedo the renders show, not the unconstrained
@@ -259,8 +269,8 @@ class TrainPriorConfig:
     """Training of the embedded prior."""
 
     out: Path = TRAINING_PRIOR_DIR
-    """folder for config, weights, resume state, log and sample grid (default: the prior in training,
-    assets/prior_v2; the shipped assets/prior is a snapshot of it taken when it measured better)"""
+    """folder for config, weights, resume state, log and sample grid; a folder that holds a resume
+    state is continued (default: the prior in training, whose snapshot is the shipped assets/prior)"""
     steps: int = 20000
     """total optimiser steps (a resumed run continues up to this)"""
     batch: int = 64
@@ -276,7 +286,7 @@ class TrainPriorConfig:
     view_label_dropout: float = 0.0
     """probability that a (non-empty) caption is trained without its view label, the phrase alone: the
     camera must then come from the render conditions, which a camera-aware prior otherwise leaves to
-    the label's three words (0: always with it, as before)"""
+    the label's three words (0: always with it)"""
     condition_dropout: float = 0.1
     """camera-aware prior: probability of dropping the render conditions (independently of the
     caption), so the prior also works from the text alone"""
@@ -284,16 +294,15 @@ class TrainPriorConfig:
     """min-SNR-gamma loss weighting (Hang et al. 2023): min(SNR, gamma) / SNR on the epsilon loss; 0 for plain MSE"""
     high_t_weight_cap: float = 20.0
     """the epsilon loss is also weighted by min(1 / alpha_bar, this): v-prediction's weighting up to a
-    cap, so a wrong image estimate at high t costs what it should (1: off; see prior.train.diffusion_loss;
-    prior v2 from step 4,250, docs/prior.md)"""
+    cap, so a wrong image estimate at high t costs what it should (1: off; see prior.train.diffusion_loss)"""
     high_t_fraction: float = 0.5
     """fraction of each batch whose timesteps are drawn from the upper half of the schedule only
     (the rest from all of it): more of the training where the image is mostly noise, the only place
-    where the camera decides what the prior should draw (0: uniform timesteps; prior v2 from step 3,500)"""
+    where the camera decides what the prior should draw (0: uniform timesteps)"""
     asymmetric_fraction: float = 0.0
     """fraction of training images whose object is drawn from the asymmetric nouns only (mug, chair,
     house, snowman: where every azimuth looks different, so the camera decides the picture); the rest
-    from all nouns (0: every noun equally often, as before)"""
+    from all nouns (0: every noun equally often)"""
     synonyms: bool = True
     """captions also name objects and colours in other words (prior.world.NOUN_WORDS, COLOUR_WORDS)"""
     checkpoint_every: int = 250
@@ -305,36 +314,107 @@ class TrainPriorConfig:
     device: str = "cpu"
 
 
-# ----------------------------------------------------------------------------- validation and (de)serialisation
+# ----------------------------------------------------------------------------- validation
+
+
+def _number(value: float) -> str:
+    """1000000 as '1000000' (not '1e+06'), 0.5 as '0.5'."""
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else f"{value:g}"
+
+
+def _between(what: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise ValueError(f"{what} must be between {_number(low)} and {_number(high)}, got {_number(value)}")
+
+
+def _at_least(what: str, value: float, low: float) -> None:
+    if not value >= low:
+        raise ValueError(f"{what} must be {_number(low)} or more, got {_number(value)}")
+
+
+def _one_of(what: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ValueError(f"unknown {what} {value!r}; use {', '.join(valid[:-1])} or {valid[-1]}")
+
+
+def _range_pair(what: str, pair: tuple[float, float], low: float, high: float) -> None:
+    """A (low, high) range of a random draw: both inside [low, high], in order."""
+    if len(pair) != 2 or not low <= pair[0] <= pair[1] <= high:
+        raise ValueError(f"{what} must be two numbers low <= high within {_number(low)}..{_number(high)}, got {tuple(pair)}")
+
+
+def validate_prompt(prompt: str) -> str:
+    """The prompt with its whitespace normalised; a ``ValueError`` for an empty one."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError("the prompt is empty: describe an object, e.g. 'a red cube'")
+    return " ".join(prompt.split())
+
+
+def validate_seed(seed: int) -> int:
+    """A seed of 0..:data:`MAX_SEED` (the command line, a batch's prompt list and the app take the same)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be a whole number from 0 to 2^63 - 1, got {seed!r}")
+    return seed
+
+
+def validate_camera(cam: CameraConfig) -> None:
+    _range_pair("camera elevation_range (degrees)", cam.elevation_range, -90.0, 90.0)
+    _range_pair("camera azimuth_range (degrees)", cam.azimuth_range, -720.0, 720.0)
+    _range_pair("camera distance_range", cam.distance_range, 1e-3, 100.0)
+    _range_pair("camera focal_range", cam.focal_range, 1e-3, 100.0)
+    if cam.zoom_range is not None:
+        _range_pair("camera zoom_range", cam.zoom_range, 1e-3, 100.0)
+    _between("camera light_jitter", cam.light_jitter, 0.0, 100.0)
+    _range_pair("camera light_intensity_range", cam.light_intensity_range, 0.0, 10.0)
+    _range_pair("camera ambient_range", cam.ambient_range, 0.0, 10.0)
 
 
 def validate_config(cfg: TrainConfig) -> None:
-    """Reject settings that cannot work, each with one clear sentence (``ValueError``)."""
+    """Reject settings that cannot work, each with one clear sentence (``ValueError``). Every size
+    that sets an allocation is bounded here, so a configuration read from a file (a checkpoint's)
+    is refused before anything is allocated for it."""
     if cfg.steps <= 0:
         raise ValueError(f"steps must be positive, got {cfg.steps}")
+    _between("steps", cfg.steps, 1, MAX_STEPS)
+    validate_seed(cfg.seed)
     if not 8 <= cfg.render_size <= MAX_RENDER_SIZE:
         raise ValueError(f"render size must be between 8 and {MAX_RENDER_SIZE} pixels, got {cfg.render_size}")
-    if not 8 <= cfg.field.resolution <= 256:
-        raise ValueError(f"grid resolution must be between 8 and 256, got {cfg.field.resolution}")
-    coarse = list(cfg.field.coarse_resolutions)
-    if any(not 4 <= r < cfg.field.resolution for r in coarse) or coarse != sorted(coarse):
-        raise ValueError(f"coarse resolutions must rise from 4 to below the grid's {cfg.field.resolution}, got {cfg.field.coarse_resolutions}")
-    if cfg.field.blob_fade_steps < 0:
-        raise ValueError(f"blob_fade_steps must be 0 (the blob stays) or more, got {cfg.field.blob_fade_steps}")
-    if cfg.field.density_activation not in ("softplus", "exp"):
-        raise ValueError(f"unknown density activation {cfg.field.density_activation!r}; use softplus or exp")
     if cfg.views <= 0 or cfg.views > 16:
         raise ValueError(f"views per step must be between 1 and 16, got {cfg.views}")
+    _at_least("preview_every", cfg.preview_every, 0)
     if len(cfg.shading_probs) != 3 or min(cfg.shading_probs) < 0 or sum(cfg.shading_probs) <= 0:
         raise ValueError(f"shading probabilities must be three non-negative numbers (lit, textureless, albedo), got {cfg.shading_probs}")
+    validate_camera(cfg.camera)
     if cfg.device not in ("cpu", "mps") and not cfg.device.startswith("cuda"):
         raise ValueError(f"unknown device {cfg.device!r}; use cpu or cuda")
-    if cfg.device.startswith("cuda"):
-        import torch
 
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {cfg.device!r} was asked for but this machine has no CUDA GPU; use --device cpu")
+    f = cfg.field
+    if not 8 <= f.resolution <= 256:
+        raise ValueError(f"grid resolution must be between 8 and 256, got {f.resolution}")
+    coarse = list(f.coarse_resolutions)
+    if any(not 4 <= r < f.resolution for r in coarse) or coarse != sorted(coarse):
+        raise ValueError(f"coarse resolutions must rise from 4 to below the grid's {f.resolution}, got {f.coarse_resolutions}")
+    _between("coarse_fraction", f.coarse_fraction, 0.0, 1.0)
+    _between("the scene's bound", f.bound, 1e-3, 100.0)
+    _between("blob_radius", f.blob_radius, 1e-6, 100.0)
+    _between("blob_density", f.blob_density, -1e4, 1e4)
+    _between("density_shift", f.density_shift, -1e4, 1e4)
+    if f.blob_fade_steps < 0:
+        raise ValueError(f"blob_fade_steps must be 0 (the blob stays) or more, got {f.blob_fade_steps}")
+    if f.density_activation not in ("softplus", "exp"):
+        raise ValueError(f"unknown density activation {f.density_activation!r}; use softplus or exp")
+    _one_of("background", f.background, ("white", "black", "mlp"))
+
+    r = cfg.render
+    _between("samples_per_ray", r.samples_per_ray, 1, 1024)
+    _between("occupancy grid resolution", r.occupancy_resolution, 4, 256)
+    _between("occupancy_threshold", r.occupancy_threshold, 0.0, 1e6)
+    _between("occupancy_update_every", r.occupancy_update_every, 1, MAX_STEPS)
+    _at_least("occupancy_warmup", r.occupancy_warmup, 0)
+    _one_of("sampler", r.sampler, ("auto", "torch", "dense"))
+
     g = cfg.guidance
+    guidance_spec(g.name)
     if not 0 <= g.t_min < g.t_max <= 1:
         raise ValueError(f"need 0 <= t_min < t_max <= 1, got {g.t_min}, {g.t_max}")
     if g.t_max_end is not None and not g.t_min < g.t_max_end <= 1:
@@ -350,6 +430,81 @@ def validate_config(cfg: TrainConfig) -> None:
         raise ValueError(f"guidance scale must be a non-negative number, got {g.guidance_scale}")
     if not 0 <= g.random_background <= 1:
         raise ValueError(f"the random-background fraction must be between 0 and 1, got {g.random_background}")
+    _one_of("SDS weighting", g.weighting, ("sds", "uniform"))
+
+    o = cfg.optim
+    for name in ("lr", "lr_background", "grad_clip"):
+        _between(f"optim.{name}", getattr(o, name), 0.0, 1e6)
+    if o.lr_density is not None:
+        _between("optim.lr_density", o.lr_density, 0.0, 1e6)
+    _between("optim.lr_decay_start", o.lr_decay_start, 0.0, 1.0)
+    _between("optim.lr_final_factor", o.lr_final_factor, 1e-12, 1.0)
+    _between("optim.orientation_ramp", o.orientation_ramp, 0.0, 1.0)
+    for name in (f.name for f in fields(o) if f.name.endswith("_weight")):  # every loss term's
+        _between(f"optim.{name}", getattr(o, name), 0.0, 1e12)
+    _at_least("optim.grad_norm_every", o.grad_norm_every, 0)
+
+    if cfg.device.startswith("cuda"):  # last: the only check that imports torch
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {cfg.device!r} was asked for but this machine has no CUDA GPU; use --device cpu")
+
+
+def validate_turntable(frames: int, size: int) -> None:
+    """Bounds of a turntable (or any image): frames and size, and their product, which is memory."""
+    _between("image size in pixels", size, 16, MAX_IMAGE_SIZE)
+    _between("turntable frames", frames, 1, MAX_TURNTABLE_FRAMES)
+    if frames * size * size > MAX_TURNTABLE_PIXELS:
+        raise ValueError(f"a turntable of {frames} frames at {size} px is too large: frames x size^2 must stay under "
+                         f"{MAX_TURNTABLE_PIXELS:,} (e.g. {MAX_TURNTABLE_PIXELS // (MAX_IMAGE_SIZE * MAX_IMAGE_SIZE)} frames at "
+                         f"{MAX_IMAGE_SIZE} px, {MAX_TURNTABLE_FRAMES} at 512)")
+
+
+def validate_export(opts: ExportOptions) -> None:
+    if opts.fill_voids not in ("none", "enclosed", "axes"):
+        raise ValueError(f"unknown void filling {opts.fill_voids!r}; use none, enclosed or axes")
+    if opts.level not in ("silhouette", "fixed"):
+        raise ValueError(f"unknown surface level rule {opts.level!r}; use silhouette or fixed")
+    if opts.threshold is not None and not (opts.threshold > 0 and math.isfinite(opts.threshold)):
+        raise ValueError(f"the surface threshold must be a positive density, got {opts.threshold}")
+    bad = [f for f in opts.formats if f not in MESH_FORMATS]
+    if bad:
+        raise ValueError(f"unknown mesh format {bad[0]!r}; valid formats: {', '.join(MESH_FORMATS)}")
+    if opts.video not in VIDEO_FORMATS:
+        raise ValueError(f"unknown video format {opts.video!r}; valid formats: {', '.join(VIDEO_FORMATS)}")
+    if not 16 <= opts.mesh_resolution <= 512:
+        raise ValueError(f"mesh resolution must be between 16 and 512, got {opts.mesh_resolution}")
+    _between("colour_depth (voxels)", opts.colour_depth, 0.0, 64.0)
+    if opts.video != "none":
+        _one_of("turntable shading", opts.video_mode, SHADING_MODES)
+        validate_turntable(opts.video_frames, opts.video_size)
+
+
+def validate_train_prior(cfg: TrainPriorConfig) -> None:
+    """Reject settings of ``train-prior`` that cannot work (``ValueError``), before anything is loaded."""
+    _between("steps", cfg.steps, 1, MAX_STEPS)
+    _between("batch", cfg.batch, 1, 4096)
+    _between("lr", cfg.lr, 1e-12, 1.0)
+    if cfg.cooldown < 0 or cfg.warmup < 0:
+        raise ValueError(f"warmup and cooldown must be 0 or more steps, got {cfg.warmup} and {cfg.cooldown}")
+    _between("ema_decay", cfg.ema_decay, 0.0, 1.0)
+    for name in ("caption_dropout", "view_label_dropout", "condition_dropout", "high_t_fraction", "asymmetric_fraction"):
+        value = getattr(cfg, name)
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {value}")
+    _at_least("min_snr", cfg.min_snr, 0.0)
+    _at_least("high_t_weight_cap", cfg.high_t_weight_cap, 0.0)
+    _between("checkpoint_every", cfg.checkpoint_every, 1, MAX_STEPS)
+    _between("grid_every", cfg.grid_every, 1, 10 * MAX_STEPS)
+    _between("threads", cfg.threads, 1, 1024)
+    _at_least("max_minutes", cfg.max_minutes, 0.0)
+    validate_seed(cfg.seed)
+    if cfg.device not in ("cpu", "mps") and not cfg.device.startswith("cuda"):
+        raise ValueError(f"unknown device {cfg.device!r}; use cpu or cuda")
+
+
+# ----------------------------------------------------------------------------- building and (de)serialisation
 
 
 def with_settings(cfg: TrainConfig, *, steps: int | None = None, seed: int | None = None, guidance: str | None = None,
@@ -377,27 +532,123 @@ def config_to_dict(cfg: object) -> dict:
     return asdict(cfg)
 
 
-def _from_dict(cls: type, data: dict) -> object:
-    """A dataclass from a (JSON) dict: nested dataclasses rebuilt, lists back to tuples where the
-    default is a tuple; unknown keys are an error (``TypeError``), missing ones take defaults."""
-    kwargs = {}
-    known = {f.name: f for f in fields(cls)}
-    unknown = set(data) - set(known)
+def _type_name(annotation: object) -> str:
+    """How a setting's type reads in an error: 'int', 'null', 'a list of 2', 'a list'."""
+    import typing
+
+    if annotation is type(None):
+        return "null"
+    if typing.get_origin(annotation) is tuple:
+        args = typing.get_args(annotation)
+        return "a list" if len(args) == 2 and args[1] is Ellipsis else f"a list of {len(args)}"
+    return getattr(annotation, "__name__", None) or str(annotation)
+
+
+def typed_value(annotation: object, value: object, where: str) -> object:
+    """``value`` (read from JSON) as the type ``annotation`` of a config field asks for, or a
+    ``ValueError`` naming the setting: the checks tyro makes of the command line, for settings read
+    from a file. Lists become tuples, whole numbers are floats where a float is asked for, numbers
+    must be finite; a bool is not a number."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        for option in args:
+            try:
+                return typed_value(option, value, where)
+            except ValueError:
+                continue
+        raise ValueError(f"{where}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if annotation is type(None):
+        if value is None:
+            return None
+    elif annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ValueError(f"{where}: expected a finite number, got {value!r}")
+            return float(value)
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+    elif annotation is Path:
+        if isinstance(value, str):
+            return Path(value)
+    elif origin is tuple:
+        if isinstance(value, (list, tuple)):
+            if len(args) == 2 and args[1] is Ellipsis:
+                return tuple(typed_value(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+            if len(value) == len(args):
+                return tuple(typed_value(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
+            raise ValueError(f"{where}: expected {len(args)} values, got {len(value)}")
+    elif annotation is dict or origin is dict:
+        if isinstance(value, dict):
+            return value
+    elif is_dataclass(annotation):
+        if isinstance(value, dict):
+            return dataclass_from_dict(annotation, value, where)
+    else:
+        raise TypeError(f"{where}: no rule for settings of type {annotation!r}")
+    raise ValueError(f"{where}: expected {_type_name(annotation)}, got {value!r}")
+
+
+def dataclass_from_dict(cls: type, data: dict, where: str = "") -> object:
+    """A config dataclass from a (JSON) dict, every value checked against its field's type
+    (:func:`typed_value`); unknown keys are an error, missing ones take defaults. A ``ValueError``
+    names the setting."""
+    import typing
+
+    if not isinstance(data, dict):
+        raise ValueError(f"{where or cls.__name__}: expected a JSON object of settings, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
     if unknown:
-        raise TypeError(f"unknown setting(s) for {cls.__name__}: {', '.join(sorted(unknown))}")
-    defaults = cls()
-    for name, value in data.items():
-        default = getattr(defaults, name)
-        if is_dataclass(default) and isinstance(value, dict):
-            value = _from_dict(type(default), value)
-        elif isinstance(value, list):
-            value = tuple(value)
-        kwargs[name] = value
-    return cls(**kwargs)
+        raise ValueError(f"unknown setting(s) for {cls.__name__}: {', '.join(map(str, unknown))}")
+    return cls(**{name: typed_value(hints[name], value, f"{where}.{name}" if where else name) for name, value in data.items()})
 
 
 def config_from_dict(data: dict) -> TrainConfig:
-    return _from_dict(TrainConfig, data)
+    """A :class:`TrainConfig` from its JSON form, types checked (not ranges: :func:`validate_config`)."""
+    return dataclass_from_dict(TrainConfig, data)
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    """'section.key=value' (or 'key=value' for a top-level setting) -> (path, value), the value
+    read as JSON where it parses (numbers, true/false, null, lists) and as a string otherwise."""
+    import json
+
+    if "=" not in text:
+        raise ValueError(f"--set expects key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """``cfg`` with 'section.key=value' settings applied (the benchmarks' ``--set``), each checked
+    against the typed config: an unknown key or a value of the wrong type is a ``ValueError``."""
+    data = config_to_dict(cfg)
+    for text in overrides or []:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise ValueError(f"--set {text!r}: no settings section {part!r}")
+            node = node[part]
+        if path[-1] not in node:
+            raise ValueError(f"--set {text!r}: no setting {path[-1]!r} there (known: {', '.join(node)})")
+        node[path[-1]] = value
+    return config_from_dict(data)
 
 
 # ----------------------------------------------------------------------------- the guidance registry
@@ -418,10 +669,9 @@ class GuidanceSpec:
 
 
 GUIDANCES: dict[str, GuidanceSpec] = {
-    # 3 for the embedded prior since 2026-12-06: guidance pulls colours away from the truth in
-    # proportion to w (saturated albedo at 10), and at 5 it turns the cubes 20-40 degrees about the
-    # vertical (no stable yaw at 0); with prior v2 at step 16,000+ the white mug no longer vanishes
-    # at 3, as it did with step 3,250 (docs/ablations.md, "The guidance weight again")
+    # embedded, w = 3: guidance pulls colours away from the truth in proportion to w (saturated
+    # albedo at 10), and at 5 it turns the cubes about the vertical (docs/ablations.md, "The guidance
+    # weight again")
     "embedded": GuidanceSpec("embedded", "dreamfusion.guidance.embedded:EmbeddedGuidance", 3.0, True,
                              "the shipped prior of the procedural world: offline, on a CPU"),
     "stable-diffusion": GuidanceSpec("stable-diffusion", "dreamfusion.guidance.stable_diffusion:StableDiffusionGuidance", 100.0, True,

@@ -1,6 +1,7 @@
 """The loss terms beside the guidance, each a pure function of tensors, and the named, weighted,
 scheduled list of them that the trainer sums (as threestudio does): adding or ablating a term
-means a line here and a weight in :class:`~dreamfusion.config.OptimConfig`, not an edit of the loop.
+means a pure function and a line in :func:`loss_terms` here and a weight in
+:class:`~dreamfusion.config.OptimConfig`, not an edit of the loop.
 
 Scale: the guidance's loss is a sum over pixels (its gradient per pixel is O(1)), so the weights
 of per-pixel means below are large; each term's gradient norm can be logged to compare them
@@ -54,24 +55,28 @@ def ramp(fraction_done: float, ramp_fraction: float) -> float:
 
 @dataclass(frozen=True)
 class LossTerm:
-    """A named regulariser: ``value(render_out, field)`` -> scalar tensor and its weight at a
-    point of the run (``weight(fraction_done)``)."""
+    """A named regulariser: ``value(render_out, field)`` -> scalar tensor, its weight ``scale``
+    (a setting of :class:`~dreamfusion.config.OptimConfig`) and its ``schedule`` over the run
+    (fraction done -> multiplier, 1 throughout unless given)."""
 
     name: str
     value: Callable[[dict, torch.nn.Module], torch.Tensor]
-    weight: Callable[[float], float]
+    scale: float
+    schedule: Callable[[float], float] = lambda frac: 1.0
+
+    def weight(self, fraction_done: float) -> float:
+        return self.scale * self.schedule(fraction_done)
 
 
 def loss_terms(cfg: OptimConfig) -> list[LossTerm]:
-    """The regularisers with a non-zero weight under ``cfg``, in a fixed order."""
+    """The regularisers with a non-zero weight under ``cfg``, in a fixed order: the one table of
+    them. A new term is a pure function above, a line here and its weight in ``OptimConfig``."""
     terms = [
-        LossTerm("orientation", lambda out, field: orientation_penalty(out["orientation"]),
-                 lambda frac: cfg.orientation_weight * ramp(frac, cfg.orientation_ramp)),
-        LossTerm("opacity", lambda out, field: opacity_sparsity(out["opacity"]), lambda frac: cfg.opacity_weight),
-        LossTerm("entropy", lambda out, field: opacity_entropy(out["opacity"]), lambda frac: cfg.entropy_weight),
-        LossTerm("tv", lambda out, field: total_variation(field.density_grid), lambda frac: cfg.tv_weight),
-        LossTerm("tv_albedo", lambda out, field: total_variation(field.albedo_grid), lambda frac: cfg.tv_albedo_weight),
+        LossTerm("orientation", lambda out, field: orientation_penalty(out["orientation"]), cfg.orientation_weight,
+                 lambda frac: ramp(frac, cfg.orientation_ramp)),
+        LossTerm("opacity", lambda out, field: opacity_sparsity(out["opacity"]), cfg.opacity_weight),
+        LossTerm("entropy", lambda out, field: opacity_entropy(out["opacity"]), cfg.entropy_weight),
+        LossTerm("tv", lambda out, field: total_variation(field.density_grid), cfg.tv_weight),
+        LossTerm("tv_albedo", lambda out, field: total_variation(field.albedo_grid), cfg.tv_albedo_weight),
     ]
-    weights = {"orientation": cfg.orientation_weight, "opacity": cfg.opacity_weight, "entropy": cfg.entropy_weight,
-               "tv": cfg.tv_weight, "tv_albedo": cfg.tv_albedo_weight}
-    return [t for t in terms if weights[t.name] != 0]
+    return [t for t in terms if t.scale != 0]

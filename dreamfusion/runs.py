@@ -2,6 +2,10 @@
 
 Files are written into ``DIR.partial`` and the folder is moved into place at the end, so an
 interrupted run never leaves a half-written ``DIR`` and never mixes with an earlier run there.
+A run that stops early keeps ``DIR.partial`` if it holds the run's checkpoint (the state it can
+resume from); any other staging folder is removed. One process at a time writes ``DIR``
+(:func:`dreamfusion.files.folder_lock`). Importing this module imports no torch: the command line
+checks an output folder before anything heavy is loaded.
 """
 
 from __future__ import annotations
@@ -15,44 +19,46 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .cameras import default_light
-from .config import MESH_FORMATS, VIDEO_FORMATS, ExportOptions
-from .export import ExportWarning, extract_mesh, save_mesh, save_turntable, silhouette_level, to_uint8
-from .trainer import Trainer, config_to_dict
+from .checkpoint import CHECKPOINT_FILE
+from .config import MESH_FORMATS, VIDEO_FORMATS, ExportOptions, config_to_dict, validate_export  # noqa: F401 - the app imports them from here
+from .files import folder_lock, staging_folder
 
 if TYPE_CHECKING:
     import torch
 
     from .cameras import Cameras
     from .render import Renderer
+    from .trainer import Trainer
 
 
-def validate_export(opts: ExportOptions) -> None:
-    if opts.fill_voids not in ("none", "enclosed", "axes"):
-        raise ValueError(f"unknown void filling {opts.fill_voids!r}; use none, enclosed or axes")
-    if opts.level not in ("silhouette", "fixed"):
-        raise ValueError(f"unknown surface level rule {opts.level!r}; use silhouette or fixed")
-    if opts.threshold is not None and not opts.threshold > 0:
-        raise ValueError(f"the surface threshold must be a positive density, got {opts.threshold}")
-    bad = [f for f in opts.formats if f not in MESH_FORMATS]
-    if bad:
-        raise ValueError(f"unknown mesh format {bad[0]!r}; valid formats: {', '.join(MESH_FORMATS)}")
-    if opts.video not in VIDEO_FORMATS:
-        raise ValueError(f"unknown video format {opts.video!r}; valid formats: {', '.join(VIDEO_FORMATS)}")
-    if not 16 <= opts.mesh_resolution <= 512:
-        raise ValueError(f"mesh resolution must be between 16 and 512, got {opts.mesh_resolution}")
-    if not 16 <= opts.video_size <= 1024 or opts.video_frames <= 0:
-        raise ValueError("turntable size must be 16..1024 pixels and frames positive")
+def stopped_checkpoint(out: Path) -> Path | None:
+    """The checkpoint a stopped run into ``out`` left in its staging folder, if any."""
+    path = staging_folder(out) / CHECKPOINT_FILE
+    return path if path.is_file() else None
 
 
-def prepare_output(out: Path, overwrite: bool) -> Path:
-    """Check the target folder and return the staging folder to write into."""
+def check_output(out: Path, overwrite: bool, resume: bool = False) -> None:
+    """Refuse an output folder that would lose something: a file in its place, a folder with
+    another run (unless ``overwrite``), or the checkpoint of a stopped run into it (unless
+    ``resume`` continues it or ``overwrite`` starts over). Touches nothing."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} exists and is not a folder")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ValueError(f"output folder {out} already exists and is not empty; choose another --out or pass --overwrite")
-    staging = out.with_name(out.name + ".partial")
+    stopped = stopped_checkpoint(out)
+    if stopped is not None and not resume and not overwrite:
+        raise ValueError(f"{staging_folder(out)} holds a stopped run into {out}: continue it with --resume {out}, "
+                         "or pass --overwrite to start over")
+
+
+def prepare_output(out: Path, overwrite: bool, resume: bool = False) -> Path:
+    """Check the target folder (:func:`check_output`) and return the staging folder to write into:
+    kept as it is when ``resume`` continues the stopped run in it, else made empty."""
+    check_output(out, overwrite, resume)
+    staging = staging_folder(out)
+    if resume and stopped_checkpoint(out) is not None:
+        return staging
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
@@ -69,16 +75,19 @@ def finish_output(staging: Path, out: Path) -> Path:
 
 
 @contextmanager
-def staged_output(out: Path, overwrite: bool) -> Iterator[Path]:
-    """Write a run into a staging folder, moved into place only if the block succeeds; on any
-    failure (or Ctrl-C) the staging folder is removed and ``out`` is untouched."""
-    staging = prepare_output(out, overwrite)
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    finish_output(staging, out)
+def staged_output(out: Path, overwrite: bool, resume: bool = False) -> Iterator[Path]:
+    """Write a run into a staging folder, moved into place only if the block succeeds, while
+    holding ``out``'s lock. On any failure (or Ctrl-C) ``out`` is untouched and the staging
+    folder is removed, unless it holds the run's checkpoint: then it stays, to be resumed."""
+    with folder_lock(out):
+        staging = prepare_output(out, overwrite, resume)
+        try:
+            yield staging
+        except BaseException:
+            if not (staging / CHECKPOINT_FILE).is_file():
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
+        finish_output(staging, out)
 
 
 #: the views whose silhouettes decide the surface level: 8 azimuths at 25 degrees below and above
@@ -100,6 +109,8 @@ def silhouette_cameras() -> Cameras:
 def surface_level(scene: Renderer) -> float:
     """The density level of a scene's surface: the one whose silhouettes match its renders
     (:func:`dreamfusion.export.silhouette_level`)."""
+    from .export import silhouette_level
+
     cams = silhouette_cameras().to(scene.field.density_grid.device)
     opacity, peak = scene.opacity_and_max_density(cams, SILHOUETTE_SIZE)
     return silhouette_level(opacity.cpu(), peak.cpu())
@@ -110,6 +121,9 @@ def export_renderer(scene: Renderer, folder: Path, opts: ExportOptions) -> list[
     snapshot or :func:`~dreamfusion.checkpoint.load_scene`'s) into ``folder``. Returns the notes
     for the user (such as a surface level lowered for a faint scene)."""
     import torch
+
+    from .cameras import default_light
+    from .export import ExportWarning, extract_mesh, save_mesh, save_turntable
 
     folder = Path(folder)
     device = scene.field.density_grid.device
@@ -146,23 +160,32 @@ def export_scene(trainer: Trainer, folder: Path, opts: ExportOptions) -> dict[st
     return written
 
 
+def write_config(trainer: Trainer, folder: Path, opts: ExportOptions) -> Path:
+    """``config.json``: the run's prompt, its training settings (the prior's defaults filled in) and
+    its export options, as data."""
+    path = Path(folder) / "config.json"
+    path.write_text(json.dumps({"prompt": trainer.prompt, "train": config_to_dict(trainer.cfg), "export": asdict(opts)}, indent=2, default=str))
+    return path
+
+
 def write_run(trainer: Trainer, folder: Path, opts: ExportOptions, timing: dict | None = None) -> dict[str, Path]:
-    """Everything a run leaves behind: meshes, turntable, checkpoint, config, log and preview.
-    The one writer of a run folder, for the command line and the app alike."""
+    """Everything a run leaves behind: checkpoint, config, log, meshes, turntable and preview.
+    The one writer of a run folder, for the command line and the app alike. The checkpoint comes
+    first: an export that fails (a full disk) leaves the state to resume from."""
     import imageio.v3 as iio
 
+    from .export import to_uint8
+
     folder = Path(folder)
-    written = export_scene(trainer, folder, opts)
-    written["checkpoint"] = trainer.save_checkpoint(folder / "checkpoint.safetensors")
-    written["config"] = folder / "config.json"
-    written["config"].write_text(json.dumps({"prompt": trainer.prompt, "train": config_to_dict(trainer.cfg), "export": asdict(opts)},
-                                            indent=2, default=str))
-    written["log"] = folder / "log.jsonl"
-    with open(written["log"], "w") as f:
+    checkpoint = trainer.save_checkpoint(folder / CHECKPOINT_FILE)
+    config = write_config(trainer, folder, opts)
+    log = folder / "log.jsonl"
+    with open(log, "w") as f:
         for row in trainer.history:
             f.write(json.dumps(row) + "\n")
         if timing:
             f.write(json.dumps({"summary": timing}) + "\n")
-    written["preview"] = folder / "preview.png"
+    written = export_scene(trainer, folder, opts)
+    written.update(checkpoint=checkpoint, config=config, log=log, preview=folder / "preview.png")
     iio.imwrite(written["preview"], to_uint8(trainer.preview(size=128)))
     return written

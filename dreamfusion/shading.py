@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-SHADING_MODES = ("lit", "textureless", "albedo", "normals", "depth")
+from .config import SHADING_MODES  # noqa: F401 - defined with the torch-free settings, used from here too
+
 TRAINING_SHADING_MODES = ("lit", "textureless", "albedo")
 
 

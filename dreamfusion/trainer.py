@@ -32,7 +32,16 @@ from .checkpoint import (
     scene_tensors,
     write_checkpoint,
 )
-from .config import MAX_RENDER_SIZE, OptimConfig, TrainConfig, config_from_dict, config_to_dict, resolve_guidance, validate_config
+from .config import (
+    MAX_RENDER_SIZE,
+    OptimConfig,
+    TrainConfig,
+    config_from_dict,
+    config_to_dict,
+    resolve_guidance,
+    validate_config,
+    validate_prompt,
+)
 from .field import grid_resolution
 from .guidance import Guidance, RenderBatch, load_guidance
 from .losses import loss_terms
@@ -45,12 +54,6 @@ CAMERA_HISTORY = 8
 
 __all__ = ["CAMERA_HISTORY", "CHECKPOINT_VERSION", "MAX_RENDER_SIZE", "CheckpointError", "OptimConfig", "TrainConfig", "Trainer",
            "config_from_dict", "config_to_dict", "lr_factor", "validate_config", "validate_prompt"]
-
-
-def validate_prompt(prompt: str) -> str:
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError("the prompt is empty: describe an object, e.g. 'a red cube'")
-    return " ".join(prompt.split())
 
 
 def lr_factor(fraction_done: float, decay_start: float, final_factor: float) -> float:

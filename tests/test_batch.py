@@ -1,4 +1,4 @@
-"""``dreamfusion batch`` (dreamfusion/batch.py): the prompt list, folder names, the manifest that tells
+"""``dreamfusion batch`` (dreamfusion/batch/): the prompt list, folder names, the manifest that tells
 one batch from another, the cluster checks and the summary as pure functions; then whole batches
 on a real local Ray (one session, 2 CPUs, shared by the module) with the shipped prior and a few
 iterations: three prompts, failures that do not stop the rest, a rerun that skips what is done,
@@ -17,9 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dreamfusion import batch
-from dreamfusion.batch import BatchError, BatchPrompt, ClusterOptions
-from dreamfusion.cli import Generate, main
+from dreamfusion import files
+from dreamfusion.batch import BatchError, manifest, summary, tasks
+from dreamfusion.batch import prompts as prompt_list
+from dreamfusion.batch import run as batch_run
+from dreamfusion.batch.prompts import BatchPrompt
+from dreamfusion.batch.tasks import ClusterOptions
+from dreamfusion.cli import Generate, main, train_config
 
 # a few iterations at small sizes; the fixed surface level finds a surface in a scene this young
 FAST = ["--steps", "4", "--resolution", "32", "--quiet", "--advanced.field.resolution", "24", "--advanced.views", "1",
@@ -38,6 +42,14 @@ def error_line(capsys) -> str:
     return lines[0]
 
 
+def settings_of(args: list[str]) -> tuple:
+    """(TrainConfig, ExportOptions) of command-line options, as ``dreamfusion batch`` builds them."""
+    import tyro
+
+    run = tyro.cli(Generate, args=args)
+    return train_config(run), run.export
+
+
 def read_csv(path: Path) -> list[dict]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
@@ -53,7 +65,7 @@ def write(path: Path, text: str) -> Path:
 
 def test_text_file_one_prompt_a_line(tmp_path):
     path = write(tmp_path / "p.txt", "# my assets\n\na red cube\n   a  Blue   sphere \n# done\na red cube\n\t\n")
-    prompts = batch.read_prompts(path)
+    prompts = prompt_list.read_prompts(path)
     assert [(p.line, p.prompt, p.seed, p.folder, p.error) for p in prompts] == [
         (3, "a red cube", None, "a-red-cube", None),
         (4, "a Blue sphere", None, "a-blue-sphere", None),
@@ -64,7 +76,7 @@ def test_text_file_one_prompt_a_line(tmp_path):
 def test_csv_and_tsv_with_seeds(tmp_path):
     path = write(tmp_path / "p.csv", 'prompt,notes,seed\na red cube,first,3\n"a mug, white",,\n# skipped,,\n,empty,4\na tree,,x\n'
                                      "a red cube,again,7\na red cube,same seed,3\n")
-    got = [(p.line, p.prompt, p.seed, p.folder, p.error) for p in batch.read_prompts(path)]
+    got = [(p.line, p.prompt, p.seed, p.folder, p.error) for p in prompt_list.read_prompts(path)]
     assert got == [
         (2, "a red cube", 3, "a-red-cube-seed-3", None),
         (3, "a mug, white", None, "a-mug-white", None),
@@ -75,91 +87,91 @@ def test_csv_and_tsv_with_seeds(tmp_path):
     ]
     # no header: the second column is the seed; TSV the same with tabs
     plain = write(tmp_path / "q.tsv", "a red cube\t5\na tree\n\n")
-    assert [(p.prompt, p.seed) for p in batch.read_prompts(plain)] == [("a red cube", 5), ("a tree", None)]
-    assert "outside" in batch.read_prompts(write(tmp_path / "r.csv", "a cube,-1\n"))[0].error
+    assert [(p.prompt, p.seed) for p in prompt_list.read_prompts(plain)] == [("a red cube", 5), ("a tree", None)]
+    assert "seed must be a whole number from 0 to 2^63 - 1, got -1" in prompt_list.read_prompts(write(tmp_path / "r.csv", "a cube,-1\n"))[0].error
 
 
 def test_missing_empty_and_unreadable_prompt_files(tmp_path):
     with pytest.raises(BatchError, match="prompt file not found"):
-        batch.read_prompts(tmp_path / "missing.txt")
+        prompt_list.read_prompts(tmp_path / "missing.txt")
     for name, text in (("empty.txt", ""), ("comments.txt", "# nothing\n\n   \n"), ("header.csv", "prompt,seed\n")):
         with pytest.raises(BatchError, match="holds no prompts"):
-            batch.read_prompts(write(tmp_path / name, text))
+            prompt_list.read_prompts(write(tmp_path / name, text))
     (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00a red cube")
     with pytest.raises(BatchError, match="not a UTF-8 text file"):
-        batch.read_prompts(tmp_path / "binary.txt")
+        prompt_list.read_prompts(tmp_path / "binary.txt")
 
 
 def test_slug():
-    assert batch.slug("A Red   Cube!") == "a-red-cube"
-    assert batch.slug("¿¡!") == "prompt"
-    assert len(batch.slug("word " * 40)) <= batch.SLUG_LENGTH and not batch.slug("word " * 40).endswith("-")
+    assert files.slug("A Red   Cube!") == "a-red-cube"
+    assert files.slug("¿¡!") == "prompt"
+    assert len(files.slug("word " * 40)) <= files.SLUG_LENGTH and not files.slug("word " * 40).endswith("-")
 
 
 # ----------------------------------------------------------------------------- the manifest
 
 
-SETTINGS = batch.batch_settings({"steps": 4, "seed": 0, "device": "cpu", "field": {"resolution": 24}}, {"video": "gif"})
+SETTINGS = manifest.batch_settings({"steps": 4, "seed": 0, "device": "cpu", "field": {"resolution": 24}}, {"video": "gif"})
 
 
 def manifest_of(prompts: list[BatchPrompt], settings: dict = SETTINGS) -> dict:
-    prompts = batch.assign_folders(prompts)
-    return batch.batch_manifest(prompts, [None if p.error else (p.seed or 0) for p in prompts], settings)
+    prompts = prompt_list.assign_folders(prompts)
+    return manifest.batch_manifest(prompts, [None if p.error else (p.seed or 0) for p in prompts], settings)
 
 
-def make_batch_folder(out: Path, manifest: dict, finished: list[str]) -> None:
-    batch.prepare_batch_folder(out, manifest, "new")
+def make_batch_folder(out: Path, m: dict, finished: list[str]) -> None:
+    manifest.prepare_batch_folder(out, m, "new")
     for folder in finished:
         (out / folder).mkdir()
 
 
 def test_seed_and_device_are_not_settings():
-    a = batch.batch_settings({"steps": 4, "seed": 0, "device": "cpu"}, {})
-    assert a == batch.batch_settings({"steps": 4, "seed": 9, "device": "cuda"}, {})
-    assert a != batch.batch_settings({"steps": 5, "seed": 0, "device": "cpu"}, {})
+    a = manifest.batch_settings({"steps": 4, "seed": 0, "device": "cpu"}, {})
+    assert a == manifest.batch_settings({"steps": 4, "seed": 9, "device": "cuda"}, {})
+    assert a != manifest.batch_settings({"steps": 5, "seed": 0, "device": "cpu"}, {})
 
 
 def test_output_folder_new_resume_and_another_batch(tmp_path):
     cube, sphere, mug = BatchPrompt(1, "a red cube"), BatchPrompt(2, "a blue sphere"), BatchPrompt(3, "a white mug")
     first = manifest_of([cube, sphere, BatchPrompt(3, "", error="line 3: the prompt is empty")])
     out = tmp_path / "out"
-    assert batch.check_output(out, first, overwrite=False) == "new"
+    assert manifest.check_output(out, first, overwrite=False) == "new"
     out.mkdir()
-    assert batch.check_output(out, first, overwrite=False) == "new"  # empty
+    assert manifest.check_output(out, first, overwrite=False) == "new"  # empty
     make_batch_folder(out, first, ["a-red-cube"])
 
-    assert batch.check_output(out, manifest_of([cube, sphere]), overwrite=False) == "resume"
+    assert manifest.check_output(out, manifest_of([cube, sphere]), overwrite=False) == "resume"
     # the empty line fixed and a prompt added: the finished run still belongs to the list
-    assert batch.check_output(out, manifest_of([cube, sphere, mug]), overwrite=False) == "resume"
+    assert manifest.check_output(out, manifest_of([cube, sphere, mug]), overwrite=False) == "resume"
     # a list without the finished prompt, or with another seed for it: another batch
     for other in ([sphere, mug], [BatchPrompt(1, "a red cube", 5), sphere]):
         with pytest.raises(BatchError, match="holds another batch: its run a-red-cube/"):
-            batch.check_output(out, manifest_of(other), overwrite=False)
-        assert batch.check_output(out, manifest_of(other), overwrite=True) == "replace"
+            manifest.check_output(out, manifest_of(other), overwrite=False)
+        assert manifest.check_output(out, manifest_of(other), overwrite=True) == "replace"
     # other settings: the message says which
-    other = batch.batch_settings({"steps": 6, "seed": 0, "device": "cpu", "field": {"resolution": 24}}, {"video": "none"})
+    other = manifest.batch_settings({"steps": 6, "seed": 0, "device": "cpu", "field": {"resolution": 24}}, {"video": "none"})
     with pytest.raises(BatchError, match=r"other settings \(export.video 'gif' -> 'none', steps 4 -> 6\)"):
-        batch.check_output(out, manifest_of([cube], other), overwrite=False)
+        manifest.check_output(out, manifest_of([cube], other), overwrite=False)
 
     stranger = tmp_path / "stranger"
     stranger.mkdir()
     (stranger / "notes.txt").write_text("mine")
     with pytest.raises(BatchError, match="holds no batch"):
-        batch.check_output(stranger, first, overwrite=False)
-    assert batch.check_output(stranger, first, overwrite=True) == "replace"
-    batch.prepare_batch_folder(stranger, first, "replace")
+        manifest.check_output(stranger, first, overwrite=False)
+    assert manifest.check_output(stranger, first, overwrite=True) == "replace"
+    manifest.prepare_batch_folder(stranger, first, "replace")
     assert sorted(p.name for p in stranger.iterdir()) == ["batch.json"]
     with pytest.raises(BatchError, match="not a folder"):
-        batch.check_output(stranger / "batch.json", first, overwrite=True)
+        manifest.check_output(stranger / "batch.json", first, overwrite=True)
 
 
 def test_prepare_removes_stale_staging_and_records_the_invocation(tmp_path):
     out = tmp_path / "out"
     m = manifest_of([BatchPrompt(1, "a red cube")])
     (out / "a-red-cube.partial").mkdir(parents=True)
-    batch.prepare_batch_folder(out, m, "new")
+    manifest.prepare_batch_folder(out, m, "new")
     assert not (out / "a-red-cube.partial").exists()
-    assert batch.sees_batch_folder(out, m["run_id"]) and not batch.sees_batch_folder(out, "another") and not batch.sees_batch_folder(
+    assert manifest.sees_batch_folder(out, m["run_id"]) and not manifest.sees_batch_folder(out, "another") and not manifest.sees_batch_folder(
         tmp_path / "elsewhere", m["run_id"])
     saved = json.loads((out / "batch.json").read_text())
     assert saved["prompts"] == [{"line": 1, "prompt": "a red cube", "seed": 0, "folder": "a-red-cube"}]
@@ -171,29 +183,29 @@ def test_prepare_removes_stale_staging_and_records_the_invocation(tmp_path):
 
 def test_resources_the_cluster_does_not_have():
     cpu_node, gpu_node = (2.0, 0.0), (8.0, 1.0)
-    batch.check_resources([cpu_node], 1, 0)
-    batch.check_resources([cpu_node], 2, 0)
-    batch.check_resources([cpu_node, gpu_node], 4, 0.5)
+    tasks.check_resources([cpu_node], 1, 0)
+    tasks.check_resources([cpu_node], 2, 0)
+    tasks.check_resources([cpu_node, gpu_node], 4, 0.5)
     with pytest.raises(BatchError, match=r"the cluster has no GPU but each run asks for 1 \(--cpus-per-run 1 --gpus-per-run 1\)"):
-        batch.check_resources([cpu_node], 1, 1)
+        tasks.check_resources([cpu_node], 1, 1)
     with pytest.raises(BatchError, match="no node of the cluster can give one run 3 CPUs and no GPU .* the largest has 2 CPUs and no GPU"):
-        batch.check_resources([cpu_node, cpu_node], 3, 0)  # 4 CPUs in all, but a run needs them on one node
+        tasks.check_resources([cpu_node, cpu_node], 3, 0)  # 4 CPUs in all, but a run needs them on one node
     with pytest.raises(BatchError, match="can give one run 1 CPU and 2 GPUs"):
-        batch.check_resources([gpu_node], 1, 2)
+        tasks.check_resources([gpu_node], 1, 2)
     with pytest.raises(BatchError, match="no live node"):
-        batch.check_resources([], 1, 0)
-    assert batch.node_resources([{"Alive": True, "Resources": {"CPU": 4.0, "GPU": 1.0}}, {"Alive": False, "Resources": {"CPU": 64.0}}]) == [
+        tasks.check_resources([], 1, 0)
+    assert tasks.node_resources([{"Alive": True, "Resources": {"CPU": 4.0, "GPU": 1.0}}, {"Alive": False, "Resources": {"CPU": 64.0}}]) == [
         (4.0, 1.0)]
 
 
 def test_capacity_and_local_cpus():
-    assert batch.capacity([(2.0, 0.0)], 1, 0) == 2
-    assert batch.capacity([(8.0, 2.0), (4.0, 0.0)], 2, 1) == 2  # GPUs bound the first node, the second has none
-    assert batch.capacity([(8.0, 2.0)], 2, 0.5) == 4
-    assert batch.capacity([(1.0, 0.0)], 2, 0) == 1  # never zero: check_resources refuses what cannot run
-    assert batch.local_cpus(ClusterOptions(), cores=2) == 2
-    assert batch.local_cpus(ClusterOptions(max_parallel=4), cores=2) == 4  # asked for 4 at once: they share the cores
-    assert batch.local_cpus(ClusterOptions(cpus_per_run=3, max_parallel=2), cores=2) == 2  # a run bigger than the machine is refused
+    assert tasks.capacity([(2.0, 0.0)], 1, 0) == 2
+    assert tasks.capacity([(8.0, 2.0), (4.0, 0.0)], 2, 1) == 2  # GPUs bound the first node, the second has none
+    assert tasks.capacity([(8.0, 2.0)], 2, 0.5) == 4
+    assert tasks.capacity([(1.0, 0.0)], 2, 0) == 1  # never zero: check_resources refuses what cannot run
+    assert tasks.local_cpus(ClusterOptions(), cores=2) == 2
+    assert tasks.local_cpus(ClusterOptions(max_parallel=4), cores=2) == 4  # asked for 4 at once: they share the cores
+    assert tasks.local_cpus(ClusterOptions(cpus_per_run=3, max_parallel=2), cores=2) == 2  # a run bigger than the machine is refused
 
 
 def free_port() -> int:
@@ -203,17 +215,17 @@ def free_port() -> int:
 
 
 def test_addresses():
-    assert batch.parse_address("10.0.0.5:6379") == ("10.0.0.5", 6379)
-    assert batch.parse_address("ray://head.example:10001") == ("head.example", 10001)
+    assert tasks.parse_address("10.0.0.5:6379") == ("10.0.0.5", 6379)
+    assert tasks.parse_address("ray://head.example:10001") == ("head.example", 10001)
     for bad in ("nonsense", "host:", ":6379", "ray://host", "host:99999"):
         with pytest.raises(BatchError, match="cannot read the Ray address"):
-            batch.parse_address(bad)
+            tasks.parse_address(bad)
     port = free_port()
     with pytest.raises(BatchError, match=rf"cannot reach a Ray cluster at ray://127.0.0.1:{port} \(.*\); start one with `ray start --head`"):
-        batch.probe_address(f"ray://127.0.0.1:{port}", timeout=2.0)
+        tasks.probe_address(f"ray://127.0.0.1:{port}", timeout=2.0)
     for bad in (ClusterOptions(cpus_per_run=0), ClusterOptions(gpus_per_run=-1), ClusterOptions(max_parallel=-2)):
         with pytest.raises(BatchError):
-            batch.validate_cluster(bad)
+            tasks.validate_cluster(bad)
 
 
 # ----------------------------------------------------------------------------- the summary
@@ -226,16 +238,16 @@ def test_summary_files_and_contact_sheet(tmp_path):
     (out / "a-red-cube").mkdir(parents=True)
     Image.new("RGB", (128, 128), (200, 30, 30)).save(out / "a-red-cube" / "preview.png")
     cube, bad = BatchPrompt(1, "a red cube", folder="a-red-cube"), BatchPrompt(2, "", error="line 2: the prompt is empty")
-    rows = [batch.summary_row(cube, 0, "ok", 12.5, 100), batch.summary_row(bad, None, "failed", error=bad.error),
-            batch.summary_row(BatchPrompt(3, "a tree", folder="a-tree"), 0, "cancelled", error="interrupted")]
-    csv_path, json_path = batch.write_summary(out, rows, {"out": str(out)})
+    rows = [summary.summary_row(cube, 0, "ok", 12.5, 100), summary.summary_row(bad, None, "failed", error=bad.error),
+            summary.summary_row(BatchPrompt(3, "a tree", folder="a-tree"), 0, "cancelled", error="interrupted")]
+    csv_path, json_path = summary.write_summary(out, rows, {"out": str(out)})
     assert [r["status"] for r in read_csv(csv_path)] == ["ok", "failed", "cancelled"]
-    assert list(read_csv(csv_path)[0]) == list(batch.SUMMARY_FIELDS)
+    assert list(read_csv(csv_path)[0]) == list(summary.SUMMARY_FIELDS)
     assert read_csv(csv_path)[0]["folder"] == "a-red-cube" and read_csv(csv_path)[2]["folder"] == ""  # folders only of finished runs
     data = json.loads(json_path.read_text())
     assert data["counts"] == {"ok": 1, "skipped": 0, "failed": 1, "cancelled": 1} and data["rows"][1]["error"] == "line 2: the prompt is empty"
 
-    sheet = np.asarray(Image.open(batch.contact_sheet(out, rows)))
+    sheet = np.asarray(Image.open(summary.contact_sheet(out, rows)))
     assert sheet.shape[1] == 6 + 3 * (128 + 6)
     tile = sheet[6:6 + 128, 6:6 + 128]
     assert np.abs(tile[64, 64].astype(int) - [200, 30, 30]).max() <= 2  # the finished run's preview
@@ -245,10 +257,10 @@ def test_summary_files_and_contact_sheet(tmp_path):
 
 def test_exit_status_counts_failures():
     ok = {"status": "ok"}
-    assert batch.BatchResult([ok, ok], False, 1.0).exit_status == 0
-    assert batch.BatchResult([ok, {"status": "failed"}, {"status": "failed"}, {"status": "failed"}], False, 1.0).exit_status == 3
-    assert batch.BatchResult([{"status": "failed"}] * 300, False, 1.0).exit_status == 100
-    assert batch.BatchResult([ok, {"status": "cancelled"}], True, 1.0).exit_status == 130
+    assert summary.BatchResult([ok, ok], False, 1.0).exit_status == 0
+    assert summary.BatchResult([ok, {"status": "failed"}, {"status": "failed"}, {"status": "failed"}], False, 1.0).exit_status == 3
+    assert summary.BatchResult([{"status": "failed"}] * 300, False, 1.0).exit_status == 100
+    assert summary.BatchResult([ok, {"status": "cancelled"}], True, 1.0).exit_status == 130
 
 
 # ----------------------------------------------------------------------------- without Ray
@@ -266,18 +278,17 @@ def test_without_ray_one_line_says_how_to_install(tmp_path, capsys, monkeypatch)
 def test_a_worker_without_the_batch_folder_sends_the_files_back(tmp_path):
     """On a cluster without a shared filesystem a worker runs into a folder of its own and the
     driver writes the files it sends: the same files as a run straight into the folder."""
-    import tyro
-
     from dreamfusion.config import ExportOptions
 
-    run = tyro.cli(Generate, args=["a red cube", "--out", str(tmp_path / "b" / "a-red-cube"), *FAST, "--threads", "1"])
-    run.export = ExportOptions(formats=("ply",), video="none", mesh_resolution=32, level="fixed")
-    result = batch.generate_task(run, str(tmp_path / "b"), "not-this-invocation")
+    cfg, _ = settings_of(FAST)
+    run = batch_run.PromptRun("a red cube", cfg, ExportOptions(formats=("ply",), video="none", mesh_resolution=32, level="fixed"),
+                              tmp_path / "b" / "a-red-cube", threads=1)
+    result = batch_run.generate_task(run, str(tmp_path / "b"), "not-this-invocation")
     assert result["timing"]["iterations"] == 4
     assert set(result["files"]) == {"checkpoint.safetensors", "config.json", "log.jsonl", "mesh.ply", "preview.png"}
     assert not (tmp_path / "b").exists()  # the worker did not write where it could not see
-    batch.write_sent_files(run.out, result["files"])
-    assert batch.run_complete(run.out) and batch.run_timing(run.out)["iterations"] == 4
+    batch_run.write_sent_files(run.out, result["files"])
+    assert manifest.run_complete(run.out) and manifest.run_timing(run.out)["iterations"] == 4
     assert not list((tmp_path / "b").glob("*.partial"))
 
 
@@ -338,7 +349,7 @@ def test_three_prompts_make_three_complete_folders_and_a_summary(three):
     assert sorted(p.name for p in out.iterdir()) == sorted([*folders, "batch.json", "summary.csv", "summary.json", "contact_sheet.png"])
     for name in folders:  # the files of ``dreamfusion generate``, complete
         assert {p.name for p in (out / name).iterdir()} == RUN_FILES, name
-        assert batch.run_complete(out / name)
+        assert manifest.run_complete(out / name)
     configs = [json.loads((out / name / "config.json").read_text()) for name in folders]
     assert [c["prompt"] for c in configs] == ["a red cube", "a blue sphere", "a red cube"]
     assert all(c["train"]["steps"] == 4 and c["train"]["field"]["resolution"] == 24 and c["export"]["level"] == "fixed" for c in configs)
@@ -402,28 +413,27 @@ def test_failed_prompts_are_recorded_and_the_rest_runs(ray_session, tmp_path, ca
 def test_interruption_keeps_finished_folders_and_a_rerun_does_the_rest(ray_session, tmp_path):
     """Ctrl-C (here: KeyboardInterrupt once the first run is done) cancels the running and waiting
     runs; every folder left is a finished run, and the same command then runs only the rest."""
-    import tyro
 
-    prompts = batch.read_prompts(write(tmp_path / "p.txt", "a red cube\na blue sphere\na white mug\na green cube\n"))
-    template = tyro.cli(Generate, args=FAST)
+    prompts = prompt_list.read_prompts(write(tmp_path / "p.txt", "a red cube\na blue sphere\na white mug\na green cube\n"))
+    cfg, export = settings_of(FAST)
     out = tmp_path / "out"
 
     def interrupt(row: dict) -> None:
         raise KeyboardInterrupt
 
-    result = batch.run_batch(prompts, out, template, ClusterOptions(max_parallel=2), quiet=True, on_done=interrupt, log=lambda s: None)
+    result = batch_run.run_batch(prompts, out, cfg, export, ClusterOptions(max_parallel=2), quiet=True, on_done=interrupt, log=lambda s: None)
     assert result.interrupted and result.exit_status == 130
     statuses = [r["status"] for r in result.rows]
     assert statuses[0] in ("ok", "cancelled") and statuses.count("ok") >= 1 and statuses[2:] == ["cancelled", "cancelled"]
     finished = {r["folder"] for r in result.rows if r["status"] == "ok"}
     assert {p.name for p in out.iterdir() if p.is_dir()} == finished  # no staging folder, no half-written run
-    assert all(batch.run_complete(out / f) for f in finished)
+    assert all(manifest.run_complete(out / f) for f in finished)
     assert [r["status"] for r in read_csv(out / "summary.csv")] == statuses
 
-    again = batch.run_batch(prompts, out, template, ClusterOptions(max_parallel=2), quiet=True, log=lambda s: None)
+    again = batch_run.run_batch(prompts, out, cfg, export, ClusterOptions(max_parallel=2), quiet=True, log=lambda s: None)
     assert not again.interrupted and again.exit_status == 0
     assert [r["status"] for r in again.rows] == ["skipped" if s == "ok" else "ok" for s in statuses]
-    assert all(batch.run_complete(out / p.folder) for p in prompts)
+    assert all(manifest.run_complete(out / p.folder) for p in prompts)
 
 
 def test_a_second_interrupt_while_winding_down_keeps_the_finished_result(ray_session):
@@ -444,7 +454,7 @@ def test_a_second_interrupt_while_winding_down_keeps_the_finished_result(ray_ses
             time.sleep(3)  # task 1 finishes meanwhile
         raise KeyboardInterrupt
 
-    outcomes = batch.run_tasks(work, [(0,), (1,), (2,)], ClusterOptions(max_parallel=3), on_done=interrupt)
+    outcomes = tasks.run_tasks(work, [(0,), (1,), (2,)], ClusterOptions(max_parallel=3), on_done=interrupt)
     assert [o.status for o in outcomes] == ["ok", "ok", "cancelled"] and [outcomes[0].value, outcomes[1].value] == [0, 10]
     assert calls == [0, 1]
 
@@ -456,7 +466,7 @@ def test_a_killed_worker_fails_its_task_only(ray_session):
         return i * 10
 
     seen = []
-    outcomes = batch.run_tasks(work, [(0,), (1,), (2,)], ClusterOptions(max_parallel=2), on_done=lambda o: seen.append(o.index))
+    outcomes = tasks.run_tasks(work, [(0,), (1,), (2,)], ClusterOptions(max_parallel=2), on_done=lambda o: seen.append(o.index))
     assert [o.status for o in outcomes] == ["ok", "failed", "ok"] and [outcomes[0].value, outcomes[2].value] == [0, 20]
     assert "died" in outcomes[1].error or "Crashed" in outcomes[1].error, outcomes[1].error
     assert sorted(seen) == [0, 1, 2]
@@ -489,6 +499,7 @@ def test_benchmark_scores_through_the_batch_engine_match_scoring_each_folder(ray
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import quality
+    import scoring
 
     prompts = write(tmp_path / "bench.txt", "a white mug\tmug\twhite\na red cube\tcube\tred\n")
     out = tmp_path / "results"
@@ -500,6 +511,6 @@ def test_benchmark_scores_through_the_batch_engine_match_scoring_each_folder(ray
     for row, item in zip(data["rows"], quality.parse_benchmark(prompts), strict=True):
         assert row["status"] == "ok", row.get("error")
         assert f"[{row['index']}] {row['prompt']}: IoU {row['iou']:.3f}" in printed
-        direct = quality.score_mesh(trimesh.load(out / row["mesh"], process=False, force="mesh"), item)
+        direct = scoring.score_mesh(trimesh.load(out / row["mesh"], process=False, force="mesh"), item)
         assert {k: row[k] for k in direct} == pytest.approx(direct)
     assert {r["prompt"]: r["status"] for r in read_csv(out / "results.csv")} == {"a white mug": "ok", "a red cube": "ok"}

@@ -19,6 +19,8 @@ sys.path.insert(0, str(BENCH))
 
 import clip_rprecision  # noqa: E402
 import quality  # noqa: E402
+import scoring  # noqa: E402
+import tables  # noqa: E402
 from tiny_sd import write_vocab  # noqa: E402  (tests/ is on sys.path)
 
 from dreamfusion.metrics import true_mesh  # noqa: E402
@@ -76,28 +78,28 @@ def test_score_true_mesh_hits_and_wrong_mesh_misses():
     cube = quality.BenchmarkPrompt("a red cube", "cube", "red", False)
     snowman = quality.BenchmarkPrompt("a snowman", "snowman", None, False)
     for item in (cube, snowman):
-        s = quality.score_mesh(true_mesh(quality.true_object(item), 64), item)
+        s = scoring.score_mesh(true_mesh(scoring.true_object(item), 64), item)
         assert s["iou"] > 0.9 and s["iou_scaled"] > 0.9 and s["hit"] and s["best_noun"] == item.noun
         assert s["colour_error"] < 0.02
         assert s["best_other_iou"] < s["iou"] and 0 < s["sphere_iou"] < 1
-    assert quality.score_mesh(true_mesh(quality.true_object(snowman), 64), snowman)["colour_basis"] == "parts"
+    assert scoring.score_mesh(true_mesh(scoring.true_object(snowman), 64), snowman)["colour_basis"] == "parts"
 
     # a blue sphere scored as "a red cube": a miss, and the colour is wrong
-    sphere = true_mesh(quality.true_object(quality.BenchmarkPrompt("a blue sphere", "sphere", "blue", False)), 64)
-    s = quality.score_mesh(sphere, cube)
+    sphere = true_mesh(scoring.true_object(quality.BenchmarkPrompt("a blue sphere", "sphere", "blue", False)), 64)
+    s = scoring.score_mesh(sphere, cube)
     assert not s["hit"] and s["best_noun"] == "sphere" and s["colour_basis"] == "named"
     assert s["iou"] < 0.8 and s["colour_error"] > 0.3
     # a half-size cube: centred IoU punishes the size, scaled IoU forgives it
-    small = true_mesh(quality.true_object(cube), 64)
+    small = true_mesh(scoring.true_object(cube), 64)
     small.apply_scale(0.5)
-    s = quality.score_mesh(small, cube)
+    s = scoring.score_mesh(small, cube)
     assert s["iou"] < 0.2 and s["iou_scaled"] > 0.9
     # a right cube facing 30 degrees off: a miss by the SPEC's IoU, the facing diagnostic says why
-    turned = true_mesh(quality.true_object(cube), 64)
+    turned = true_mesh(scoring.true_object(cube), 64)
     turned.apply_transform(trimesh.transformations.rotation_matrix(np.deg2rad(30.0), [0, 0, 1]))
-    s = quality.score_mesh(turned, cube)
+    s = scoring.score_mesh(turned, cube)
     assert s["iou"] < 0.75 and s["facing_yaw"] == 30.0 and s["facing_iou"] > 0.9
-    assert f"| HIT | {s['facing_iou']:.3f} (+30) | " in quality.markdown_table([{**_row(1), **s}])
+    assert f"| HIT | {s['facing_iou']:.3f} (+30) | " in tables.markdown_table([{**_row(1), **s}])
 
 
 def _row(index, prompt="a red cube", noun="cube", iou=0.7, hit=True, colour=0.05, basis="named", held_out=False, seconds=100.0, status="ok"):
@@ -115,29 +117,29 @@ def _row(index, prompt="a red cube", noun="cube", iou=0.7, hit=True, colour=0.05
 def test_summary_and_targets():
     rows = [_row(1), _row(2, "a white mug", "mug", iou=0.8), _row(3, "a green cube", iou=0.6, held_out=True),
             _row(4, "a tree", "tree", colour=0.5, basis="parts")]
-    s = quality.summarize(rows)
+    s = scoring.summarize(rows)
     assert s["all"]["n"] == 4 and s["held-out"]["n"] == 1 and s["seen"]["n"] == 3 and s["asymmetric"]["n"] == 1
     assert s["all"]["iou"] == pytest.approx(0.7)
     assert s["all"]["colour_error"] == pytest.approx(0.05)  # the parts-scored tree is not in the colour target
     assert s["all"]["colour_error_parts"] == pytest.approx(0.5)
     assert s["all"]["r_precision"] == 1.0
-    targets = quality.evaluate_targets(rows)
+    targets = scoring.evaluate_targets(rows)
     assert [t["passed"] for t in targets] == [True, True, True, True]
 
     # one wrong shape, one slow prompt: R-Precision 75% and the time target are missed
     rows[1] = _row(2, "a white mug", "mug", iou=0.8, hit=False, seconds=700.0)
-    t = {x["target"]: x for x in quality.evaluate_targets(rows)}
+    t = {x["target"]: x for x in scoring.evaluate_targets(rows)}
     assert not t["geometric R-Precision"]["passed"] and t["geometric R-Precision"]["value"] == 0.75
     assert not t["max minutes per prompt"]["passed"] and t["mean IoU"]["passed"]
 
     # a failed prompt counts as IoU 0, a miss and colour error 1: nothing hides it
     rows = [_row(1, iou=0.9), _row(2, status="error")]
-    s = quality.summarize(rows)["all"]
+    s = scoring.summarize(rows)["all"]
     assert s["failed"] == 1 and s["iou"] == pytest.approx(0.45) and s["r_precision"] == 0.5 and s["colour_error"] == pytest.approx(0.525)
-    assert not any(t["passed"] for t in quality.evaluate_targets(rows))
-    table = quality.markdown_table(rows)
+    assert not any(t["passed"] for t in scoring.evaluate_targets(rows))
+    table = tables.markdown_table(rows)
     assert "FAILED: generation failed: RuntimeError: boom" in table
-    assert not any(t["passed"] for t in quality.evaluate_targets([]))
+    assert not any(t["passed"] for t in scoring.evaluate_targets([]))
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -170,7 +172,9 @@ def test_end_to_end_tiny(tmp_path, tiny_prior_dir, tiny_clip_dir, capsys):
     assert set(data["clip_r_precision"]) == {"lit", "textureless"} and 0 <= data["clip_r_precision"]["lit"] <= 1
     assert 0 <= data["rows"][0]["clip_r_precision"] <= 1 and "CLIP R-Precision among the 2 benchmark captions" in cap.out
     sheet = np.asarray(Image.open(out / "contact_sheet.png"))
-    assert sheet.shape[1] == 4 + 4 * (48 + 4) and sheet.shape[0] > 48
+    from dreamfusion.contact_sheet import PAD
+
+    assert sheet.shape[1] == PAD + 4 * (48 + PAD) and sheet.shape[0] > 48  # the library's contact sheet: 4 tiles a prompt
     assert sheet.std() > 10  # not blank: truth and result frames are drawn
 
 

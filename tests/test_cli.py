@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -345,3 +346,376 @@ def test_finished_files_get_ordinary_permissions(generated):
     for name in ("mesh.glb", "mesh.obj", "mesh.ply", "turntable.gif", "checkpoint.safetensors"):
         mode = (generated / name).stat().st_mode & 0o777
         assert mode == 0o666 & ~mask, (name, oct(mode))
+
+
+# ----------------------------------------------------------------------------- keeping work (issue 35)
+
+REPO = Path(__file__).resolve().parents[1]
+#: a run long enough to be stopped part-way (a few seconds on the tiny prior), small enough to finish fast
+LONG_STEPS = 80
+LONG = [*FAST, "--threads", "1", "--export.formats", "ply", "--export.video", "none"]
+
+
+def cli_env() -> dict:
+    """The environment of a ``python -m dreamfusion.cli`` subprocess: this checkout's code first."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), "HF_HUB_OFFLINE": "1",
+            "OMP_NUM_THREADS": "1"}
+
+
+def start_generate(out: Path, prior: Path, *extra: str, steps: int = LONG_STEPS) -> subprocess.Popen:
+    args = [sys.executable, "-m", "dreamfusion.cli", "generate", "a red cube", "--out", str(out), "--steps", str(steps), *LONG,
+            "--model", str(prior), *extra]
+    return subprocess.Popen(args, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def logged_steps(out: Path) -> int:
+    """Steps the run into ``out`` has logged so far (its staging folder's log.jsonl, one line a step)."""
+    try:
+        return sum(1 for line in (out.with_name(out.name + ".partial") / "log.jsonl").read_text().splitlines() if '"step"' in line)
+    except OSError:
+        return 0
+
+
+def wait_for(condition, proc: subprocess.Popen, timeout: float = 300.0) -> None:
+    """Poll ``condition`` until it holds; fail (with the process's output) if the process ends first."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"the run ended (status {proc.returncode}) before the test could act:\n{out}\n{err}")
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def checkpoint_step(path: Path) -> tuple[int, int]:
+    from dreamfusion.checkpoint import read_checkpoint_info
+
+    info = read_checkpoint_info(path)
+    return info.step, info.total_steps
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, tiny_prior_dir) -> Path:
+    """The reference: the long run, never stopped, in this process."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    assert main(generate_args(out, tiny_prior_dir, *LONG[len(FAST):], steps=LONG_STEPS)) == 0
+    return out
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_stops_the_run_keeps_its_checkpoint_and_resume_ends_where_a_straight_run_ends(tmp_path, tiny_prior_dir, straight, signum):
+    """Ctrl-C or SIGTERM to a real ``dreamfusion generate``: it ends its step, writes its checkpoint
+    into DIR.partial, says so in one line (no traceback) and exits 128 + the signal; ``--resume DIR``
+    then finishes the run, to the same checkpoint and mesh, byte for byte, as a run never stopped."""
+    out = tmp_path / "run"
+    proc = start_generate(out, tiny_prior_dir)
+    wait_for(lambda: logged_steps(out) >= 3, proc)
+    proc.send_signal(signum)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signum, stderr
+    staging = tmp_path / "run.partial"
+    checkpoint = staging / "checkpoint.safetensors"
+    step, total = checkpoint_step(checkpoint)
+    assert 3 <= step < total == LONG_STEPS
+    assert stderr.splitlines() == [f"interrupted ({signal.Signals(signum).name}): the checkpoint of step {step} of {LONG_STEPS} is {checkpoint}; "
+                                   f"continue with: dreamfusion generate --resume {out}"]
+    assert stdout == "" and not out.exists() and not (tmp_path / "run.lock").exists()
+    assert logged_steps(out) == step  # the log holds the steps the checkpoint holds
+
+    assert main(["generate", "--resume", str(out), "--quiet", "--threads", "1"]) == 0
+    assert not staging.exists()
+    for name in ("checkpoint.safetensors", "mesh.ply"):
+        assert (out / name).read_bytes() == (straight / name).read_bytes(), name
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows[:-1]] == list(range(1, LONG_STEPS + 1)) and rows[-1]["summary"]["resumed_at"] == step
+    assert json.loads((out / "config.json").read_text())["export"]["formats"] == ["ply"]  # the export options it was started with
+
+
+def test_kill_9_loses_at_most_checkpoint_every_steps_and_its_stale_lock_is_taken_over(tmp_path, tiny_prior_dir, straight, capsys):
+    """kill -9 leaves no chance to write anything: the periodic checkpoint (every 10 steps here,
+    written atomically) is then at most 10 steps behind the log, the dead run's lock file is still
+    there, a new run into DIR is refused (it would delete the checkpoint) and ``--resume`` takes the
+    lock over and ends where a straight run ends."""
+    out = tmp_path / "run"
+    proc = start_generate(out, tiny_prior_dir, "--checkpoint-every", "10")
+    wait_for(lambda: logged_steps(out) >= 25, proc)
+    proc.kill()
+    proc.communicate(timeout=60)
+    logged = logged_steps(out)
+    step, _ = checkpoint_step(tmp_path / "run.partial" / "checkpoint.safetensors")
+    assert step % 10 == 0 and 0 <= logged - step <= 10, (logged, step)
+    assert (tmp_path / "run.lock").read_text().strip() == str(proc.pid)  # stale: its owner is dead
+
+    assert main(generate_args(out, tiny_prior_dir, *LONG[len(FAST):], steps=LONG_STEPS)) == 2
+    assert "holds a stopped run" in error_line(capsys) and checkpoint_step(tmp_path / "run.partial" / "checkpoint.safetensors")[0] == step
+    assert main(["generate", "--resume", str(out), "--quiet", "--threads", "1"]) == 0
+    assert (out / "checkpoint.safetensors").read_bytes() == (straight / "checkpoint.safetensors").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no staging folder, no lock file
+
+
+def test_two_runs_into_one_out_the_second_is_refused_and_the_first_finishes_whole(tmp_path, tiny_prior_dir, straight, capsys):
+    """A second ``generate`` into an --out that a live run is writing is refused in one line naming
+    the first one's pid, and touches nothing: the first run ends with its whole folder."""
+    out = tmp_path / "run"
+    first = start_generate(out, tiny_prior_dir)
+    wait_for(lambda: logged_steps(out) >= 1, first)
+    for extra in ([], ["--overwrite"]):
+        assert main(generate_args(out, tiny_prior_dir, *LONG[len(FAST):], *extra, steps=2)) == 2
+        line = error_line(capsys)
+        assert f"{out} is being written by another run (pid {first.pid}" in line, line
+    stdout, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr
+    assert stdout.startswith(f"wrote {out} ({LONG_STEPS} iterations")
+    assert {p.name for p in out.iterdir()} == {"checkpoint.safetensors", "config.json", "log.jsonl", "mesh.ply", "preview.png"}
+    assert (out / "checkpoint.safetensors").read_bytes() == (straight / "checkpoint.safetensors").read_bytes()
+
+
+def test_a_lock_of_a_dead_process_is_taken_over_and_one_of_a_live_process_is_not(tmp_path, tiny_prior_dir, capsys):
+    out = tmp_path / "run"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    (tmp_path / "run.lock").write_text(dead.stdout)
+    assert main(generate_args(out, tiny_prior_dir, *CHEAP_EXPORT, steps=1)) == 0
+    assert not (tmp_path / "run.lock").exists() and (out / "checkpoint.safetensors").is_file()
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from dreamfusion.files import folder_lock\n"
+                               f"with folder_lock({str(tmp_path / 'other')!r}):\n    print('held', flush=True); time.sleep(600)"],
+                              env=cli_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(generate_args(tmp_path / "other", tiny_prior_dir, *CHEAP_EXPORT, steps=1)) == 2
+        assert f"(pid {holder.pid}, lock {tmp_path / 'other.lock'})" in error_line(capsys)
+        assert not (tmp_path / "other").exists() and not (tmp_path / "other.partial").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_checkpoints_of_the_same_seed_are_byte_identical(generated, tmp_path, tiny_prior_dir):
+    """The same seed gives the same checkpoint file (safetensors wrote its metadata in a random
+    order, so the sha256 differed from run to run)."""
+    out = tmp_path / "again"
+    assert main(generate_args(out, tiny_prior_dir)) == 0
+    for name in ("checkpoint.safetensors", "mesh.ply", "mesh.glb"):
+        assert (out / name).read_bytes() == (generated / name).read_bytes(), name
+
+
+def test_the_same_state_saved_twice_is_the_same_bytes(tmp_path):
+    import torch
+
+    from dreamfusion.checkpoint import canonical_safetensors, read_checkpoint, write_checkpoint
+    from dreamfusion.config import TrainConfig
+
+    tensors = {"b": torch.arange(6.0).reshape(2, 3), "a": torch.ones(4, dtype=torch.uint8)}
+    paths = [write_checkpoint(tmp_path / f"{i}.safetensors", tensors, "a red cube", 3, 5, TrainConfig()) for i in range(6)]
+    assert len({p.read_bytes() for p in paths}) == 1  # six hash maps, six random orders without the fix
+    meta, back = read_checkpoint(paths[0])
+    assert meta["step"] == "3" and torch.equal(back["b"], tensors["b"]) and torch.equal(back["a"], tensors["a"])
+    data = paths[0].read_bytes()
+    assert canonical_safetensors(data) == data and int.from_bytes(data[:8], "little") % 8 == 0
+
+
+# ----------------------------------------------------------------------------- file-system errors
+
+
+def mount_tmpfs(path: Path, options: str) -> bool:
+    """A tmpfs at ``path`` (needs root and mount); False where it cannot be had."""
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True).returncode == 0
+
+
+def test_a_full_disk_is_one_error_line_and_leaves_nothing(tmp_path, tiny_prior_dir, capsys):
+    """A 3 MB tmpfs, nearly full: the run fails writing its checkpoint; one ``error:`` line (no
+    SafetensorError traceback), exit 1, and nothing left behind but what was there."""
+    disk = tmp_path / "disk"
+    if not mount_tmpfs(disk, "size=3m"):
+        pytest.skip("no tmpfs to fill here (needs root); test_an_injected_full_disk_keeps_the_checkpoint covers the path")
+    try:
+        (disk / "filler").write_bytes(b"\0" * (3 * 2**20 - 160 * 2**10))
+        assert main(generate_args(disk / "run", tiny_prior_dir, *CHEAP_EXPORT, steps=1)) == 1
+        line = error_line(capsys)
+        assert line.startswith("error: No space left on device: ") and str(disk / "run.partial") in line, line
+        assert sorted(p.name for p in disk.iterdir()) == ["filler"]
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_an_injected_full_disk_keeps_the_checkpoint_and_resume_finishes_the_export(tmp_path, tiny_prior_dir, capsys, monkeypatch):
+    """ENOSPC while the mesh is written (after the checkpoint): one line that says where the
+    checkpoint is; ``--resume`` writes the rest once there is room."""
+    import errno
+
+    import dreamfusion.export
+
+    def full(mesh, path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(dreamfusion.export, "save_mesh", full)
+        assert main(generate_args(out, tiny_prior_dir, *CHEAP_EXPORT)) == 1
+    line = error_line(capsys)
+    checkpoint = tmp_path / "run.partial" / "checkpoint.safetensors"
+    assert line == (f"error: No space left on device: {tmp_path / 'run.partial' / 'mesh.ply'}; the checkpoint of step 4 of 4 is {checkpoint}; "
+                    f"continue with: dreamfusion generate --resume {out}")
+    assert not out.exists()
+    assert main(["generate", "--resume", str(out), "--quiet"]) == 0
+    assert (out / "mesh.ply").stat().st_size > 0 and checkpoint_step(out / "checkpoint.safetensors") == (4, 4)
+
+
+def test_a_read_only_out_is_one_error_line(tmp_path, tiny_prior_dir, capsys):
+    parent = tmp_path / "ro"
+    mounted = mount_tmpfs(parent, "ro,size=1m")
+    if not mounted:
+        parent.chmod(0o555)
+    try:
+        assert main(generate_args(parent / "run", tiny_prior_dir, *CHEAP_EXPORT, steps=1)) == 1
+        line = error_line(capsys)
+        assert line.startswith(("error: Read-only file system: ", "error: Permission denied: ")) and str(parent) in line, line
+        assert list(parent.iterdir()) == []
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(parent)], check=True)
+        else:
+            parent.chmod(0o755)
+
+
+# ----------------------------------------------------------------------------- malformed files
+
+
+def with_config(source: Path, target: Path, change) -> Path:
+    """A copy of the checkpoint ``source`` whose embedded config is ``change(config dict)``."""
+    from safetensors.torch import save_file
+
+    from dreamfusion.checkpoint import read_checkpoint
+
+    meta, tensors = read_checkpoint(source)
+    config = json.loads(meta["config"])
+    save_file(tensors, str(target), metadata={**meta, "config": json.dumps(change(config))})
+    return target
+
+
+@pytest.mark.parametrize("change, expected", [
+    (lambda c: {**c, "field": {**c["field"], "resolution": 8000}}, "grid resolution must be between 8 and 256, got 8000"),
+    (lambda c: {**c, "render": {**c["render"], "occupancy_resolution": 100000}}, "occupancy grid resolution must be between 4 and 256"),
+    (lambda c: {**c, "field": {**c["field"], "resolution": "64"}}, "field.resolution: expected int, got '64'"),
+    (lambda c: {**c, "field": []}, "field: expected FieldConfig, got []"),
+    (lambda c: {**c, "camera": {**c["camera"], "zoom_range": [1]}}, "camera.zoom_range: expected a list of 2 or null, got [1]"),
+    (lambda c: {**c, "steps": None}, "steps: expected int, got None"),
+    (lambda c: {**c, "seed": -1}, "seed must be a whole number from 0 to 2^63 - 1, got -1"),
+], ids=["resolution-8000", "occupancy-huge", "resolution-string", "field-list", "zoom-short", "steps-null", "seed-negative"])
+def test_a_checkpoint_with_bad_settings_is_refused_before_anything_is_allocated(generated, tmp_path, capsys, monkeypatch, change, expected):
+    """export, render and generate --resume read a checkpoint's config and check it as the
+    command line's own settings are, before a scene is built (a grid of 8000^3 is 2 TB)."""
+    import dreamfusion.checkpoint
+
+    def no_allocation(*args, **kwargs):
+        raise AssertionError("a scene was built from settings that should have been refused")
+
+    monkeypatch.setattr(dreamfusion.checkpoint, "build_scene", no_allocation)
+    run = tmp_path / "bad"
+    run.mkdir()
+    bad = with_config(generated / "checkpoint.safetensors", run / "checkpoint.safetensors", change)
+    for args in (["export", str(run), "--out", str(tmp_path / "exp")], ["render", str(bad), "--out", str(tmp_path / "r.png")],
+                 ["generate", "--resume", str(run), "--steps", "9", "--out", str(tmp_path / "more")]):
+        assert main(args) == 2, args
+        line = error_line(capsys)
+        assert str(bad) in line and expected in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("{}", "it lacks image_size, block_out_channels"),
+    ("[1, 2]", "expected a JSON object of settings, got list"),
+    ('{"image_size": "32", "block_out_channels": [16, 32, 32]}', "image_size: expected int, got '32'"),
+    ('{"image_size": 32, "block_out_channels": 64}', "block_out_channels: expected a list, got 64"),
+    ('{"image_size": 100000, "block_out_channels": [16, 32, 32]}', "image_size must be 8..256"),
+    ("not json", "Expecting value"),
+], ids=["empty", "list", "size-string", "channels-number", "size-huge", "not-json"])
+def test_a_prior_folder_with_a_bad_config_is_one_error_line(tiny_prior_dir, tmp_path, capsys, text, expected):
+    prior = tmp_path / "prior"
+    shutil.copytree(tiny_prior_dir, prior)
+    (prior / "config.json").write_text(text)
+    out = tmp_path / "run"
+    assert main(generate_args(out, prior, *CHEAP_EXPORT, steps=1)) == 2
+    line = error_line(capsys)
+    assert f"{prior / 'config.json'} is not a prior's config" in line and expected in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prior"]
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+def test_bad_arguments_are_refused_before_torch_is_imported(tmp_path, generated):
+    """Every refusal here comes from the torch-free checks (in the issue they came after 8-10 s of
+    imports); the subprocess then confirms that torch was never imported."""
+    cases = [
+        (["generate", "", "--out", "x"], "prompt is empty"),
+        (["generate", "a red cube", "--resolution", "100000", "--out", "x"], "render size must be between"),
+        (["generate", "a red cube", "--seed", "-1", "--out", "x"], "seed must be a whole number from 0 to 2^63 - 1, got -1"),
+        (["generate", "a red cube", "--advanced.render.occupancy-resolution", "100000", "--out", "x"], "occupancy grid resolution"),
+        (["generate", "a red cube", "--export.video-frames", "2000", "--out", "x"], "turntable frames must be between 1 and 360"),
+        (["generate", "--resume", str(tmp_path / "nothing")], "nothing to resume at"),
+        (["generate", "--resume", str(generated), "--seed", "3"], "leave out --seed"),
+        (["generate", "--resume", str(generated)], "is a finished run (4 of 4 steps)"),
+        (["render", str(generated), "--out", "x.mp4", "--frames", "2000", "--size", "1024"], "turntable frames must be between 1 and 360"),
+        (["render", str(generated), "--out", "x.mp4", "--frames", "300", "--size", "1024"], "a turntable of 300 frames at 1024 px is too large"),
+        (["render", str(tmp_path), "--out", "x.png"], "is a folder without a checkpoint"),
+        (["export", str(tmp_path / "nothing"), "--out", "y"], "checkpoint not found"),
+        (["train-prior", "--steps", "0", "--out", "p"], "steps must be between 1 and 1000000, got 0"),
+        (["train-prior", "--seed", "-1", "--out", "p"], "seed must be a whole number from 0 to 2^63 - 1"),
+    ]
+    code = ("import contextlib, io, json, sys\nfrom dreamfusion.cli import main\nresults = []\n"
+            f"for args in {[args for args, _ in cases]!r}:\n"
+            "    err = io.StringIO()\n"
+            "    with contextlib.redirect_stderr(err):\n"
+            "        status = main(args)\n"
+            "    results.append((status, err.getvalue()))\n"
+            "print(json.dumps({'results': results, 'heavy': [m for m in ('torch', 'diffusers', 'trimesh') if m in sys.modules]}))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(), cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    for (args, expected), (status, err) in zip(cases, report["results"], strict=True):
+        assert status == 2 and len(err.splitlines()) == 1 and err.startswith("error: ") and expected in err, (args, err)
+    assert report["heavy"] == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_export_and_render_take_a_run_folder(generated, tmp_path):
+    import imageio.v3 as iio
+
+    assert main(["export", str(generated), "--out", str(tmp_path / "exp"), *CHEAP_EXPORT, "--export.mesh-resolution", "32"]) == 0
+    assert (tmp_path / "exp" / "mesh.ply").read_bytes() == (generated / "mesh.ply").read_bytes()
+    assert main(["render", str(generated), "--out", str(tmp_path / "view.png"), "--size", "32"]) == 0
+    assert iio.imread(tmp_path / "view.png").shape == (32, 32, 3)
+
+
+def test_app_passes_its_arguments_to_python_m_app():
+    """``dreamfusion app --help`` is the app's own help (its options, such as --viewer-url, that the
+    command line never declared): the library runs ``python -m app`` instead of importing it."""
+    proc = subprocess.run([sys.executable, "-m", "dreamfusion.cli", "app", "--help"], capture_output=True, text=True, env=cli_env(),
+                          cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "usage: python -m app" in proc.stdout and "--viewer-url" in proc.stdout and "--runs-dir" in proc.stdout
+
+
+def test_help_has_no_history_and_the_guidance_weights_come_from_the_registry():
+    import contextlib
+    import io
+    import re
+
+    from dreamfusion.config import GUIDANCES
+
+    texts = []
+    for command in ("generate", "batch", "export", "render", "train-prior"):
+        with contextlib.redirect_stdout(io.StringIO()) as out, pytest.raises(SystemExit):
+            main([command, "--help"])
+        texts.append(" ".join(out.getvalue().split()))
+    text = " ".join(texts)
+    history = re.search(r".{0,60}(20\d\d-\d\d|sitting|since |prior v\d|as before).{0,60}", text)
+    assert history is None, history.group(0)
+    weights = f"{GUIDANCES['embedded'].guidance_scale:g} embedded, {GUIDANCES['stable-diffusion'].guidance_scale:g} stable-diffusion"
+    assert f"the prior's own: {weights}" in texts[0]

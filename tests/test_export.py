@@ -241,6 +241,7 @@ def test_export_notes_are_the_exports_own_warnings(mesh, tmp_path, monkeypatch):
     import types
     import warnings
 
+    import dreamfusion.export
     from dreamfusion import runs
     from dreamfusion.config import ExportOptions
     from dreamfusion.export import ExportWarning, auto_threshold
@@ -253,7 +254,7 @@ def test_export_notes_are_the_exports_own_warnings(mesh, tmp_path, monkeypatch):
         warnings.warn("density peaks low: a faint object", ExportWarning, stacklevel=2)
         return mesh
 
-    monkeypatch.setattr(runs, "extract_mesh", noisy_extract)
+    monkeypatch.setattr(dreamfusion.export, "extract_mesh", noisy_extract)  # runs imports it when it exports
     field = types.SimpleNamespace(density_grid=torch.zeros(1), cfg=types.SimpleNamespace(bound=1.0), resolution=32,
                                   density=ellipsoid_density, albedo=red_blue_albedo)
     notes = runs.export_renderer(types.SimpleNamespace(field=field), tmp_path,

@@ -11,6 +11,7 @@ classifier 77% top-1 on noise seed 0 (81% on seed 1; chance 12.5%), 86% within 4
 import dataclasses
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -50,8 +51,12 @@ def test_shipped_files_are_small_and_complete():
     total = sum(files.values())
     assert total < 40 * 2**20, f"assets/prior is {total / 2**20:.1f} MiB"
     assert PriorConfig.load(ASSET_DIR).image_size == 32
-    # the shipped prior is a snapshot; training resumes from the prior in training
-    assert (TRAINING_PRIOR_DIR / RESUME_FILE).exists() and (TRAINING_PRIOR_DIR / WEIGHTS_FILE).exists()
+    # the shipped prior is a snapshot; training resumes from the prior in training, whose resume state
+    # is of the shipped weights' step, so the shipped weights and config are its own (one copy of them)
+    from dreamfusion.prior.train import resume_snapshot
+
+    assert (TRAINING_PRIOR_DIR / RESUME_FILE).exists() and not (TRAINING_PRIOR_DIR / WEIGHTS_FILE).exists()
+    assert resume_snapshot(TRAINING_PRIOR_DIR) == ASSET_DIR
     assert TrainPriorConfig().out == TRAINING_PRIOR_DIR
 
 
@@ -385,6 +390,25 @@ def test_train_prior_runs_checkpoints_and_resumes_with_asymmetric_share(tmp_path
         assert f.metadata()["step"] == "3"
     rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in rows)
+
+
+def test_a_resume_state_alone_pairs_with_weights_of_its_own_step_only(tmp_path):
+    """A training folder that holds only its resume state continues with the shipped folder's EMA
+    weights and config, and only when they are of the same step; with its own weights, its own."""
+    from dreamfusion.prior.train import resume_snapshot, train_prior
+
+    tiny = PriorConfig(image_size=16, block_out_channels=(16, 32), attention_head_dim=4)
+    cfg = TrainPriorConfig(out=tmp_path / "shipped", steps=2, batch=2, warmup=1, checkpoint_every=2, grid_every=10**6)
+    shipped = train_prior(cfg, tiny, on_log=lambda _: None)
+    training = tmp_path / "training"
+    training.mkdir()
+    shutil.move(shipped / RESUME_FILE, training / RESUME_FILE)
+    assert resume_snapshot(training, shipped) == shipped
+    train_prior(dataclasses.replace(cfg, out=tmp_path / "further", steps=3), tiny, on_log=lambda _: None)
+    with pytest.raises(ValueError, match="is of step 2 but .* has no EMA weights of its own and the shipped prior .* is of step 3"):
+        resume_snapshot(training, tmp_path / "further")
+    shutil.copy(shipped / WEIGHTS_FILE, training / WEIGHTS_FILE)
+    assert resume_snapshot(training, tmp_path / "further") == training
 
 
 def test_learning_rate_warms_up_stays_and_cools_down_by_hand():

@@ -484,6 +484,14 @@ def test_stop_before_run_is_not_lost_and_extend_continues(fast_config, guidance)
         (dict(guidance=GuidanceConfig(guidance_scale=float("nan"))), "guidance scale"),
         (dict(guidance=GuidanceConfig(camera_guidance_scale=-1.0)), "camera guidance scale"),
         (dict(guidance=GuidanceConfig(random_background=1.5)), "random-background fraction"),
+        (dict(seed=-1), "seed must be a whole number from 0 to 2\\^63 - 1, got -1"),
+        (dict(seed=2**63), "seed must be a whole number"),
+        (dict(render=RenderConfig(occupancy_resolution=100000)), "occupancy grid resolution must be between 4 and 256"),
+        (dict(render=RenderConfig(samples_per_ray=10**6)), "samples_per_ray must be between 1 and 1024"),
+        (dict(render=RenderConfig(sampler="fast")), "unknown sampler 'fast'"),
+        (dict(field=FieldConfig(background="green")), "unknown background 'green'"),
+        (dict(guidance=GuidanceConfig(weighting="cubic")), "unknown SDS weighting 'cubic'"),
+        (dict(steps=10**7), "steps must be between 1 and 1000000"),
     ],
 )
 def test_validate_config_rejects(fast_config, change, message):
@@ -504,7 +512,28 @@ def test_validate_config_accepts_the_fast_config(fast_config):
     validate_config(fast_config)
 
 
+def test_a_config_read_from_json_is_checked_for_types():
+    """A config from a file (a checkpoint's, a run's config.json) gets the checks tyro gives the
+    command line: the wrong type is a ValueError naming the setting, not a TypeError later."""
+    import json
+
+    from dreamfusion.config import TrainConfig, config_from_dict, config_to_dict
+
+    data = json.loads(json.dumps(config_to_dict(TrainConfig())))
+    assert config_from_dict(data) == TrainConfig()  # lists back to tuples, every default kept
+    assert config_from_dict({"field": {"blob_density": 5}}).field.blob_density == 5.0  # a whole number where a float goes
+    for bad, message in [({"steps": "4"}, "steps: expected int, got '4'"), ({"steps": True}, "steps: expected int, got True"),
+                         ({"field": {"coarse_resolutions": [8, "16"]}}, r"field.coarse_resolutions\[1\]: expected int"),
+                         ({"guidance": {"t_max_end": "0.8"}}, "guidance.t_max_end: expected float or null"),
+                         ({"optim": {"lr": float("inf")}}, "optim.lr: expected a finite number"),
+                         ({"camera": {"zoom_range": [0.6, 0.7, 0.8]}}, "camera.zoom_range: expected a list of 2 or null"),
+                         ({"render": 3}, "render: expected RenderConfig, got 3"), ({"colour": "red"}, "unknown setting.*colour")]:
+        with pytest.raises(ValueError, match=message):
+            config_from_dict(bad)
+
+
 def test_snapshot_is_a_copy_and_an_export_comes_from_one(fast_config, guidance, tmp_path, monkeypatch):
+    import dreamfusion.export as export
     import dreamfusion.runs as runs
 
     trainer = Trainer(fast_config, PROMPT, guidance=guidance)
@@ -521,7 +550,7 @@ def test_snapshot_is_a_copy_and_an_export_comes_from_one(fast_config, guidance, 
     # a training step lands while the mesh is being extracted: the turntable still shows the
     # state the mesh came from, not the newer one
     state = trainer.snapshot()
-    real_extract = runs.extract_mesh
+    real_extract = export.extract_mesh
     seen = {}
 
     def extract_then_train(*args, **kwargs):
@@ -533,8 +562,8 @@ def test_snapshot_is_a_copy_and_an_export_comes_from_one(fast_config, guidance, 
         seen["frames"] = render_fn(cams)
         return path
 
-    monkeypatch.setattr(runs, "extract_mesh", extract_then_train)
-    monkeypatch.setattr(runs, "save_turntable", capture_turntable)
+    monkeypatch.setattr(export, "extract_mesh", extract_then_train)  # runs imports them when it exports (it imports no torch itself)
+    monkeypatch.setattr(export, "save_turntable", capture_turntable)
     step = trainer.step_count
     runs.export_scene(trainer, tmp_path, runs.ExportOptions(formats=("ply",), video="gif", video_size=16, mesh_resolution=32))
     assert trainer.step_count == step + 1

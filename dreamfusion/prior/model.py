@@ -12,13 +12,23 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
-from ..cameras import RAY_CONDITION_CHANNELS, RENDER_CONDITION_FEATURES, Cameras, Lights, ray_condition_maps, render_condition_features
-from ..config import ASSET_DIR, LEGACY_CAMERA, CameraConfig
+from ..cameras import (
+    RAY_CONDITION_CHANNELS,
+    RAY_MAP_KINDS,
+    RENDER_CONDITION_FEATURES,
+    Cameras,
+    Lights,
+    ray_condition_maps,
+    render_condition_features,
+)
+from ..config import ASSET_DIR, LEGACY_CAMERA, CameraConfig, dataclass_from_dict, validate_camera
 from ..files import atomic_write
 
 WEIGHTS_FILE = "unet_ema_fp16.safetensors"
 RESUME_FILE = "resume_state.safetensors"
 CONFIG_FILE = "config.json"
+#: what every prior folder's config.json has said: the U-Net's shape (the rest has defaults)
+REQUIRED_KEYS = ("image_size", "block_out_channels")
 
 
 @dataclass
@@ -86,15 +96,60 @@ class PriorConfig:
 
     @classmethod
     def load(cls, folder: Path) -> PriorConfig:
-        data = json.loads((Path(folder) / CONFIG_FILE).read_text())
-        data["block_out_channels"] = tuple(data["block_out_channels"])
-        # a version-1 folder (the first shipped prior) predates these fields: RGB, text only, old framing
-        data.setdefault("channels", 3)
-        data.setdefault("condition_features", 0)
-        data.setdefault("ray_channels", 0)
-        data.setdefault("camera", asdict(LEGACY_CAMERA))
-        data.setdefault("random_background", 0.0)  # trained on white only (v1, and v2 up to step 2,500)
-        return cls(**data)
+        """A prior folder's ``config.json``, its types and values checked (:func:`check_prior_config`)
+        before any model is built from it: a ``ValueError`` naming the file and the setting."""
+        path = Path(folder) / CONFIG_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"no prior config at {path}")
+        try:
+            data = json.loads(path.read_text())
+            if not isinstance(data, dict):
+                raise ValueError(f"expected a JSON object of settings, got {type(data).__name__}")
+            missing = [k for k in REQUIRED_KEYS if k not in data]
+            if missing:
+                raise ValueError(f"it lacks {', '.join(missing)}")
+            # a version-1 folder predates these fields: RGB, text only, its own framing, white backgrounds
+            data = {"channels": 3, "condition_features": 0, "ray_channels": 0, "camera": asdict(LEGACY_CAMERA), "random_background": 0.0,
+                    **data}
+            cfg = dataclass_from_dict(cls, data)
+            check_prior_config(cfg)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path} is not a prior's config ({exc})") from None
+        return cfg
+
+
+def check_prior_config(cfg: PriorConfig) -> None:
+    """Reject a prior config that cannot be built (a ``ValueError``), before the U-Net is."""
+    levels = len(cfg.block_out_channels)
+    if not 1 <= levels <= 6 or any(not 16 <= c <= 2048 or c % 16 for c in cfg.block_out_channels):
+        raise ValueError(f"block_out_channels must be 1 to 6 multiples of 16 up to 2048, got {cfg.block_out_channels}")
+    if not 8 <= cfg.image_size <= 256 or cfg.image_size % 2 ** (levels - 1):
+        raise ValueError(f"image_size must be 8..256 and divisible by {2 ** (levels - 1)}, got {cfg.image_size}")
+    if not 1 <= cfg.layers_per_block <= 8:
+        raise ValueError(f"layers_per_block must be 1..8, got {cfg.layers_per_block}")
+    if not 1 <= cfg.attention_head_dim <= 64 or any(c % cfg.attention_head_dim for c in cfg.block_out_channels):
+        raise ValueError(f"attention_head_dim must be 1..64 and divide every block's channels, got {cfg.attention_head_dim}")
+    if not 0 <= cfg.attention_levels <= levels:
+        raise ValueError(f"attention_levels must be 0..{levels}, got {cfg.attention_levels}")
+    if not 2 <= cfg.max_tokens <= 512:
+        raise ValueError(f"max_tokens must be 2..512, got {cfg.max_tokens}")
+    if cfg.text_dim != 384:
+        raise ValueError(f"text_dim must be 384 (the MiniLM sentence encoder's), got {cfg.text_dim}")
+    if not 2 <= cfg.num_train_timesteps <= 10000:
+        raise ValueError(f"num_train_timesteps must be 2..10000, got {cfg.num_train_timesteps}")
+    if cfg.beta_schedule not in ("linear", "scaled_linear", "squaredcos_cap_v2"):
+        raise ValueError(f"unknown beta_schedule {cfg.beta_schedule!r}")
+    if cfg.channels not in (3, 4):
+        raise ValueError(f"channels must be 3 (RGB) or 4 (RGB and opacity), got {cfg.channels}")
+    if cfg.condition_features not in (0, RENDER_CONDITION_FEATURES):
+        raise ValueError(f"condition_features must be 0 or {RENDER_CONDITION_FEATURES}, got {cfg.condition_features}")
+    if cfg.ray_channels not in (0, RAY_CONDITION_CHANNELS):
+        raise ValueError(f"ray_channels must be 0 or {RAY_CONDITION_CHANNELS}, got {cfg.ray_channels}")
+    if cfg.ray_map not in RAY_MAP_KINDS:
+        raise ValueError(f"unknown ray_map {cfg.ray_map!r}; use {' or '.join(RAY_MAP_KINDS)}")
+    if not 0 <= cfg.random_background <= 1:
+        raise ValueError(f"random_background must be between 0 and 1, got {cfg.random_background}")
+    validate_camera(dataclass_from_dict(CameraConfig, cfg.camera, "camera"))
 
 
 def minilm_path() -> str:
@@ -307,7 +362,11 @@ def load_unet(folder: Path | str = ASSET_DIR, device: torch.device | str = "cpu"
     cfg = PriorConfig.load(folder)
     unet = cfg.unet()
     state = {k: v.to(torch.float32) for k, v in load_file(str(folder / WEIGHTS_FILE)).items()}
-    unet.load_state_dict(state)
+    try:
+        unet.load_state_dict(state)
+    except RuntimeError as exc:
+        first = next((line.strip() for line in str(exc).splitlines()[1:] if line.strip()), str(exc))
+        raise ValueError(f"the weights in {folder / WEIGHTS_FILE} do not fit the U-Net its {CONFIG_FILE} describes ({first})") from None
     unet = unet.to(device) if dtype == torch.float32 else unet.to(device=device, dtype=dtype)
     return unet.eval().requires_grad_(False), cfg
 

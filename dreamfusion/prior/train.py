@@ -1,7 +1,11 @@
 """Training the embedded prior: on-the-fly renders of the procedural world, EMA weights, resumable
-checkpoints written to ``assets/prior`` (fp16 EMA for use, fp16 raw weights + step for resume:
+checkpoints written to the output folder (fp16 EMA for use, fp16 raw weights + step for resume:
 the optimiser restarts with a short warm-up instead of being stored), a loss log and a sample grid
-at each checkpoint."""
+at each checkpoint.
+
+A folder that holds a resume state is continued. Its EMA weights and config are its own once it
+has trained beyond the shipped prior; until then (``assets/prior_training``, whose resume state is
+the shipped prior's) they are the shipped prior's, checked to be of the same step."""
 
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from ..cameras import default_light, orbit_cameras
-from ..config import TrainPriorConfig
+from ..config import ASSET_DIR, TrainPriorConfig, validate_train_prior
 from ..export import to_uint8
 from ..files import atomic_write
 from ..sds import noise_images
@@ -142,30 +146,44 @@ def diffusion_loss(eps_pred: torch.Tensor, noise: torch.Tensor, alphas_cumprod_t
     return per_image.mean()
 
 
+def saved_step(path: Path) -> int:
+    """The step a prior's weights file was saved at (its metadata's ``step``)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return int((f.metadata() or {}).get("step", -1))
+
+
+def resume_snapshot(out: Path, shipped: Path = ASSET_DIR) -> Path:
+    """The folder whose EMA weights and config go with ``out``'s resume state: ``out``'s own, or,
+    where it has none, the shipped prior's, which must be of the resume state's step (a
+    ``ValueError`` otherwise: resuming would pair weights of two different steps)."""
+    if (out / WEIGHTS_FILE).exists():
+        return out
+    step, shipped_step = saved_step(out / RESUME_FILE), saved_step(shipped / WEIGHTS_FILE)
+    if step != shipped_step:
+        raise ValueError(f"{out / RESUME_FILE} is of step {step} but {out} has no EMA weights of its own and the shipped prior "
+                         f"({shipped}) is of step {shipped_step}; put the EMA weights and config of step {step} in {out}")
+    return shipped
+
+
 def train_prior(cfg: TrainPriorConfig, prior_cfg: PriorConfig | None = None, on_log: Callable[[str], None] = print) -> Path:
-    if not 0.0 <= cfg.asymmetric_fraction <= 1.0:
-        raise ValueError(f"asymmetric_fraction must be in [0, 1], got {cfg.asymmetric_fraction}")
-    if not 0.0 <= cfg.view_label_dropout <= 1.0:
-        raise ValueError(f"view_label_dropout must be in [0, 1], got {cfg.view_label_dropout}")
-    if cfg.cooldown < 0 or cfg.warmup < 0:
-        raise ValueError(f"warmup and cooldown must be 0 or more steps, got {cfg.warmup} and {cfg.cooldown}")
+    validate_train_prior(cfg)
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     resume = out / RESUME_FILE
-    if resume.exists():
-        prior_cfg = PriorConfig.load(out)
+    snapshot = resume_snapshot(out) if resume.exists() else None
+    if snapshot is not None:
+        prior_cfg = PriorConfig.load(snapshot)
     prior_cfg = prior_cfg or PriorConfig()
     torch.manual_seed(cfg.seed)
     model = prior_cfg.unet().to(cfg.device)
     step = 0
-    if resume.exists():
-        from safetensors import safe_open
-
-        with safe_open(str(resume), "pt") as f:
-            step = int(f.metadata()["step"])
+    if snapshot is not None:
+        step = saved_step(resume)
         model.load_state_dict({k: v.float() for k, v in load_file(str(resume)).items()})
-        ema = {k: v.float().to(cfg.device) for k, v in load_file(str(out / WEIGHTS_FILE)).items()}
-        on_log(f"resumed from step {step}")
+        ema = {k: v.float().to(cfg.device) for k, v in load_file(str(snapshot / WEIGHTS_FILE)).items()}
+        on_log(f"resumed from step {step}" + ("" if snapshot == out else f" (EMA weights and config of {snapshot})"))
     else:
         ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
     encoder = TextEncoder(prior_cfg.max_tokens, cfg.device)
