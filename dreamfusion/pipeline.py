@@ -155,7 +155,7 @@ def generate(prompt: str, cfg: TrainConfig, export: ExportOptions, out: Path, *,
         write_config(trainer, staging, export)  # a stopped run resumes with the export options it was started with
         unknown = trainer.guidance.vocabulary_note(trainer.prompt)
         if unknown:
-            note(unknown)
+            note(unknown + ": --guidance stable-diffusion")
         start_step, started = trainer.step_count, time.perf_counter()
         with open(staging / LOG_FILE, "w") as log:
             log.writelines(json.dumps(row) + "\n" for row in trainer.history)
