@@ -148,7 +148,7 @@ class RunManager:
     def __init__(self, runs_dir: str | Path, config_overrides: dict | None = None, max_concurrent: int | None = None, max_runs_kept: int = 20,
                  threads: int = 1, checkpoint_every: int = 100, export_defaults: dict | None = None, max_queue: int | None = 20,
                  public: bool = False, models: dict[str, str] | None = None, abandon_after: float = 120.0, max_steps: int = MAX_STEPS,
-                 worker_nice: int = 0, preload: bool = True, stop_grace: float = 1.0):
+                 worker_nice: int = 0, preload: bool = True, stop_grace: float = 1.0, checkpoint_seconds: float = 30.0):
         self.runs_dir = Path(runs_dir).resolve()
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         self.base = _with_overrides(TrainConfig(preview_every=10), config_overrides or {})  # a bad override fails here
@@ -158,6 +158,7 @@ class RunManager:
         self.max_concurrent = default_workers(self.threads) if max_concurrent is None else max(0, int(max_concurrent))
         self.max_runs_kept = max(1, int(max_runs_kept))
         self.checkpoint_every = checkpoint_every
+        self.checkpoint_seconds = checkpoint_seconds  # also a checkpoint this often: a killed worker loses at most this much
         self.export_defaults = dict(mesh_resolution=96, video="mp4", video_frames=24, video_size=128)
         self.export_defaults.update(export_defaults or {})
         self.max_queue = max_queue
@@ -287,11 +288,13 @@ class RunManager:
             run = self.runs[self.queue.pop(0)]
             if run.resume is not None:
                 job = job_payload(run=run.id, folder=str(run.folder), threads=self.threads, checkpoint_every=self.checkpoint_every,
-                                  finish_export=self.finish_export(), prompt=run.prompt, resume_from=str(run.checkpoint),
+                                  checkpoint_seconds=self.checkpoint_seconds, finish_export=self.finish_export(), prompt=run.prompt,
+                                  resume_from=str(run.checkpoint),
                                   extra_steps=run.resume["extra_steps"])
             else:
                 job = job_payload(run=run.id, folder=str(run.folder), threads=self.threads, checkpoint_every=self.checkpoint_every,
-                                  finish_export=self.finish_export(), prompt=run.prompt, cfg=config_to_dict(run.cfg))
+                                  checkpoint_seconds=self.checkpoint_seconds, finish_export=self.finish_export(), prompt=run.prompt,
+                                  cfg=config_to_dict(run.cfg))
             worker.run_id, run.worker = run.id, worker
             run.status, run.finishing, run.stop_requested = "running", False, None
             run.step_times.clear()
@@ -364,6 +367,8 @@ class RunManager:
                     self._finish(run, "stopped", f"the server was shut down; {kept}", run.checkpoint_step or run.step, run.total_steps, {})
                 elif run.stop_requested is not None:
                     self._finish(run, "stopped", f"stopped mid-step; {kept}", run.checkpoint_step or run.step, run.total_steps, {})
+                    if run.checkpoint.is_file():  # its result, from that checkpoint, as a finished run would have written it
+                        threading.Thread(target=self._export_stopped, args=(run,), daemon=True).start()
                 else:
                     self._finish(run, "failed", f"the worker process training this run {worker.exit_description()}; {kept}",
                                  run.step, run.total_steps, {})
@@ -371,6 +376,18 @@ class RunManager:
             if not self.closing and len(self.workers) < self.max_concurrent:
                 self._spawn_worker()
             self._dispatch()
+
+    def _export_stopped(self, run: Run) -> None:
+        """Write a run's mesh, turntable and preview from its checkpoint (a worker was killed to stop it)."""
+        payload = {"folder": str(run.folder), "options": dataclasses.asdict(self.finish_export()), "checkpoint": str(run.checkpoint)}
+        try:
+            written = self._any_worker().request("export_checkpoint", payload, timeout=600)
+        except (WorkerError, RunError) as exc:
+            print(f"app: run {run.id}: no mesh from its checkpoint: {exc}")
+            return
+        with self.lock:
+            run.exports = {k: Path(v) for k, v in written.items() if k in ("glb", "video")}
+            self.version += 1
 
     def _janitor_loop(self) -> None:
         """Stops that a worker did not honour in time end with the worker; abandoned runs are stopped."""
@@ -380,12 +397,18 @@ class RunManager:
             kill = []
             with self.lock:
                 for run in list(self.runs.values()):
-                    if run.stop_requested is not None and run.worker is not None and not run.finishing:
-                        step_time = 1.0 / run.its() if run.its() > 0 else 0.0
-                        if now - run.stop_requested > max(self.stop_grace, 3 * step_time) and run.started:
+                    # a step that outlasts the grace (a slow prior, a big render) ends with its worker: Stop takes
+                    # effect within stop_grace, and the run keeps its last checkpoint (at most checkpoint_seconds old)
+                    if run.stop_requested is not None and run.worker is not None and not run.finishing and run.started:
+                        if now - run.stop_requested > self.stop_grace:
                             kill.append(run.worker)
                     if self.abandon_after and run.active and now - self.seen.get(run.owner, now) > self.abandon_after:
                         self._stop_locked(run, "stopped: its page has been closed for a while")
+                if len(self.seen) > 1000:  # forget visitors long gone (their runs, if any, are over)
+                    busy = {r.owner for r in self.runs.values() if r.active}
+                    for owner, t in list(self.seen.items()):
+                        if now - t > 3600 and owner not in busy:
+                            del self.seen[owner]
             for w in kill:
                 w.kill()
 

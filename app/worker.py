@@ -211,7 +211,8 @@ class _Worker:
         run_id, folder = job["run"], Path(job["folder"])
         checkpoint = folder / "checkpoint.safetensors"
         every = int(job.get("checkpoint_every") or 0)
-        last_cameras = [0.0]
+        every_s = float(job.get("checkpoint_seconds") or 0.0)
+        last_cameras, last_checkpoint = [0.0], [time.time()]
         trainer = None
 
         def on_metrics(m: dict) -> None:
@@ -223,8 +224,9 @@ class _Worker:
             if now - last_cameras[0] >= CAMERAS_EVERY:
                 last_cameras[0] = now
                 out["cameras"] = [(c2w.numpy().copy(), focal) for c2w, focal in trainer.training_cameras()]
-            if every and m["step"] % every == 0:
+            if (every and m["step"] % every == 0) or (every_s and now - last_checkpoint[0] >= every_s):
                 trainer.save_checkpoint(checkpoint)
+                last_checkpoint[0] = time.time()
                 if "preview" in out:
                     import imageio.v3 as iio
 

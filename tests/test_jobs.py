@@ -142,6 +142,29 @@ def test_a_killed_worker_costs_only_its_run(tmp_path, tiny_prior_dir):
         m.shutdown()
 
 
+def test_stop_ends_a_run_whose_step_does_not_end(tmp_path, tiny_prior_dir):
+    """Stop takes effect within the grace even when the worker cannot finish its step (here it is
+    frozen with SIGSTOP, as a step that never ends): the worker is killed, the run ends stopped with
+    its last checkpoint, its mesh is written from that checkpoint, and a new worker takes over."""
+    m = RunManager(tmp_path / "runs", small(tiny_prior_dir), max_concurrent=1, checkpoint_every=5, export_defaults=EXPORTS, stop_grace=0.5)
+    try:
+        assert m.wait_ready() == []
+        run = m.submit(OWNER + "s", "a red cube", steps=5000)
+        wait_for(lambda: run.checkpoint_step >= 5)
+        pid = run.worker.pid
+        os.kill(pid, signal.SIGSTOP)
+        m.stop(OWNER + "s")
+        finished(run, timeout=30)
+        assert run.status == "stopped" and "mid-step" in run.message and f"step {run.checkpoint_step}" in run.message
+        meta, _ = read_checkpoint(run.checkpoint)
+        assert int(meta["step"]) == run.checkpoint_step == run.step
+        wait_for(lambda: "glb" in run.exports, timeout=120)
+        assert run.exports["glb"].stat().st_size > 0 and run.exports["glb"].parent == run.folder
+        assert len(m.workers) == 1 and m.workers[0].pid != pid
+    finally:
+        m.shutdown()
+
+
 def test_an_abandoned_run_is_stopped_and_keeps_its_checkpoint(tmp_path, tiny_prior_dir):
     m = RunManager(tmp_path / "runs", small(tiny_prior_dir), max_concurrent=1, checkpoint_every=5, export_defaults=EXPORTS, abandon_after=2.0)
     try:
