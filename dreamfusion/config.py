@@ -137,8 +137,11 @@ class GuidanceConfig:
     draws: int = 1
     """independent (t, eps) draws per render, their gradients averaged: lower-variance SDS at the
     cost of a larger U-Net batch"""
-    half_precision: bool = False
-    """fp16 weights on CUDA (stable-diffusion)"""
+    half_precision: bool = True
+    """stable-diffusion, deepfloyd-if: fp16 weights on CUDA (a CPU always computes in fp32)"""
+    low_vram: bool = False
+    """stable-diffusion, deepfloyd-if on CUDA: the text encoder encodes on the CPU (bfloat16) instead of
+    visiting the GPU, and attention is computed in slices: less GPU memory, slower steps and prompts"""
     frozen_unet: bool = True
     """embedded prior: run its U-Net as a TorchScript graph frozen once per input shape (the same
     numbers as eager, about 10% less time a call on a CPU; off: eager PyTorch)"""
