@@ -113,12 +113,15 @@ class GuidanceConfig:
     """The prior that grades renders (Score Distillation Sampling)."""
 
     name: str = "embedded"
-    """which prior: embedded (shipped, offline) or stable-diffusion"""
+    """which prior: embedded (shipped, offline), stable-diffusion or deepfloyd-if"""
     model: str = ""
-    """stable-diffusion: a local folder or a hub id; embedded: a folder other than assets/prior"""
+    """stable-diffusion, deepfloyd-if: a local folder or a hub id; embedded: a folder other than assets/prior"""
     guidance_scale: float | None = None
     """classifier-free guidance weight w (None: the prior's own default, see dreamfusion.guidance.GUIDANCES)"""
     t_min: float = 0.02
+    """the timestep range's lower bound, as a fraction of the schedule. The four timestep settings
+    left at their defaults here take the prior's own where its registry entry gives them
+    (deepfloyd-if: the peers' U(0.02, 0.98) throughout)"""
     t_max: float = 0.98
     t_max_end: float | None = 0.8
     """anneal t_max linearly to this over the run (None: no annealing, the paper's U(t_min, t_max)
@@ -337,7 +340,7 @@ def validate_config(cfg: TrainConfig) -> None:
 
         if not torch.cuda.is_available():
             raise ValueError(f"device {cfg.device!r} was asked for but this machine has no CUDA GPU; use --device cpu")
-    g = cfg.guidance
+    g = resolve_guidance(cfg.guidance) if cfg.guidance.name in GUIDANCES else cfg.guidance  # the timesteps that will run
     if not 0 <= g.t_min < g.t_max <= 1:
         raise ValueError(f"need 0 <= t_min < t_max <= 1, got {g.t_min}, {g.t_max}")
     if g.t_max_end is not None and not g.t_min < g.t_max_end <= 1:
@@ -418,6 +421,9 @@ class GuidanceSpec:
     user_facing: bool
     """offered by the app and the command line's help (the reference guidance is a measuring instrument)"""
     description: str
+    timesteps: tuple[float, float, float | None, float | None] | None = None
+    """its own (t_min, t_max, t_max_end, t_min_start), for those a config leaves at GuidanceConfig's
+    defaults (None: GuidanceConfig's)"""
 
 
 GUIDANCES: dict[str, GuidanceSpec] = {
@@ -429,6 +435,11 @@ GUIDANCES: dict[str, GuidanceSpec] = {
                              "the shipped prior of the procedural world: offline, on a CPU"),
     "stable-diffusion": GuidanceSpec("stable-diffusion", "dreamfusion.guidance.stable_diffusion:StableDiffusionGuidance", 100.0, True,
                                      "Stable Diffusion through diffusers: a local folder or a hub id, best on a GPU"),
+    # w 20 and t ~ U(0.02, 0.98) with the paper's w(t): threestudio's dreamfusion-if config (stable-dreamfusion's IF
+    # guidance draws from the same range)
+    "deepfloyd-if": GuidanceSpec("deepfloyd-if", "dreamfusion.guidance.deepfloyd_if:DeepFloydIFGuidance", 20.0, True,
+                                 "DeepFloyd IF stage I (64 px, pixel space, T5 text) through diffusers: a local folder or a hub id, "
+                                 "on a GPU", timesteps=(0.02, 0.98, None, None)),
     "reference": GuidanceSpec("reference", "dreamfusion.guidance.reference:ReferenceGuidance", 0.0, False,
                               "exact renders of the prompt's true object in place of a prior: the engine's ceiling"),
 }
@@ -442,9 +453,20 @@ def guidance_spec(name: str) -> GuidanceSpec:
     return GUIDANCES[name]
 
 
+TIMESTEP_SETTINGS = ("t_min", "t_max", "t_max_end", "t_min_start")
+
+
 def resolve_guidance(cfg: GuidanceConfig) -> GuidanceConfig:
-    """``cfg`` with the guidance's own defaults filled in where it leaves them open."""
+    """``cfg`` with the guidance's own defaults filled in where it leaves them open: the guidance
+    weight where it is None, and the timestep settings still at GuidanceConfig's defaults where the
+    registry gives the prior its own (a setting given explicitly with the default's value is
+    taken as left open)."""
     from dataclasses import replace
 
     spec = guidance_spec(cfg.name)
-    return cfg if cfg.guidance_scale is not None else replace(cfg, guidance_scale=spec.guidance_scale)
+    changes: dict = {} if cfg.guidance_scale is not None else {"guidance_scale": spec.guidance_scale}
+    if spec.timesteps is not None:
+        defaults = GuidanceConfig()
+        changes.update({k: v for k, v in zip(TIMESTEP_SETTINGS, spec.timesteps, strict=True)
+                        if getattr(cfg, k) == getattr(defaults, k)})
+    return replace(cfg, **changes) if changes else cfg
