@@ -96,8 +96,10 @@ def ball_scene(device: torch.device | str = "cpu", sampler: str = "auto", res: i
 
 
 def compare_samplers(renderer: Renderer, a: str, b: str, size: int = 64, seed: int = 7) -> dict:
-    """Render the same views (stratified, the same draws) with sampler ``a`` and ``b``: ``ok`` when
-    the sample counts agree within 0.2% and the images within 2e-3 (largest pixel difference)."""
+    """Render the same views (stratified, the same draws) with sampler ``a`` and ``b`` (nerfacc, torch
+    or dense: the names the renderer dispatches on, set on the scene directly, as no config names
+    nerfacc's): ``ok`` when the sample counts agree within 0.2% and the images within 2e-3 (largest
+    pixel difference)."""
     from dreamfusion.cameras import default_light, make_cameras
 
     device = renderer.field.density_grid.device
@@ -127,7 +129,7 @@ def sampler_row(device: torch.device) -> dict:
         return row("sampler", device, "nerfacc's CUDA extension could not be loaded (a CUDA toolkit builds it on first use, or install a "
                    "prebuilt nerfacc wheel): runs use the PyTorch sampler", "SKIP")
     first = "nerfacc" if device.type == "cuda" else "torch"
-    out = compare_samplers(ball_scene(device, first, res=32), first, "torch")
+    out = compare_samplers(ball_scene(device, "torch", res=32), first, "torch")
     note = "" if device.type == "cuda" else " (dry run: the CUDA sampler needs CUDA, the PyTorch sampler is compared with itself)"
     result = f"{first} vs torch: {out['samples'][0]} vs {out['samples'][1]} samples, largest pixel difference {out['max_image_diff']:.1e}{note}"
     return row("sampler", device, result, "PASS" if out["ok"] else "FAIL", time.perf_counter() - t0)
