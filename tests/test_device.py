@@ -176,11 +176,11 @@ def test_nerfaccs_cuda_sampler_gives_the_pytorch_samplers_samples(device):
 def test_training_on_the_device_makes_the_cpu_runs_draws(device, fast_config):
     """Steps on the device draw the very cameras, shading modes and timesteps of the same seed on the
     CPU (one generator, consumed alike), and the first step's loss is the CPU's up to rounding; on
-    the CPU the two runs are identical. Torch's global generators are left as they were."""
+    the CPU the two runs are identical. Training leaves torch's global generators as they were."""
     cfg = dataclasses.replace(fast_config, steps=4, render=RenderConfig(occupancy_update_every=2, occupancy_warmup=2))
-    cpu_state = torch.get_rng_state()
-    cuda_state = torch.cuda.get_rng_state_all() if device.type == "cuda" else None
     runs = [Trainer(dataclasses.replace(cfg, device=str(where)), "a red cube") for where in ("cpu", device)]
+    cpu_state = torch.get_rng_state()  # after loading the prior (its modules are built before their weights are read)
+    cuda_state = torch.cuda.get_rng_state_all() if device.type == "cuda" else None
     metrics = [[run.step() for _ in range(4)] for run in runs]
     (a, b), (ma, mb) = runs, metrics
     assert [m["mode"] for m in ma] == [m["mode"] for m in mb] and [m["t_max"] for m in ma] == [m["t_max"] for m in mb]
