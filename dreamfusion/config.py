@@ -126,12 +126,15 @@ class GuidanceConfig:
     """The prior that grades renders (Score Distillation Sampling)."""
 
     name: str = "embedded"
-    """which prior: embedded (shipped, offline) or stable-diffusion"""
+    """which prior: embedded (shipped, offline), stable-diffusion or deepfloyd-if"""
     model: str = ""
-    """stable-diffusion: a local folder or a hub id; embedded: a folder other than assets/prior"""
+    """stable-diffusion, deepfloyd-if: a local folder or a hub id; embedded: a folder other than assets/prior"""
     guidance_scale: float | None = None
     """classifier-free guidance weight w (None: the prior's own default, from the guidance registry)"""
     t_min: float = 0.02
+    """the timestep range's lower bound, as a fraction of the schedule. The four timestep settings
+    left at their defaults here take the prior's own where its registry entry gives them
+    (deepfloyd-if: the peers' U(0.02, 0.98) throughout)"""
     t_max: float = 0.98
     t_max_end: float | None = 0.8
     """anneal t_max linearly to this over the run (None: no annealing, the paper's U(t_min, t_max)
@@ -147,8 +150,11 @@ class GuidanceConfig:
     draws: int = 1
     """independent (t, eps) draws per render, their gradients averaged: lower-variance SDS at the
     cost of a larger U-Net batch"""
-    half_precision: bool = False
-    """fp16 weights on CUDA (stable-diffusion)"""
+    half_precision: bool = True
+    """stable-diffusion, deepfloyd-if: fp16 weights on CUDA (a CPU always computes in fp32)"""
+    low_vram: bool = False
+    """stable-diffusion, deepfloyd-if on CUDA: the text encoder encodes on the CPU (bfloat16) instead of
+    visiting the GPU, and attention is computed in slices: less GPU memory, slower steps and prompts"""
     frozen_unet: bool = True
     """embedded prior: run its U-Net as a TorchScript graph frozen once per input shape (the same
     numbers as eager, about 10% less time a call on a CPU; off: eager PyTorch)"""
@@ -413,8 +419,8 @@ def validate_config(cfg: TrainConfig) -> None:
     _at_least("occupancy_warmup", r.occupancy_warmup, 0)
     _one_of("sampler", r.sampler, ("auto", "torch", "dense"))
 
-    g = cfg.guidance
-    guidance_spec(g.name)
+    guidance_spec(cfg.guidance.name)
+    g = resolve_guidance(cfg.guidance)  # the timesteps that will run (a prior's registry entry may set them)
     if not 0 <= g.t_min < g.t_max <= 1:
         raise ValueError(f"need 0 <= t_min < t_max <= 1, got {g.t_min}, {g.t_max}")
     if g.t_max_end is not None and not g.t_min < g.t_max_end <= 1:
@@ -666,6 +672,9 @@ class GuidanceSpec:
     user_facing: bool
     """offered by the app and the command line's help (the reference guidance is a measuring instrument)"""
     description: str
+    timesteps: tuple[float, float, float | None, float | None] | None = None
+    """its own (t_min, t_max, t_max_end, t_min_start), for those a config leaves at GuidanceConfig's
+    defaults (None: GuidanceConfig's)"""
 
 
 GUIDANCES: dict[str, GuidanceSpec] = {
@@ -676,6 +685,11 @@ GUIDANCES: dict[str, GuidanceSpec] = {
                              "the shipped prior of the procedural world: offline, on a CPU"),
     "stable-diffusion": GuidanceSpec("stable-diffusion", "dreamfusion.guidance.stable_diffusion:StableDiffusionGuidance", 100.0, True,
                                      "Stable Diffusion through diffusers: a local folder or a hub id, best on a GPU"),
+    # w 20 and t ~ U(0.02, 0.98) with the paper's w(t): threestudio's dreamfusion-if config (stable-dreamfusion's IF
+    # guidance draws from the same range)
+    "deepfloyd-if": GuidanceSpec("deepfloyd-if", "dreamfusion.guidance.deepfloyd_if:DeepFloydIFGuidance", 20.0, True,
+                                 "DeepFloyd IF stage I (64 px, pixel space, T5 text) through diffusers: a local folder or a hub id, "
+                                 "on a GPU", timesteps=(0.02, 0.98, None, None)),
     "reference": GuidanceSpec("reference", "dreamfusion.guidance.reference:ReferenceGuidance", 0.0, False,
                               "exact renders of the prompt's true object in place of a prior: the engine's ceiling"),
 }
@@ -689,9 +703,20 @@ def guidance_spec(name: str) -> GuidanceSpec:
     return GUIDANCES[name]
 
 
+TIMESTEP_SETTINGS = ("t_min", "t_max", "t_max_end", "t_min_start")
+
+
 def resolve_guidance(cfg: GuidanceConfig) -> GuidanceConfig:
-    """``cfg`` with the guidance's own defaults filled in where it leaves them open."""
+    """``cfg`` with the guidance's own defaults filled in where it leaves them open: the guidance
+    weight where it is None, and the timestep settings still at GuidanceConfig's defaults where the
+    registry gives the prior its own (a setting given explicitly with the default's value is
+    taken as left open)."""
     from dataclasses import replace
 
     spec = guidance_spec(cfg.name)
-    return cfg if cfg.guidance_scale is not None else replace(cfg, guidance_scale=spec.guidance_scale)
+    changes: dict = {} if cfg.guidance_scale is not None else {"guidance_scale": spec.guidance_scale}
+    if spec.timesteps is not None:
+        defaults = GuidanceConfig()
+        changes.update({k: v for k, v in zip(TIMESTEP_SETTINGS, spec.timesteps, strict=True)
+                        if getattr(cfg, k) == getattr(defaults, k)})
+    return replace(cfg, **changes) if changes else cfg

@@ -3,16 +3,27 @@
 One renderer, two samplers that read the same ``nerfacc.OccGridEstimator``:
 
 - on CUDA with nerfacc's compiled kernels: ``OccGridEstimator.sampling`` (packed samples);
-- elsewhere (a CPU): a PyTorch sampler that marches every ray at the same step, looks each
-  sample's cell up in the estimator's binary grid and evaluates the field only at occupied
-  samples; weights come from nerfacc's batched ``render_weight_from_density``.
+- elsewhere (a CPU, or a GPU where nerfacc's extension cannot be built): a PyTorch sampler that
+  marches every ray at the same step, looks each sample's cell up in the estimator's binary grid
+  and evaluates the field only at occupied samples; weights come from nerfacc's batched
+  ``render_weight_from_density``.
+
+Both samplers march each ray from where it enters the scene's box, at the same step and with the
+same stratified offset, so they give the same samples.
+
+Random draws: every draw (the stratified offsets, the occupancy update's cells and points) is made
+on the CPU from the ``generator`` passed in, then moved to the scene's device. A seed therefore
+makes the same draws on any device, and the global generators (CPU and CUDA) are never touched.
 
 Shading happens per sample (``dreamfusion.shading``) and is composited over the background.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 import math
+from collections.abc import Callable
 
 import nerfacc
 import torch
@@ -97,16 +108,68 @@ def depth_image(depth: torch.Tensor, opacity: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def cuda_sampler_available(device: torch.device) -> bool:
-    """nerfacc's ray marching needs its compiled CUDA extension."""
-    if device.type != "cuda":
-        return False
-    try:
-        from nerfacc.cuda import _C  # noqa: F401 - builds/loads the extension
+#: where nerfacc 0.5 keeps its compiled CUDA extension: the module's ``_C`` (built on first import
+#: where a CUDA toolkit is found, None where none is); ``nerfacc.cuda``'s functions load it lazily
+NERFACC_EXTENSION = "nerfacc.cuda._backend"
 
-        return _C is not None
-    except Exception:  # pragma: no cover - depends on the CUDA toolchain
+
+@functools.lru_cache(maxsize=1)
+def nerfacc_extension() -> object | None:
+    """nerfacc's compiled CUDA extension, or None where it cannot be had (no CUDA toolkit to build
+    it, a failed build). The first call may compile it (minutes, once per machine); the answer is
+    kept for the process, so a failed build is not retried at every render."""
+    try:
+        module = importlib.import_module(NERFACC_EXTENSION)
+    except Exception:  # noqa: BLE001 - a missing toolkit or a failed build: the PyTorch sampler is used
+        return None
+    return getattr(module, "_C", None)
+
+
+def cuda_sampler_available(device: torch.device | str) -> bool:
+    """nerfacc's ray marching (and its packed compositing) need a CUDA device and nerfacc's compiled
+    extension; never touches the extension for another device."""
+    if torch.device(device).type != "cuda" or not torch.cuda.is_available():
         return False
+    return nerfacc_extension() is not None
+
+
+def stratified_offsets(n_rays: int, generator: torch.Generator | None, device: torch.device | str) -> torch.Tensor:
+    """Each ray's offset (n_rays, 1) in [0, 1) of a step for stratified sampling: drawn on the CPU
+    from ``generator`` (torch's global CPU generator when None), then moved to ``device``."""
+    return torch.rand(n_rays, 1, generator=generator).to(device)
+
+
+@torch.no_grad()
+def occupancy_update(estimator: nerfacc.OccGridEstimator, step: int, occ_eval_fn: Callable[[torch.Tensor], torch.Tensor],
+                     occ_thre: float = 0.01, ema_decay: float = 0.95, warmup_steps: int = 256,
+                     generator: torch.Generator | None = None) -> None:
+    """nerfacc's ``OccGridEstimator._update`` (the EMA update of the cells' occupancy and the binary
+    grid), the same operations in the same order, with its random draws (the cells looked at after
+    the warm-up, a point in each) made on the CPU from ``generator`` and then moved to the grid's
+    device: on a CPU it gives nerfacc's numbers bit for bit when ``generator`` is seeded as torch's
+    global generator would be; on CUDA the same draws as on the CPU."""
+    device = estimator.occs.device
+    cells = estimator.cells_per_lvl
+    rand_int = lambda high, n: torch.randint(high, (n,), generator=generator).to(device)  # noqa: E731
+    for lvl in range(estimator.levels):
+        if step < warmup_steps:
+            indices = estimator.grid_indices[estimator.occs[lvl * cells + estimator.grid_indices] >= 0.0]
+        else:
+            n = cells // 4
+            uniform = rand_int(cells, n)
+            uniform = uniform[estimator.occs[lvl * cells + uniform] >= 0.0]
+            occupied = torch.nonzero(estimator.binaries[lvl].flatten())[:, 0]
+            if n < len(occupied):
+                occupied = occupied[rand_int(len(occupied), n)]
+            indices = torch.cat([uniform, occupied], dim=0)
+        grid_coords = estimator.grid_coords[indices]
+        x = (grid_coords + torch.rand(grid_coords.shape, generator=generator).to(device)) / estimator.resolution
+        x = estimator.aabbs[lvl, :3] + x * (estimator.aabbs[lvl, 3:] - estimator.aabbs[lvl, :3])
+        occ = occ_eval_fn(x).squeeze(-1)
+        cell_ids = lvl * cells + indices
+        estimator.occs[cell_ids] = torch.maximum(estimator.occs[cell_ids] * ema_decay, occ)
+    thre = torch.clamp(estimator.occs[estimator.occs >= 0].mean(), max=occ_thre)
+    estimator.binaries = (estimator.occs > thre).view(estimator.binaries.shape)
 
 
 class Renderer(torch.nn.Module):
@@ -128,20 +191,13 @@ class Renderer(torch.nn.Module):
 
     # ------------------------------------------------------------------ occupancy
     @torch.no_grad()
-    def update_occupancy(self, step: int, force: bool = False) -> None:
-        """Refresh the occupancy grid from the field (nerfacc's EMA update)."""
+    def update_occupancy(self, step: int, force: bool = False, generator: torch.Generator | None = None) -> None:
+        """Refresh the occupancy grid from the field (nerfacc's EMA update, :func:`occupancy_update`),
+        every ``occupancy_update_every`` steps (or now when ``force``); draws from ``generator``."""
         if not force and step % self.cfg.occupancy_update_every != 0:
             return
-        was_training = self.estimator.training
-        self.estimator.train()  # nerfacc's public update only runs in training mode; this cadence is ours (n=1)
-        self.estimator.update_every_n_steps(
-            step=step,
-            occ_eval_fn=lambda x: self.field.density(x) * self.step_size,
-            occ_thre=self.cfg.occupancy_threshold,
-            warmup_steps=self.cfg.occupancy_warmup,
-            n=1,
-        )
-        self.estimator.train(was_training)
+        occupancy_update(self.estimator, step, lambda x: self.field.density(x) * self.step_size, occ_thre=self.cfg.occupancy_threshold,
+                         warmup_steps=self.cfg.occupancy_warmup, generator=generator)
 
     def occupancy_fraction(self) -> float:
         return float(self.estimator.binaries.float().mean())
@@ -157,7 +213,8 @@ class Renderer(torch.nn.Module):
                     background: torch.Tensor | None = None) -> dict:
         """Render N rays. Lights are per ray: ``light_pos`` (N, 3), intensity and ambient (N,);
         ``background`` (N, 3): colours seen where each ray leaves the scene, in place of the
-        scene's own background (None: the scene's).
+        scene's own background (None: the scene's). ``generator``: a CPU generator for the
+        stratified offsets (see the module's note on random draws).
 
         Returns ``rgb`` (N, 3), ``opacity`` (N,), ``depth`` (N,), ``normal`` (N, 3) (composited,
         not renormalised), ``orientation`` (N,) the Ref-NeRF orientation penalty per ray, and
@@ -168,7 +225,7 @@ class Renderer(torch.nn.Module):
         sampler = self._sampler(origins.device)
         with record_function("render.sampling"):
             if sampler == "nerfacc":  # pragma: no cover - needs CUDA
-                ray_idx, t_starts, t_ends = self._sample_nerfacc(origins, dirs, stratified)
+                ray_idx, t_starts, t_ends = self._sample_nerfacc(origins, dirs, stratified, generator)
             else:
                 ray_idx, t_starts, t_ends = self._sample_torch(origins, dirs, stratified, generator, dense=sampler == "dense")
             pts = origins[ray_idx] + dirs[ray_idx] * ((t_starts + t_ends) * 0.5)[:, None]
@@ -218,7 +275,7 @@ class Renderer(torch.nn.Module):
         bound = self.field.cfg.bound
         near, far, hit = ray_aabb(origins, dirs, bound)
         n_steps = self.cfg.samples_per_ray + 1
-        jitter = torch.rand(origins.shape[0], 1, generator=generator, device=origins.device) if stratified else None
+        jitter = stratified_offsets(origins.shape[0], generator, origins.device) if stratified else None
         rays = None  # the rays marched, when not all of them
         if dense:
             t_starts, t_ends, valid = march(near, far, self.step_size, n_steps, jitter)
@@ -246,20 +303,24 @@ class Renderer(torch.nn.Module):
         i, k = valid.nonzero(as_tuple=True)
         return (i if rays is None else rays[i]), t_starts[i, k], t_ends[i, k]
 
-    def _sample_nerfacc(self, origins: torch.Tensor, dirs: torch.Tensor,
-                        stratified: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # pragma: no cover - needs CUDA
-        def sigma_fn(t_starts: torch.Tensor, t_ends: torch.Tensor, ray_indices: torch.Tensor) -> torch.Tensor:
-            p = origins[ray_indices] + dirs[ray_indices] * ((t_starts + t_ends) * 0.5)[:, None]
-            return self.field.density(p)
-
+    def _sample_nerfacc(self, origins: torch.Tensor, dirs: torch.Tensor, stratified: bool,
+                        generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # pragma: no cover - needs CUDA
+        """nerfacc's CUDA ray marching on the occupancy grid: packed (ray index, t_start, t_end).
+        Each ray starts where it enters the scene's box, shifted by the same stratified offset the
+        PyTorch sampler draws, and no sample is dropped by early ray termination (nerfacc's
+        ``sigma_fn``): the same samples as :meth:`_sample_torch`, up to float rounding."""
+        near, far, _ = ray_aabb(origins, dirs, self.field.cfg.bound)
+        if stratified:
+            near = near + stratified_offsets(origins.shape[0], generator, origins.device)[:, 0] * self.step_size
         ray_idx, t_starts, t_ends = self.estimator.sampling(
-            origins, dirs, sigma_fn=sigma_fn, render_step_size=self.step_size, stratified=stratified)
+            origins.contiguous(), dirs.contiguous(), t_min=near.contiguous(), t_max=far.contiguous(), render_step_size=self.step_size,
+            stratified=False)
         return ray_idx.long(), t_starts, t_ends
 
     @staticmethod
     def _weights(t_starts: torch.Tensor, t_ends: torch.Tensor, sigmas: torch.Tensor, ray_idx: torch.Tensor, n_rays: int) -> torch.Tensor:
         """Volume-rendering weights of packed samples (ray indices sorted, as both samplers give)."""
-        if sigmas.is_cuda:  # pragma: no cover - nerfacc's packed CUDA path
+        if cuda_sampler_available(sigmas.device):  # pragma: no cover - nerfacc's packed form needs its CUDA extension
             weights, _, _ = nerfacc.render_weight_from_density(t_starts, t_ends, sigmas, ray_indices=ray_idx, n_rays=n_rays)
             return weights
         # batched form on the CPU: scatter into (n_rays, K) with zero density in the gaps

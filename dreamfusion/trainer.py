@@ -56,6 +56,13 @@ __all__ = ["CAMERA_HISTORY", "CHECKPOINT_VERSION", "MAX_RENDER_SIZE", "Checkpoin
            "config_from_dict", "config_to_dict", "lr_factor", "validate_config", "validate_prompt"]
 
 
+def graded_texts(prompt: str) -> list[str]:
+    """Every text SDS grades a prompt's renders with: the prompt with each view label, and the empty
+    text of guidance's unconditional branch."""
+    labels = dict.fromkeys(view_label(az, el) for az, el in ((0.0, 0.0), (90.0, 0.0), (180.0, 0.0), (0.0, 90.0)))
+    return [f"{prompt}, {label}" for label in labels] + [""]
+
+
 def lr_factor(fraction_done: float, decay_start: float, final_factor: float) -> float:
     """Learning-rate multiplier: 1 until ``decay_start`` (a fraction of the run), then exponential
     decay to ``final_factor`` at the end."""
@@ -69,8 +76,14 @@ class Trainer:
     """DreamFusion's optimisation, steppable and thread-safe.
 
     Progress goes to ``callbacks`` (each called with a dict of metrics after every step) and
-    ``on_message`` (human-readable notes such as a skipped step), never to stdout. Nothing here
-    touches torch's global random generator: every draw comes from the trainer's own."""
+    ``on_message`` (human-readable notes such as a skipped step), never to stdout.
+
+    Random draws, one rule on every device: every draw of a run (cameras, lights, shading mode,
+    backgrounds, stratified samples, SDS timesteps and noise, the occupancy update's cells) is made
+    on the CPU from the trainer's own CPU generator, seeded by ``cfg.seed``, and moved to the
+    device afterwards. A seed thus makes the same draws on a CPU and on a GPU (the runs then differ
+    only by float rounding), a checkpoint's generator state resumes on either, and torch's global
+    generators are never touched."""
 
     def __init__(self, cfg: TrainConfig, prompt: str, guidance: Guidance | None = None,
                  callbacks: list[Callable[[dict], None]] | None = None, on_message: Callable[[str], None] | None = None):
@@ -81,9 +94,9 @@ class Trainer:
         self.lock = threading.RLock()
         self.callbacks = list(callbacks or [])
         self.on_message = on_message or (lambda msg: None)
-        self.generator = torch.Generator().manual_seed(cfg.seed)
-        with torch.random.fork_rng(devices=[]):  # a learned background's initial weights, from the seed
-            torch.manual_seed(cfg.seed)
+        self.generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
+        with torch.random.fork_rng(devices=[]):  # a learned background's initial weights, from the seed, made on the CPU
+            torch.default_generator.manual_seed(cfg.seed)  # the CPU's only: torch.manual_seed would also reseed CUDA's
             self.renderer: Renderer = build_scene(cfg, self.device)
         self.field = self.renderer.field
         self.background = self.renderer.background
@@ -122,6 +135,7 @@ class Trainer:
         note = guidance.truncation_note(f"{prompt}, overhead view")
         if note:
             self.on_message(note)
+        guidance.prepare(graded_texts(prompt))  # a prior's text encoder is needed once per prompt, not during steps
         with self.lock:
             self.prompt = prompt
 
@@ -216,15 +230,12 @@ class Trainer:
         return TRAINING_SHADING_MODES[idx]
 
     def _update_occupancy(self) -> None:
-        """Refresh the occupancy grid when due. nerfacc's update draws from torch's global RNG;
-        it runs here under a seed drawn from the trainer's own generator, so a run is
-        reproducible (and resumes exactly) whatever else uses the global RNG."""
+        """Refresh the occupancy grid when due, its draws from a CPU generator seeded by a draw
+        from the trainer's own (so a run is reproducible, and resumes exactly, on any device)."""
         if self.step_count % self.cfg.render.occupancy_update_every != 0:
             return
         seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            self.renderer.update_occupancy(self.step_count)
+        self.renderer.update_occupancy(self.step_count, generator=torch.Generator().manual_seed(seed))
 
     def _grow_grid(self) -> None:
         """Coarse-to-fine: move the grid to the resolution this point of the run asks for (a new

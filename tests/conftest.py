@@ -29,3 +29,20 @@ def fast_config(tiny_prior_dir):
 
     return TrainConfig(steps=6, render_size=32, views=1, preview_every=0, field=FieldConfig(resolution=24),
                        guidance=GuidanceConfig(model=str(tiny_prior_dir)))
+
+
+#: where the tests marked ``device`` run: cpu unless DREAMFUSION_TEST_DEVICE says otherwise
+#: (benchmarks/gpu_check.py runs them with cuda)
+TEST_DEVICE = os.environ.get("DREAMFUSION_TEST_DEVICE", "cpu")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "device: runs on DREAMFUSION_TEST_DEVICE (cpu by default; benchmarks/gpu_check.py: cuda)")
+
+
+@pytest.fixture
+def device():
+    """The device of a ``device``-marked test; a CUDA device asked for on a machine without one is a failure, not a skip."""
+    if TEST_DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        pytest.fail(f"DREAMFUSION_TEST_DEVICE={TEST_DEVICE} but torch sees no CUDA GPU")
+    return torch.device(TEST_DEVICE)

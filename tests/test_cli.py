@@ -304,7 +304,7 @@ def test_guidance_defaults_come_from_one_registry():
     assert resolve_guidance(GuidanceConfig(name="embedded", guidance_scale=3.0)).guidance_scale == 3.0
     from app.jobs import RunManager
 
-    assert RunManager.guidance_choices() == ("embedded", "stable-diffusion")  # the reference is a measuring instrument, not offered
+    assert RunManager.guidance_choices() == ("embedded", "stable-diffusion", "deepfloyd-if")  # the reference is a measuring instrument, not offered
 
 
 def test_help_is_fast_because_nothing_heavy_is_imported():

@@ -19,13 +19,13 @@ _SHARED_LOCK = threading.Lock()
 
 def _model_key(cfg: GuidanceConfig, device: torch.device | str) -> tuple:
     """What makes two loaded priors different (per-run settings such as the guidance weight do not)."""
-    return (cfg.name, cfg.model, str(device), bool(cfg.half_precision))
+    return (cfg.name, cfg.model, str(device), bool(cfg.half_precision), bool(cfg.low_vram))
 
 
 def load_guidance(cfg: GuidanceConfig, device: torch.device | str = "cpu", shared: bool = True) -> Guidance:
     """The prior named by ``cfg.name``, configured by ``cfg``; a :class:`GuidanceError` says what
     went wrong. ``shared``: the model is loaded once per process for each (name, model, device,
-    precision) and every caller gets a light copy that shares its weights (frozen, inference only)
+    precision, memory mode) and every caller gets a light copy that shares its weights (frozen, inference only)
     but carries its own settings."""
     try:
         spec = guidance_spec(cfg.name)

@@ -7,10 +7,17 @@ condition, cached by the caller), ``model_input`` (renders in [0, 1] -> what its
 resized pixels or VAE latents, differentiable) and ``predict_noise``; :meth:`Guidance.sds_loss` is
 shared by every prior. :meth:`Guidance.loss` is what the trainer calls: SDS, unless a guidance
 (the reference) grades renders another way.
+
+Random draws (timesteps, noise) are made on the CPU from the generator passed in and then moved to
+the prior's device, so a seed draws the same on any device. Text encodings are kept on the CPU
+(bounded, :class:`TextCache`) and moved to the device for each step.
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +60,55 @@ class GuidanceError(RuntimeError):
     """A prior that cannot be loaded or used: the message is meant for the user as is."""
 
 
+#: encoded texts a prior keeps (on the CPU); past this many the least recently used is dropped, so
+#: a server that sees prompt after prompt keeps its memory bounded
+TEXT_CACHE_SIZE = 256
+
+
+def to_device(value: object, device: torch.device | str) -> object:
+    """A tensor, or an object with a ``to(device)`` method (a text condition), on ``device``."""
+    return value.to(device)
+
+
+class TextCache:
+    """Encoded texts on the CPU, at most ``size`` of them, the least recently used dropped first.
+    Thread-safe: the light copies of a loaded prior (one per run) share one."""
+
+    def __init__(self, size: int = TEXT_CACHE_SIZE):
+        if size < 1:
+            raise ValueError(f"a text cache holds at least one text, got {size}")
+        self.size = size
+        self._items: OrderedDict[str, object] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, text: str) -> object | None:
+        with self._lock:
+            value = self._items.get(text)
+            if value is not None:
+                self._items.move_to_end(text)
+            return value
+
+    def put(self, text: str, value: object) -> None:
+        with self._lock:
+            self._items[text] = value
+            self._items.move_to_end(text)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+    def __contains__(self, text: str) -> bool:
+        with self._lock:
+            return text in self._items
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
+
+    def texts(self) -> list[str]:
+        """The cached texts, least recently used first."""
+        with self._lock:
+            return list(self._items)
+
+
 class Guidance:
     """Base class; subclasses set ``alphas_cumprod`` (T,) and implement the three methods."""
 
@@ -63,7 +119,8 @@ class Guidance:
     def __init__(self, cfg: GuidanceConfig, device: torch.device | str = "cpu"):
         self.cfg = cfg
         self.device = torch.device(device)
-        self._cache: dict[str, object] = {}
+        self.text_cache = TextCache()
+        self._text_lock = threading.RLock()  # one encoding at a time (a text encoder may be moving between devices)
 
     # -- to implement
     def encode(self, texts: list[str]) -> object:
@@ -111,13 +168,40 @@ class Guidance:
     def truncation_note(self, text: str) -> str | None:
         return None
 
+    def text_session(self) -> contextlib.AbstractContextManager:
+        """A block in which several texts are encoded (a prior whose text encoder must be brought
+        to the GPU brings it once for all of them); the default does nothing."""
+        return contextlib.nullcontext()
+
     # -- shared
+    def _encoded(self, texts: list[str]) -> dict[str, object]:
+        """Each distinct text's encoding, on the CPU: from the cache, or encoded now (one text at a
+        time, in one :meth:`text_session`) and cached."""
+        found, missing = {}, []
+        for t in dict.fromkeys(texts):
+            value = self.text_cache.get(t)
+            if value is None:
+                missing.append(t)
+            else:
+                found[t] = value
+        if missing:
+            with self._text_lock, self.text_session():
+                for t in missing:
+                    found[t] = to_device(self.encode([t]), "cpu")
+                    self.text_cache.put(t, found[t])
+        return found
+
+    def prepare(self, texts: list[str]) -> None:
+        """Encode ``texts`` now (all the texts a prompt will be graded with), so the text encoder
+        is needed once per prompt; a guidance without a text encoder ignores it."""
+        if type(self).encode is not Guidance.encode:
+            self._encoded(texts)
+
     def condition(self, texts: list[str]) -> object:
-        """Encoded texts, each computed once per prior."""
-        for t in texts:
-            if t not in self._cache:
-                self._cache[t] = self.encode([t])
-        return self.concat([self._cache[t] for t in texts])
+        """Encoded texts on the prior's device, each text encoded once per loaded prior and kept on
+        the CPU (:class:`TextCache`)."""
+        found = self._encoded(texts)
+        return to_device(self.concat([found[t] for t in texts]), self.device)
 
     def loss(self, renders: RenderBatch, texts: list[str], t_range: tuple[float, float], generator: torch.Generator | None = None) -> dict:
         """The trainer's loss for a batch of renders: SDS (see :meth:`sds_loss`)."""
@@ -146,10 +230,10 @@ class Guidance:
         n_t = self.alphas_cumprod.shape[0]
         lo, hi = int(t_range[0] * n_t), max(int(t_range[0] * n_t) + 1, int(t_range[1] * n_t))
         t = torch.randint(lo, hi, (b,), generator=generator).to(self.device)
-        eps = torch.randn(x.shape, generator=generator).to(self.device, x.dtype)
+        eps = torch.randn(x.shape, generator=generator).to(self.device)  # fp32 whatever the prior's precision
         a_t = self.alphas_cumprod.to(self.device)[t]
         with torch.no_grad():
-            z_t = noise_images(x.detach(), eps, a_t)
+            z_t = noise_images(x.detach().float(), eps, a_t)
             cond = self.concat([self.condition(texts), self.condition([""] * b)])
             both = (torch.cat([z_t, z_t]), torch.cat([t, t]), cond)
             eps = eps.float()

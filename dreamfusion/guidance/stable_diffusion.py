@@ -3,104 +3,58 @@ encoded by its VAE and the latents graded by its U-Net, conditioned on CLIP text
 
 ``cfg.model`` is a local folder (``tokenizer/``, ``text_encoder/``, ``vae/``, ``unet/``,
 ``scheduler/``) or a hub id; empty means :data:`DEFAULT_MODEL`. Nothing is ever fine-tuned: every
-weight is frozen and only the gradient through the VAE encoder reaches the renders.
+weight is frozen and only the gradient through the VAE encoder reaches the renders. Precision and
+memory on a GPU: :mod:`dreamfusion.guidance.pipeline`.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 
-from .base import Guidance, GuidanceConfig, GuidanceError
+from .base import GuidanceConfig, GuidanceError
+from .pipeline import HUB_TIMEOUT_S, ComponentError, DiffusersGuidance, freeze, load_component, load_pipeline, save_attention_memory
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1-base"
-HUB_TIMEOUT_S = 5.0
 _ADVICE = "download it once and pass --model /path/to/folder, or use --guidance embedded (offline)"
 
-
-def _hub_offline() -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE"):
-        return True
-    try:
-        from huggingface_hub import constants
-
-        return bool(constants.HF_HUB_OFFLINE)
-    except Exception:  # noqa: BLE001 - an old or broken huggingface_hub: try the hub anyway
-        return False
+__all__ = ["DEFAULT_MODEL", "HUB_TIMEOUT_S", "StableDiffusionGuidance"]
 
 
-def _looks_like_path(source: str) -> bool:
-    """Hub ids are 'name' or 'owner/name'; anything else is meant as a folder."""
-    return source.startswith(("/", ".", "~", "\\")) or source.count("/") > 1 or "\\" in source or os.path.exists(source)
-
-
-def _one_line(exc: BaseException, limit: int = 200) -> str:
-    text = " ".join(str(exc).split()) or "no details"
-    if len(text) > limit:
-        text = text[: limit - 3] + "..."
-    return f"{type(exc).__name__}: {text}"
-
-
-def _load_components(source: str, local_only: bool) -> dict:
+def _load_components(source: str, local_only: bool, dtype: torch.dtype, text_dtype: torch.dtype) -> dict:
     """tokenizer, text_encoder, vae, unet and scheduler from a diffusers-layout folder or repo."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    kw = {"local_files_only": local_only}
-    # without accelerate diffusers falls back to a full init anyway; say so to silence its warning
-    diffusers_kw = kw if importlib.util.find_spec("accelerate") else {**kw, "low_cpu_mem_usage": False}
     parts = {}
-    for key, cls in (("tokenizer", CLIPTokenizer), ("text_encoder", CLIPTextModel), ("vae", AutoencoderKL), ("unet", UNet2DConditionModel)):
-        try:
-            parts[key] = cls.from_pretrained(source, subfolder=key, **(diffusers_kw if key in ("vae", "unet") else kw))
-        except Exception as exc:  # noqa: BLE001 - any failure becomes one GuidanceError line
-            raise _ComponentError(key, exc) from None
-    try:
-        parts["scheduler"] = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kw)
-    except Exception as exc:  # noqa: BLE001
-        raise _ComponentError("scheduler", exc) from None
+    for key, cls, kind in (("tokenizer", CLIPTokenizer, None), ("text_encoder", CLIPTextModel, text_dtype), ("vae", AutoencoderKL, dtype),
+                           ("unet", UNet2DConditionModel, dtype), ("scheduler", DDPMScheduler, None)):
+        if cls is DDPMScheduler or cls is CLIPTokenizer:
+            try:
+                parts[key] = cls.from_pretrained(source, subfolder=key, local_files_only=local_only)
+            except Exception as exc:  # noqa: BLE001 - any failure becomes one GuidanceError line
+                raise ComponentError(key, exc) from None
+        else:
+            parts[key] = load_component(cls, source, key, local_only, kind)
     return parts
 
 
-class _ComponentError(Exception):
-    def __init__(self, component: str, exc: BaseException):
-        super().__init__(component)
-        self.component, self.exc = component, exc
-
-
-def _check_hub(repo_id: str) -> str | None:
-    """None if ``repo_id`` looks downloadable, else why not (fast: a short timeout)."""
-    try:
-        from huggingface_hub import HfApi
-        from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
-    except Exception as exc:  # noqa: BLE001
-        return f"huggingface_hub is unusable ({_one_line(exc)})"
-    try:
-        HfApi().model_info(repo_id, timeout=HUB_TIMEOUT_S)
-    except GatedRepoError:
-        return "the hub repository is gated: accept its licence and log in (huggingface-cli login)"
-    except RepositoryNotFoundError:
-        return "no local folder of that name and no such repository on the hub (or it is private)"
-    except Exception as exc:  # noqa: BLE001 - connection errors, timeouts, HTTP errors, bad ids
-        return f"no local folder of that name and the hub is unreachable (offline?) ({_one_line(exc, 120)})"
-    return None
-
-
-class StableDiffusionGuidance(Guidance):
+class StableDiffusionGuidance(DiffusersGuidance):
     name = "stable-diffusion"
+    text_encoder_name = "CLIP"
 
     def __init__(self, cfg: GuidanceConfig, device: torch.device | str = "cpu"):
         super().__init__(cfg, device)
         source = cfg.model or DEFAULT_MODEL
-        parts = self._load(source)
+        parts = load_pipeline("stable-diffusion", source, lambda src, local: _load_components(src, local, self.dtype, self.text_dtype), _ADVICE)
         self.tokenizer = parts["tokenizer"]
         self.scheduler = parts["scheduler"]
-        self.dtype = torch.float16 if cfg.half_precision and self.device.type == "cuda" else torch.float32
-        self.text_encoder, self.vae, self.unet = (self._freeze(parts[k]) for k in ("text_encoder", "vae", "unet"))
+        self.text_encoder = freeze(parts["text_encoder"], "cpu", self.text_dtype)  # visits the GPU only to encode
+        vae = parts["vae"]
+        vae.decoder = None  # SDS grades latents: the decoder is never run (about 60% of the VAE's weights)
+        self.vae = freeze(vae, self.device, self.dtype)
+        self.unet = freeze(parts["unet"], self.device, self.dtype)
+        save_attention_memory(self.unet, cfg.low_vram)
         self.alphas_cumprod = self.scheduler.alphas_cumprod.to(self.device, torch.float32)
         self.prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
         self.max_tokens = int(self.tokenizer.model_max_length)
@@ -110,68 +64,10 @@ class StableDiffusionGuidance(Guidance):
         self.image_size = int(sample_size) * self.vae_scale_factor
         self.scaling_factor = float(getattr(self.vae.config, "scaling_factor", 0.18215))
 
-    def _freeze(self, module: torch.nn.Module) -> torch.nn.Module:
-        module = module.to(self.device) if self.dtype == torch.float32 else module.to(self.device, self.dtype)
-        return module.eval().requires_grad_(False)
-
-    @staticmethod
-    def _load(source: str) -> dict:
-        def fail(why: str):
-            raise GuidanceError(f"stable-diffusion model {source!r} could not be loaded: {why}; {_ADVICE}") from None
-
-        try:
-            if Path(source).expanduser().is_dir():
-                folder = str(Path(source).expanduser())
-                try:
-                    return _load_components(folder, local_only=True)
-                except _ComponentError as err:
-                    fail(f"the folder has no usable {err.component}/ ({_one_line(err.exc)})")
-            if _looks_like_path(source):
-                fail("no folder of that name")
-            try:
-                from huggingface_hub.utils import validate_repo_id
-
-                validate_repo_id(source)
-            except ImportError:
-                pass
-            except Exception:  # noqa: BLE001 - HFValidationError
-                fail("no folder of that name, and it is not a valid hub id either")
-            # a hub id: the local cache first (works offline), then the hub itself
-            try:
-                return _load_components(source, local_only=True)
-            except _ComponentError:
-                pass
-            if _hub_offline():
-                fail("no local folder of that name, not in the local cache, and the hub is off (HF_HUB_OFFLINE is set)")
-            why = _check_hub(source)
-            if why:
-                fail(why)
-            try:
-                return _load_components(source, local_only=False)
-            except _ComponentError as err:
-                fail(f"its {err.component}/ could not be fetched or read ({_one_line(err.exc)})")
-        except GuidanceError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - e.g. diffusers/transformers import errors
-            fail(_one_line(exc))
-        raise AssertionError("unreachable")
-
     # -- the Guidance interface
-    @torch.no_grad()
-    def encode(self, texts: list[str]) -> torch.Tensor:
-        """CLIP's last hidden states (B, 77, D), padded to the full length as SD was trained."""
-        tok = self.tokenizer(list(texts), padding="max_length", max_length=self.max_tokens, truncation=True, return_tensors="pt")
-        return self.text_encoder(tok.input_ids.to(self.device))[0]
-
-    def concat(self, conds: list[torch.Tensor]) -> torch.Tensor:
-        return torch.cat(conds)
-
-    def truncation_note(self, text: str) -> str | None:
-        ids = self.tokenizer(text, truncation=False)["input_ids"]
-        if len(ids) <= self.max_tokens:
-            return None
-        kept = self.tokenizer.decode(ids[1 : self.max_tokens - 1], skip_special_tokens=True)
-        return f"prompt is {len(ids)} tokens, over CLIP's limit of {self.max_tokens}: only '{kept}' is used"
+    def encode_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """CLIP's last hidden states (B, 77, D) of the full padded sequence, without a mask, as SD was trained."""
+        return self.text_encoder(input_ids)[0]
 
     def model_input(self, images: torch.Tensor) -> torch.Tensor:
         """Renders (B, 3, H, W) in [0, 1] -> VAE latents (B, 4, S/f, S/f), scaled as the U-Net
