@@ -36,10 +36,9 @@ class RunOptions:
     """iterations (default: --advanced.steps)"""
     seed: int | None = None
     """0 to 2^63 - 1: the same seed and settings give the same object, bit for bit (default: --advanced.seed)"""
-    guidance: str | None = None
-    """prior: embedded or stable-diffusion (default: --advanced.guidance.name)"""
+    guidance: Annotated[str | None, tyro.conf.arg(help=f"prior: {' or '.join(USER_GUIDANCES)} (default: --advanced.guidance.name)")] = None
     model: str | None = None
-    """stable-diffusion: local folder or hub id; embedded: another prior folder"""
+    """stable-diffusion, deepfloyd-if: a local folder or a hub id; embedded: another prior folder"""
     cfg: Annotated[float | None, tyro.conf.arg(help=f"classifier-free guidance weight (default: the prior's own: {GUIDANCE_DEFAULTS})")] = None
     resolution: int | None = None
     """training render size in pixels (default: --advanced.render-size)"""
