@@ -144,6 +144,8 @@ EXAMPLES = ["a blue torus", "a red mushroom", "a tree", "an orange cylinder", "a
 REFINE_EXAMPLES = [["a blue cube", 600], ["a green cylinder", 800]]
 #: points of the running mean drawn over the loss
 SMOOTHING = 25
+#: seconds between two loss plots sent to a page while its run trains
+PLOT_EVERY = 3.0
 
 
 def smoothed_losses(points: list[tuple[int, float]], window: int = SMOOTHING, limit: int = 600) -> pd.DataFrame:
@@ -228,6 +230,7 @@ def build_blocks(manager: RunManager, viewer_url: str | None = None) -> gr.Block
             info_json = gr.JSON(label="Run")
         gallery_version = gr.State(-1)
         shown_result = gr.State("")  # which finished run's files this page shows already
+        sent_state = gr.State({})  # which render and which loss points this page has been sent
         owner_token = gr.BrowserState(None, storage_key="dreamfusion-owner")
         timer = gr.Timer(1.0)
 
@@ -281,26 +284,32 @@ def build_blocks(manager: RunManager, viewer_url: str | None = None) -> gr.Block
             """Show the boxes that now hold something (they stay hidden while empty)."""
             return gr.update(visible=bool(files_)), gr.update(visible=bool(mesh)), gr.update(visible=bool(vid))
 
-        def poll(shown_result: str, token: object, request: gr.Request):
+        def poll(shown_result: str, sent: dict, token: object, request: gr.Request):
             """What changes every second (status, loss, latest render) and two keys: the gallery's
             version and the finished result to show. The gallery and the result files are sent
-            by those keys' change events, only when they change: every output a poll skips costs
-            Gradio a component rebuilt with its JSON schema (profiled: half the page server's CPU
-            with 8 clients polling)."""
+            by those keys' change events, only when they change; the render only when training made
+            a new one, and the loss plot at most every PLOT_EVERY seconds: encoding an image and a
+            chart for every poll of every visitor was most of the page process's work."""
             owner = _owner(manager, token, request)
             info = run_info(manager, owner)
             run = manager.latest_of(owner)
             plot = gr.skip()  # an empty frame would leave the chart with a broken colour scale: send data only
             img = gr.skip()
+            sent = dict(sent or {})
             if run is not None:
-                if run.losses:
+                now = time.time()
+                plot_key = [run.id, len(run.losses)]
+                if run.losses and plot_key != sent.get("plot") and (now - sent.get("plot_t", 0.0) >= PLOT_EVERY or not run.active):
                     plot = gr.update(value=smoothed_losses(list(run.losses)), visible=True)
-                if run.preview is not None:
+                    sent["plot"], sent["plot_t"] = plot_key, now
+                preview_key = [run.id, run.preview_step]
+                if run.preview is not None and preview_key != sent.get("preview"):
                     img = gr.update(value=upscale(run.preview), visible=True)
+                    sent["preview"] = preview_key
                 if run.status in ("done", "stopped") and run.exports:
                     # the finished object at once: its mesh in the 3D view and its turntable, no Export click
                     shown_result = f"{run.id}:{run.step}"
-            return status_html(info), info, plot, img, manager.version, shown_result
+            return status_html(info), info, plot, img, manager.version, shown_result, sent
 
         def show_gallery():
             entries = manager.finished()[:30]
@@ -329,8 +338,8 @@ def build_blocks(manager: RunManager, viewer_url: str | None = None) -> gr.Block
                          concurrency_limit=None)
         export_btn.click(export, [export_formats, owner_token], [files, model3d, video], api_name="export", concurrency_limit=4).then(
             reveal, [files, model3d, video], [files, model3d, video], api_name=False, show_progress="hidden")
-        outs = [status, info_json, loss_plot, preview, gallery_version, shown_result]
-        timer.tick(poll, [shown_result, owner_token], outs, api_name="poll", concurrency_limit=None, show_progress="hidden")
+        outs = [status, info_json, loss_plot, preview, gallery_version, shown_result, sent_state]
+        timer.tick(poll, [shown_result, sent_state, owner_token], outs, api_name="poll", concurrency_limit=None, show_progress="hidden")
         gallery_version.change(show_gallery, None, [gallery], api_name=False, concurrency_limit=None, show_progress="hidden")
         shown_result.change(show_result, [shown_result, owner_token], [files, model3d, video], api_name=False,
                             concurrency_limit=None, show_progress="hidden")
@@ -356,7 +365,7 @@ def build_blocks(manager: RunManager, viewer_url: str | None = None) -> gr.Block
             return out if viewer_frame is not None else (out[0],) + out[2:]
 
         demo.load(init_outputs, [owner_token], [owner_token, *frame_out, *settings_outputs], api_name=False, concurrency_limit=None).then(
-            poll, [shown_result, owner_token], outs, api_name=False, concurrency_limit=None)
+            poll, [shown_result, sent_state, owner_token], outs, api_name=False, concurrency_limit=None)
     return demo
 
 

@@ -95,6 +95,7 @@ class Run:
     message: str = ""
     losses: list = field(default_factory=list)  # (step, loss)
     preview: np.ndarray | None = None  # (H, W, 3) uint8
+    preview_step: int = -1  # the step the preview shows
     step_times: deque = field(default_factory=lambda: deque(maxlen=30))
     step: int = 0
     total_steps: int = 0
@@ -312,7 +313,7 @@ class RunManager:
                 return
             if kind == "started":
                 run.started, run.step, run.total_steps = True, p["step"], p["total_steps"]
-                run.preview = p["preview"]
+                run.preview, run.preview_step = p["preview"], p["step"]
                 run.step_times.clear()
                 run.resume = None
             elif kind == "progress":
@@ -322,7 +323,7 @@ class RunManager:
                 if math.isfinite(p["loss"]):
                     run.losses.append((p["step"], float(p["loss"])))
                 if "preview" in p:
-                    run.preview = p["preview"]
+                    run.preview, run.preview_step = p["preview"], p["step"]
                 if "cameras" in p:
                     run.cameras = p["cameras"]
                 if "checkpoint_step" in p:

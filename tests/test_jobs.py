@@ -173,7 +173,7 @@ def test_an_abandoned_run_is_stopped_and_keeps_its_checkpoint(tmp_path, tiny_pri
         run = m.submit(leaver, "a red cube", steps=5000)
         waiting = m.submit(keeper, "a blue cube", steps=3)
         wait_for(lambda: run.step >= 1)
-        deadline = time.time() + 60
+        deadline = time.time() + 120
         while run.status != "stopped":  # the keeper's page polls, the leaver's is gone
             m.touch(keeper)
             assert time.time() < deadline
@@ -181,6 +181,7 @@ def test_an_abandoned_run_is_stopped_and_keeps_its_checkpoint(tmp_path, tiny_pri
         assert "closed" in run.message and run.checkpoint.is_file()
         meta, _ = read_checkpoint(run.checkpoint)
         assert int(meta["step"]) == run.step > 0
+        deadline = time.time() + 180
         while waiting.status != "done":
             m.touch(keeper)
             assert time.time() < deadline
