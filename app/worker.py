@@ -225,12 +225,12 @@ class _Worker:
                 last_cameras[0] = now
                 out["cameras"] = [(c2w.numpy().copy(), focal) for c2w, focal in trainer.training_cameras()]
             if (every and m["step"] % every == 0) or (every_s and now - last_checkpoint[0] >= every_s):
+                import imageio.v3 as iio
+
                 trainer.save_checkpoint(checkpoint)
                 last_checkpoint[0] = time.time()
-                if "preview" in out:
-                    import imageio.v3 as iio
-
-                    atomic_write(folder / "preview.png", lambda tmp: iio.imwrite(tmp, out["preview"]))
+                image = out["preview"] if "preview" in out else to_uint8(trainer.preview())
+                atomic_write(folder / "preview.png", lambda tmp: iio.imwrite(tmp, image))  # the gallery's, should the worker die
                 out["checkpoint_step"] = m["step"]
             self.send("progress", out)
 

@@ -119,6 +119,7 @@ def test_a_full_queue_answers_busy(public_app):
     """200 Generates from 200 new sessions: one runs, at most MAX_QUEUE wait, the rest are told
     the server is busy (and when to come back)."""
     manager = public_app.manager
+    wait_for(lambda: all(w.run_id is None and w.ready.is_set() for w in manager.workers), timeout=120)  # the last test's runs written
     client = Client(public_app.url, verbose=False)
     accepted, busy = 0, []
     for _ in range(200):
@@ -126,6 +127,8 @@ def test_a_full_queue_answers_busy(public_app):
         try:
             client.predict("a red cube", 20000, 0, "embedded", "", 3.0, 32, None, api_name="/generate")
             accepted += 1
+            if accepted == 1:  # the first one trains (the worker takes it); the rest can only wait
+                wait_for(lambda: not manager.queue, timeout=30)
         except AppError as exc:
             busy.append(str(exc))
     try:
