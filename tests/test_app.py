@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from waiting import wait_for  # tests/ is on sys.path
 
 pytest.importorskip("gradio")
 pytest.importorskip("viser")
@@ -49,15 +50,6 @@ def app(tiny_prior_dir, tmp_path_factory):
     yield handle
     handle.close()
 
-
-def wait_for(fn, timeout=60.0, every=0.1):
-    end = time.time() + timeout
-    while time.time() < end:
-        value = fn()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError("timed out waiting")
 
 
 class User:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from waiting import wait_for  # tests/ is on sys.path
 
 from app.jobs import RunError, RunManager
 from dreamfusion.checkpoint import read_checkpoint
@@ -26,15 +27,6 @@ def small(prior) -> dict:
     return {"render_size": 32, "views": 1, "preview_every": 2, "guidance": {"model": str(prior)},
             "field": {"resolution": 24, "blob_density": 20.0, "blob_radius": 0.5, "blob_fade_steps": 0}}
 
-
-def wait_for(fn, timeout=120.0, every=0.02):
-    deadline = time.time() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        assert time.time() < deadline, "timed out waiting"
-        time.sleep(every)
 
 
 def finished(run, timeout=120.0):

@@ -10,6 +10,7 @@ import uuid
 
 import httpx
 import pytest
+from waiting import wait_for  # tests/ is on sys.path
 
 pytest.importorskip("gradio")
 pytest.importorskip("viser")
@@ -26,15 +27,6 @@ SCRIPT = "top.localStorage.setItem('pwned','1');top.document.title='PWNED'"
 XSS_PROMPT = f'a red cube <iframe srcdoc="<script>{SCRIPT}</script>"></iframe>'
 IMG_PROMPT = "a blue cube <img src=x onerror=\"top.localStorage.setItem('pwned2','1')\"> see http://evil.example/x"
 
-
-def wait_for(fn, timeout=60.0, every=0.1):
-    end = time.time() + timeout
-    while time.time() < end:
-        value = fn()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError("timed out waiting")
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import GuidanceConfig, GuidanceError
-from .pipeline import ComponentError, DiffusersGuidance, freeze, load_component, load_pipeline, save_attention_memory
+from .pipeline import ComponentError, DiffusersGuidance, load_component, load_pipeline
 
 DEFAULT_MODEL = "DeepFloyd/IF-I-XL-v1.0"
 #: IF's pipelines pad and cut every prompt to this many T5 tokens, as it was trained
@@ -82,21 +82,14 @@ class DeepFloydIFGuidance(DiffusersGuidance):
         super().__init__(cfg, device)
         source = cfg.model or DEFAULT_MODEL
         parts = load_pipeline("deepfloyd-if", source, lambda src, local: _load_components(src, local, self.dtype, self.text_dtype), _ADVICE)
-        self.tokenizer = parts["tokenizer"]
-        self.scheduler = parts["scheduler"]
-        self.text_encoder = freeze(parts["text_encoder"], "cpu", self.text_dtype)  # visits the GPU only to encode
-        self.unet = freeze(parts["unet"], self.device, self.dtype)
-        save_attention_memory(self.unet, cfg.low_vram)
+        self.take_components(parts)
         if self.unet.config.in_channels != 3:
             raise GuidanceError(f"deepfloyd-if model {source!r} is not IF's stage I: its U-Net takes {self.unet.config.in_channels} channels, "
                                 f"not the 3 of an RGB image (the super-resolution stages are not priors); {_ADVICE}") from None
-        self.alphas_cumprod = self.scheduler.alphas_cumprod.to(self.device, torch.float32)
-        self.prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
         if self.prediction_type != "epsilon":
             raise GuidanceError(f"deepfloyd-if: unsupported prediction_type {self.prediction_type!r} (IF predicts epsilon)")
         self.max_tokens = IF_MAX_TOKENS
-        sample_size = self.unet.config.sample_size
-        self.image_size = int(sample_size[0] if isinstance(sample_size, (tuple, list)) else sample_size)
+        self.image_size = self.unet_sample_size()
 
     # -- the Guidance interface
     def preprocess(self, text: str) -> str:

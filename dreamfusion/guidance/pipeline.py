@@ -215,6 +215,23 @@ class DiffusersGuidance(Guidance):
         self.text_dtype = text_encoder_dtype(cfg, self.device)
         self._text_depth = 0  # nesting of text_session(), under the text lock
 
+    def take_components(self, parts: dict) -> None:
+        """Keep what every diffusers prior grades with: the tokenizer, the scheduler and its
+        alphas_cumprod on the device, the text encoder on the CPU (it visits the GPU only to encode)
+        and the frozen U-Net on the device, its attention as ``low_vram`` asks."""
+        self.tokenizer = parts["tokenizer"]
+        self.scheduler = parts["scheduler"]
+        self.text_encoder = freeze(parts["text_encoder"], "cpu", self.text_dtype)
+        self.unet = freeze(parts["unet"], self.device, self.dtype)
+        save_attention_memory(self.unet, self.cfg.low_vram)
+        self.alphas_cumprod = self.scheduler.alphas_cumprod.to(self.device, torch.float32)
+        self.prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
+
+    def unet_sample_size(self) -> int:
+        """The U-Net's input size (its config may give it as a number or a pair)."""
+        size = self.unet.config.sample_size
+        return int(size[0] if isinstance(size, tuple | list) else size)
+
     # -- the text encoder's visits to the GPU
     def encoding_device(self) -> torch.device:
         """Where texts are encoded now (:func:`encoding_device`): the run's GPU, which the encoder visits,

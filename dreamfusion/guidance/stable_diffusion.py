@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import GuidanceConfig, GuidanceError
-from .pipeline import HUB_TIMEOUT_S, ComponentError, DiffusersGuidance, freeze, load_component, load_pipeline, save_attention_memory
+from .pipeline import HUB_TIMEOUT_S, ComponentError, DiffusersGuidance, freeze, load_component, load_pipeline
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1-base"
 _ADVICE = "download it once and pass --model /path/to/folder, or use --guidance embedded (offline)"
@@ -47,21 +47,13 @@ class StableDiffusionGuidance(DiffusersGuidance):
         super().__init__(cfg, device)
         source = cfg.model or DEFAULT_MODEL
         parts = load_pipeline("stable-diffusion", source, lambda src, local: _load_components(src, local, self.dtype, self.text_dtype), _ADVICE)
-        self.tokenizer = parts["tokenizer"]
-        self.scheduler = parts["scheduler"]
-        self.text_encoder = freeze(parts["text_encoder"], "cpu", self.text_dtype)  # visits the GPU only to encode
+        self.take_components(parts)
         vae = parts["vae"]
         vae.decoder = None  # SDS grades latents: the decoder is never run (about 60% of the VAE's weights)
         self.vae = freeze(vae, self.device, self.dtype)
-        self.unet = freeze(parts["unet"], self.device, self.dtype)
-        save_attention_memory(self.unet, cfg.low_vram)
-        self.alphas_cumprod = self.scheduler.alphas_cumprod.to(self.device, torch.float32)
-        self.prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
         self.max_tokens = int(self.tokenizer.model_max_length)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        sample_size = self.unet.config.sample_size
-        sample_size = sample_size[0] if isinstance(sample_size, (tuple, list)) else sample_size
-        self.image_size = int(sample_size) * self.vae_scale_factor
+        self.image_size = self.unet_sample_size() * self.vae_scale_factor
         self.scaling_factor = float(getattr(self.vae.config, "scaling_factor", 0.18215))
 
     # -- the Guidance interface
