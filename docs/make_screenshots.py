@@ -37,6 +37,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as runs_dir:
         handle = create_app(runs_dir, {"steps": args.steps}, viewer_port=free_port())
         handle.launch(port=free_port())
+        handle.manager.wait_ready()
         try:
             with sync_playwright() as p:
                 browser = p.chromium.launch(executable_path=args.chromium, args=CHROMIUM_ARGS)
@@ -49,11 +50,10 @@ def main() -> int:
                 page.get_by_text("it/s").first.wait_for(timeout=60000)
                 time.sleep(args.seconds)
                 page.screenshot(path=str(args.out / "app_page.png"), full_page=True)
-                viewer = browser.new_page(viewport={"width": 900, "height": 640})
-                viewer.goto(handle.viewer.url)
+                frame = page.locator("#viewer iframe").first  # the visitor's own viewer, as the page embeds it
+                frame.scroll_into_view_if_needed()
                 time.sleep(8)
-                viewer.screenshot(path=str(args.out / "app_viewer.png"))
-                viewer.close()
+                frame.screenshot(path=str(args.out / "app_viewer.png"))
                 page.get_by_text("Done").first.wait_for(timeout=3600 * 1000)
                 page.locator("#result-mesh canvas").first.wait_for(timeout=60000)
                 time.sleep(8)  # the 3D view and the turntable load
