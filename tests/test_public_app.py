@@ -25,7 +25,7 @@ MAX_QUEUE = 5
 #: what the attacker types: a script that would read and change the page of every visitor who sees it
 SCRIPT = "top.localStorage.setItem('pwned','1');top.document.title='PWNED'"
 XSS_PROMPT = f'a red cube <iframe srcdoc="<script>{SCRIPT}</script>"></iframe>'
-IMG_PROMPT = "a blue cube <img src=x onerror=\"top.localStorage.setItem('pwned2','1')\"> see http://evil.example/x"
+IMG_PROMPT = "a photo of a squirrel <img src=x onerror=\"top.localStorage.setItem('pwned2','1')\"> see http://evil.example/x"
 
 
 
@@ -168,9 +168,10 @@ def test_a_prompt_is_text_in_every_visitors_page_and_viewer(public_app, tmp_path
             page.get_by_text("see http://evil.example/x").first.wait_for(timeout=30000)
             wait_for(lambda: "<img src=x onerror=" in page.locator("#status").inner_text(), timeout=15)
             assert page.locator("#status img").count() == 0 and page.locator("#status a").count() == 0
-            toasts = page.locator(".toast-body")
-            if toasts.count():
-                assert page.locator(".toast-body img").count() == 0 and page.locator(".toast-body a").count() == 0
+            # a prompt far from what the prior knows: the note quotes it, as text
+            page.get_by_text("is far from all of them").first.wait_for(timeout=30000)
+            assert "<img src=x onerror=" in " ".join(t.inner_text() for t in page.locator(".toast-body").all())
+            assert page.locator(".toast-body img").count() == 0 and page.locator(".toast-body a").count() == 0
             time.sleep(2.0)
             # nothing ran: the page's storage holds only its own token, its title is its own
             assert page.evaluate("Object.keys(localStorage)") == ["dreamfusion-owner"]
