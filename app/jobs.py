@@ -296,11 +296,13 @@ class RunManager:
                 job = job_payload(run=run.id, folder=str(run.folder), threads=self.threads, checkpoint_every=self.checkpoint_every,
                                   checkpoint_seconds=self.checkpoint_seconds, finish_export=self.finish_export(), prompt=run.prompt,
                                   cfg=config_to_dict(run.cfg))
+            if not worker.send("train", job):  # it died just now (its exit handler replaces it): the run waits on
+                worker.alive = False
+                self.queue.insert(0, run.id)
+                continue
             worker.run_id, run.worker = run.id, worker
             run.status, run.finishing, run.stop_requested = "running", False, None
             run.step_times.clear()
-            if not worker.send("train", job):  # it died just now: its exit puts the run back
-                continue
             self._write_meta(run)
 
     def _on_event(self, worker: WorkerHandle, kind: str, p: dict) -> None:
