@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 import warnings
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -177,7 +178,7 @@ class TextEncoder:
         self.model = AutoModel.from_pretrained(path, local_files_only=True).to(device).eval()
         self.max_tokens = max_tokens
         self.device = torch.device(device)
-        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()  # the most recent CACHE_SIZE texts
 
     def token_count(self, text: str) -> int:
         return len(self.tokenizer(text)["input_ids"])
@@ -197,15 +198,23 @@ class TextEncoder:
         mask = tok["attention_mask"].bool()
         return states * mask[..., None], mask
 
+    #: texts whose encodings are kept (a long-lived process sees ever new prompts: its memory must not grow with them)
+    CACHE_SIZE = 512
+
     def __call__(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        missing = sorted({t for t in texts if t not in self._cache})
+        found = {t: self._cache[t] for t in dict.fromkeys(texts) if t in self._cache}
+        missing = sorted(set(texts) - set(found))
         for i in range(0, len(missing), 256):
             chunk = missing[i:i + 256]
             states, mask = self._encode_uncached(chunk)
-            for t, s, m in zip(chunk, states, mask, strict=True):
-                self._cache[t] = (s, m)
-        states = torch.stack([self._cache[t][0] for t in texts])
-        mask = torch.stack([self._cache[t][1] for t in texts])
+            found.update({t: (s, m) for t, s, m in zip(chunk, states, mask, strict=True)})
+        for t in dict.fromkeys(texts):  # the least recently used texts leave the cache first
+            self._cache[t] = found[t]
+            self._cache.move_to_end(t)
+        while len(self._cache) > self.CACHE_SIZE:
+            self._cache.popitem(last=False)
+        states = torch.stack([found[t][0] for t in texts])
+        mask = torch.stack([found[t][1] for t in texts])
         return states, mask
 
     def condition(self, texts: list[str]) -> TextCondition:
