@@ -224,7 +224,7 @@ def build_blocks(manager: RunManager, viewer_url: str | None = None) -> gr.Block
                 gr.Markdown("Drag to orbit; relight and change the shading in the viewer's panel (this changes what you see, not the "
                             "training). It follows your own run; before you have one it shows the newest finished result.")
                 viewer_frame = gr.HTML("" if keyed_viewer else viewer_iframe(viewer_url), elem_id="viewer")
-        gallery = gr.Gallery(label="Finished runs on this server", columns=6, fit_columns=False, height="auto", object_fit="contain",
+        gallery = gr.Gallery(label="Finished runs on this server", columns=6, fit_columns=False, height=270, object_fit="contain",
                              elem_id="gallery", visible=False, allow_preview=True)
         with gr.Accordion("Details", open=False):
             info_json = gr.JSON(label="Run")
