@@ -85,11 +85,13 @@ class FieldConfig:
     does not stay in the way (20 / 0.5 left the torus's hole filled)"""
     blob_radius: float = 0.2
     """c of the density bias (world units)"""
-    blob_fade_steps: int = 600
-    """the blob's inside fades to nothing over this many steps from the start (its outside, which
-    keeps empty space empty, stays): the blob starts the object, then gets out of the way so holes
-    can open (0: it stays). Counted in steps, not as a fraction of the run, so a short run keeps
-    its blob instead of ending with nothing to export"""
+    blob_fade_fraction: float = 0.5
+    """the blob's inside fades to nothing over this fraction of the run from the start (its outside,
+    which keeps empty space empty, stays): the blob starts the object, then gets out of the way so
+    holes can open. A fraction, so the schedule compresses with a shorter run"""
+    blob_fade_steps: int = 150
+    """the fade never takes fewer steps than this, so a very short run keeps most of its blob instead
+    of ending with nothing to export (0: the blob stays, no fade at all)"""
     density_activation: str = "exp"
     """exp (truncated) or softplus of the interpolated raw density plus the blob: with exp a few
     units of raw density separate empty from opaque, so surfaces can be sharp and holes carved"""
@@ -407,6 +409,7 @@ def validate_config(cfg: TrainConfig) -> None:
     _between("density_shift", f.density_shift, -1e4, 1e4)
     if f.blob_fade_steps < 0:
         raise ValueError(f"blob_fade_steps must be 0 (the blob stays) or more, got {f.blob_fade_steps}")
+    _between("field.blob_fade_fraction", f.blob_fade_fraction, 0.0, 1.0)
     if f.density_activation not in ("softplus", "exp"):
         raise ValueError(f"unknown density activation {f.density_activation!r}; use softplus or exp")
     _one_of("background", f.background, ("white", "black", "mlp"))

@@ -63,6 +63,13 @@ def graded_texts(prompt: str) -> list[str]:
     return [f"{prompt}, {label}" for label in labels] + [""]
 
 
+def blob_scale(step: int, total_steps: int, fade_fraction: float, min_steps: int) -> float:
+    """Strength of the initial blob's inside at ``step``: 1 at the start, falling linearly to 0 over
+    ``fade_fraction`` of the run, or over ``min_steps`` where that is longer."""
+    span = max(float(min_steps), fade_fraction * total_steps)
+    return max(0.0, 1.0 - step / span) if span > 0 else 1.0
+
+
 def lr_factor(fraction_done: float, decay_start: float, final_factor: float) -> float:
     """Learning-rate multiplier: 1 until ``decay_start`` (a fraction of the run), then exponential
     decay to ``final_factor`` at the end."""
@@ -232,10 +239,12 @@ class Trainer:
     def _update_occupancy(self) -> None:
         """Refresh the occupancy grid when due, its draws from a CPU generator seeded by a draw
         from the trainer's own (so a run is reproducible, and resumes exactly, on any device)."""
-        if self.step_count % self.cfg.render.occupancy_update_every != 0:
+        # also after the first step: until the first update every cell counts as occupied, and the
+        # dense marching of the steps before it costs several times a normal step
+        if self.step_count % self.cfg.render.occupancy_update_every != 0 and self.step_count != 1:
             return
         seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
-        self.renderer.update_occupancy(self.step_count, generator=torch.Generator().manual_seed(seed))
+        self.renderer.update_occupancy(self.step_count, force=True, generator=torch.Generator().manual_seed(seed))
 
     def _grow_grid(self) -> None:
         """Coarse-to-fine: move the grid to the resolution this point of the run asks for (a new
@@ -267,7 +276,9 @@ class Trainer:
             self._unpark()
             self._grow_grid()
             if cfg.field.blob_fade_steps > 0:
-                self.field.blob_scale.fill_(max(0.0, 1.0 - self.step_count / cfg.field.blob_fade_steps))
+                scale = blob_scale(self.step_count, self.total_steps, cfg.field.blob_fade_fraction, cfg.field.blob_fade_steps)
+                # never back up: a run extended (Refine) keeps the blob it had already lost
+                self.field.blob_scale.fill_(min(float(self.field.blob_scale), scale))
             self.field.train()
             cams = sample_cameras(self.camera_cfg, cfg.views, self.generator)
             self.recent_cameras.append((cams.c2w.clone(), cams.focal.clone()))

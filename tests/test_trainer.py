@@ -17,7 +17,7 @@ from dreamfusion.cameras import make_cameras
 from dreamfusion.field import FieldConfig
 from dreamfusion.guidance import GuidanceConfig, load_guidance
 from dreamfusion.render import RenderConfig
-from dreamfusion.trainer import CHECKPOINT_VERSION, CheckpointError, Trainer, validate_config
+from dreamfusion.trainer import CHECKPOINT_VERSION, CheckpointError, Trainer, blob_scale, validate_config
 
 PROMPT = "a red cube"
 
@@ -152,6 +152,18 @@ def test_same_seed_same_grid_different_seed_different(fast_config, guidance):
     assert torch.equal(grid(a), grid(b))
     assert not torch.allclose(grid(a), grid(c))
     assert [h["mode"] for h in a.history] == [h["mode"] for h in b.history]
+
+
+def test_the_occupancy_grid_is_first_refreshed_after_the_first_step(fast_config, guidance):
+    """Until its first refresh every cell counts as occupied and a step marches densely: the grid is
+    refreshed after step 1 (not only at the first multiple of occupancy_update_every), so step 2
+    already skips the empty space around the blob."""
+    cfg = dataclasses.replace(fast_config, steps=3, render=RenderConfig(occupancy_update_every=8))
+    trainer = Trainer(cfg, "a red cube", guidance=guidance)
+    first = trainer.step()
+    assert first["occupancy"] < 0.5
+    second = trainer.step()
+    assert second["samples"] < first["samples"] / 2
 
 
 def test_same_seed_same_grid_across_occupancy_updates(fast_config, guidance):
@@ -572,10 +584,22 @@ def test_snapshot_is_a_copy_and_an_export_comes_from_one(fast_config, guidance, 
     assert not torch.equal(seen["frames"], live)
 
 
-def test_blob_fades_over_a_number_of_steps_not_a_fraction_of_the_run(fast_config, guidance):
-    """The blob's inside fades over blob_fade_steps from the start whatever the run's length, so a
-    short run keeps most of its blob (and has something to export) while a long one loses it."""
-    cfg = dataclasses.replace(fast_config, steps=1000, field=dataclasses.replace(fast_config.field, blob_fade_steps=8))
+def test_blob_scale_by_hand():
+    """Linear from 1 to 0 over the fraction of the run, or over the floor in steps where longer."""
+    assert blob_scale(0, 400, 0.5, 150) == 1.0
+    assert blob_scale(100, 400, 0.5, 150) == pytest.approx(0.5)  # over 200 steps
+    assert blob_scale(300, 400, 0.5, 150) == 0.0
+    assert blob_scale(30, 40, 0.5, 150) == pytest.approx(0.8)  # a short run: over the floor's 150
+    assert blob_scale(600, 1200, 0.5, 150) == 0.0
+    assert blob_scale(5, 10, 0.0, 0) == 1.0
+
+
+def test_blob_fades_over_a_fraction_of_the_run_and_never_comes_back(fast_config, guidance):
+    """The blob's inside fades over blob_fade_fraction of the run (never faster than over
+    blob_fade_steps), so the schedule compresses with a shorter run; a run extended after the fade
+    (Refine) does not get its blob back; blob_fade_steps 0 keeps it."""
+    field = dataclasses.replace(fast_config.field, blob_fade_fraction=0.5, blob_fade_steps=2)
+    cfg = dataclasses.replace(fast_config, steps=16, field=field)
     trainer = Trainer(cfg, "a red cube", guidance=guidance)
     assert float(trainer.field.blob_scale) == 1.0
     for _ in range(3):
@@ -584,6 +608,9 @@ def test_blob_fades_over_a_number_of_steps_not_a_fraction_of_the_run(fast_config
     assert float(trainer.field.blob_scale) == pytest.approx(1 - 2 / 8)
     for _ in range(8):
         trainer.step()
+    assert float(trainer.field.blob_scale) == 0.0
+    trainer.extend(100)  # the fade's span is now 58 steps, of which 11 are taken: it must stay gone
+    trainer.step()
     assert float(trainer.field.blob_scale) == 0.0
     still = dataclasses.replace(cfg, field=dataclasses.replace(cfg.field, blob_fade_steps=0))
     trainer = Trainer(still, "a red cube", guidance=guidance)
