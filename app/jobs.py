@@ -160,7 +160,7 @@ class RunManager:
         self.max_runs_kept = max(1, int(max_runs_kept))
         self.checkpoint_every = checkpoint_every
         self.checkpoint_seconds = checkpoint_seconds  # also a checkpoint this often: a killed worker loses at most this much
-        self.export_defaults = dict(mesh_resolution=96, video="mp4", video_frames=24, video_size=128)
+        self.export_defaults = dict(mesh_resolution=96, video="mp4", video_frames=24, video_size=256)
         self.export_defaults.update(export_defaults or {})
         self.max_queue = max_queue
         self.public = public

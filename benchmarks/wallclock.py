@@ -94,7 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     base = None
     for name, _, extra in variants:
         mine = [r for r in rows if r["variant"] == name]
-        mean = lambda key: sum(float(r.get(key) or 0) for r in mine) / len(mine)  # noqa: E731
+
+        def mean(key: str, mine: list[dict] = mine) -> float:
+            return sum(float(r.get(key) or 0) for r in mine) / len(mine)
+
         base = base or mean("seconds")
         label = name + (f" (`{shlex.join(extra)}`)" if extra else "")
         lines.append(f"| {label} | {mean('seconds'):.1f} | {mean('seconds') / base:.2f} | {mean('iou'):.3f} | {mean('hit'):.0%} | "

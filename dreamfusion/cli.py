@@ -19,7 +19,7 @@ from typing import Annotated
 
 import tyro
 
-from .config import GUIDANCES, USER_GUIDANCES, ExportOptions, TrainConfig, TrainPriorConfig, with_settings
+from .config import GUIDANCES, PRESETS, USER_GUIDANCES, ExportOptions, TrainConfig, TrainPriorConfig, apply_preset, with_settings
 from .pipeline import DEFAULT_CHECKPOINT_EVERY, Interrupted
 
 DEFAULT_PROMPT = "a red cube"
@@ -32,8 +32,10 @@ GUIDANCE_DEFAULTS = ", ".join(f"{GUIDANCES[name].guidance_scale:g} {name}" for n
 class RunOptions:
     """The settings of a run, shared by ``generate`` and ``batch``."""
 
+    preset: Annotated[str, tyro.conf.arg(help=f"a named trade of time against quality: {', '.join(PRESETS)} (docs/speed.md); "
+                                              "applied to --advanced's defaults, then the options below")] = "default"
     steps: int | None = None
-    """iterations (default: --advanced.steps)"""
+    """iterations (default: the preset's, else --advanced.steps)"""
     seed: int | None = None
     """0 to 2^63 - 1: the same seed and settings give the same object, bit for bit (default: --advanced.seed)"""
     guidance: Annotated[str | None, tyro.conf.arg(help=f"prior: {' or '.join(USER_GUIDANCES)} (default: --advanced.guidance.name)")] = None
@@ -156,7 +158,7 @@ class CommandStopped(Exception):
 def train_config(args: RunOptions) -> TrainConfig:
     """``--advanced`` with the top-level options that were given (a setting left out keeps the
     ``--advanced`` value, whether default or set by the user)."""
-    return with_settings(args.advanced, steps=args.steps, seed=args.seed, guidance=args.guidance, model=args.model,
+    return with_settings(apply_preset(args.advanced, args.preset), steps=args.steps, seed=args.seed, guidance=args.guidance, model=args.model,
                          guidance_scale=args.cfg, render_size=args.resolution, device=args.device)
 
 
@@ -207,6 +209,8 @@ def settings_given_with_resume(args: Generate, prompt: str) -> list[str]:
     from .config import validate_prompt
 
     given = [f"--{name}" for name in ("seed", "guidance", "model", "cfg", "resolution") if getattr(args, name) is not None]
+    if args.preset != "default":
+        given.append("--preset")
     if args.advanced != TrainConfig():
         given.append("--advanced.*")
     if args.prompt != DEFAULT_PROMPT and validate_prompt(args.prompt) != prompt:

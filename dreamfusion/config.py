@@ -537,6 +537,33 @@ def with_settings(cfg: TrainConfig, *, steps: int | None = None, seed: int | Non
     return replace(cfg, guidance=g, **{k: v for k, v in top.items() if v is not None})
 
 
+#: named trades of time against quality, as the settings each changes from TrainConfig's defaults
+#: ('section.key': value, as ``--set`` takes them). The table of what each costs and gives on the
+#: public list: docs/speed.md
+PRESETS: dict[str, dict[str, object]] = {
+    "fast": {},
+    "default": {},
+    "best": {},
+}
+
+
+def apply_preset(cfg: TrainConfig, name: str) -> TrainConfig:
+    """``cfg`` with the preset's settings applied where ``cfg`` leaves them at TrainConfig's
+    defaults (a setting given explicitly with the default's value is taken as left open, as with
+    the guidance's own defaults); an unknown name is a ``ValueError`` naming the valid ones."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+    data, defaults = config_to_dict(cfg), config_to_dict(TrainConfig())
+    for key, value in PRESETS[name].items():
+        path = key.split(".")
+        node, default = data, defaults
+        for part in path[:-1]:
+            node, default = node[part], default[part]
+        if node[path[-1]] == default[path[-1]]:
+            node[path[-1]] = list(value) if isinstance(value, tuple) else value
+    return config_from_dict(data)
+
+
 def config_to_dict(cfg: object) -> dict:
     return asdict(cfg)
 

@@ -267,3 +267,22 @@ def test_a_restarted_server_ends_the_runs_it_left_active(tmp_path):
         assert [e["prompt"] for e in m.finished()] == ["a red cube"]
     finally:
         m.shutdown()
+
+
+def test_a_finished_run_writes_a_turntable_of_at_least_256_px(tmp_path, fast_config):
+    """What a run writes without being asked (its GLB and turntable, the page's result): the
+    turntable is read back from the file, at least 256 pixels a side."""
+    import dataclasses
+
+    import imageio.v3 as iio
+
+    from dreamfusion.runs import export_scene
+    from dreamfusion.trainer import Trainer
+
+    opts = dataclasses.replace(RunManager(tmp_path / "runs", max_concurrent=0).finish_export(), mesh_resolution=24)
+    trainer = Trainer(dataclasses.replace(fast_config, steps=1), "a red cube")
+    trainer.run()
+    written = export_scene(trainer, tmp_path, opts)
+    frames = iio.imread(written["video"])
+    assert frames.shape[0] >= 24 and min(frames.shape[1:3]) >= 256
+    assert frames.std() > 0  # an object, not a blank
