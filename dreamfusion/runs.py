@@ -134,7 +134,14 @@ def export_renderer(scene: Renderer, folder: Path, opts: ExportOptions) -> list[
         warnings.simplefilter("always")
         mesh = extract_mesh(scene.field.density, scene.field.albedo, resolution=opts.mesh_resolution,
                             bound=scene.field.cfg.bound, threshold=threshold, device=device, fill_voids=opts.fill_voids,
-                            colour_depth=opts.colour_depth * 2 * scene.field.cfg.bound / (scene.field.resolution - 1))
+                            colour_depth=opts.colour_depth * 2 * scene.field.cfg.bound / (scene.field.resolution - 1),
+                            refine_steps=opts.refine_steps, max_faces=opts.faces, colour_smoothing=opts.colour_smoothing,
+                            colour_edge=opts.colour_edge)
+    notes = [str(w.message) for w in caught if issubclass(w.category, ExportWarning)]
+    if "decimation" in mesh.metadata:
+        d = mesh.metadata["decimation"]
+        notes.append(f"decimated to {d['faces']:,} faces from {d['faces_before']:,}: the surface moved {d['mean_distance']:.4f} "
+                     f"on average and {d['max_distance']:.4f} at most (world units)")
     for fmt in opts.formats:
         save_mesh(mesh, folder / f"mesh.{fmt}")
     if opts.video != "none":
@@ -144,7 +151,7 @@ def export_renderer(scene: Renderer, folder: Path, opts: ExportOptions) -> list[
                                     opts.video_mode)["image"].clamp(0, 1).cpu()
 
         save_turntable(render, folder / f"turntable.{opts.video}", frames=opts.video_frames, size=opts.video_size)
-    return [str(w.message) for w in caught if issubclass(w.category, ExportWarning)]
+    return notes
 
 
 def export_scene(trainer: Trainer, folder: Path, opts: ExportOptions) -> dict[str, Path]:
