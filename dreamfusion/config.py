@@ -276,6 +276,11 @@ class ExportOptions:
     colour_edge: float = 0.1
     """colour smoothing averages only neighbours whose colours differ by at most this much in every
     RGB channel (0..1): a larger step is a boundary between colours and is kept"""
+    texture: bool = False
+    """also write mesh_textured.glb: UVs from xatlas, the vertex colours baked into a PNG texture
+    inside the file, an unlit material (KHR_materials_unlit) so viewers show the albedo as it is"""
+    texture_size: int = 1024
+    """pixels per side of the textured GLB's texture"""
     video: str = "mp4"
     """turntable format: mp4, gif or none"""
     video_mode: str = "lit"
@@ -505,6 +510,7 @@ def validate_export(opts: ExportOptions) -> None:
         _between("faces (the face budget; 0: no decimation)", opts.faces, 100, 100_000_000)
     _between("colour_smoothing (iterations)", opts.colour_smoothing, 0, 100)
     _between("colour_edge", opts.colour_edge, 0.0, 1.0)
+    _between("texture_size", opts.texture_size, 16, 8192)
     if opts.video != "none":
         _one_of("turntable shading", opts.video_mode, SHADING_MODES)
         validate_turntable(opts.video_frames, opts.video_size)

@@ -1,5 +1,5 @@
 """Mesh extraction and export: marching cubes on a density field, vertex colours from an albedo
-field, GLB/OBJ/PLY files, a UV-textured OBJ and turntable videos; and the steps that make a cleaner
+field, GLB/OBJ/PLY files, a UV-textured OBJ and GLB and turntable videos; and the steps that make a cleaner
 asset, each off unless asked for: vertices moved onto the level set (:func:`refine_vertices`),
 quadric decimation to a face budget (:func:`decimate_mesh`), edge-aware smoothing of the vertex
 colours (:func:`smooth_colours`).
@@ -457,17 +457,18 @@ def _dilate(image: np.ndarray, filled: np.ndarray, steps: int = 8) -> np.ndarray
     return image
 
 
-def save_textured_obj(mesh: trimesh.Trimesh, path: str | Path, texture_size: int = 512) -> Path:
-    """Write ``mesh`` as an OBJ with UVs from xatlas and its vertex colours baked into a texture:
-    ``path`` (.obj), ``<stem>.mtl`` and ``<stem>.png`` beside it (+Z up). Returns the OBJ's path."""
-    import xatlas
-    from PIL import Image
+def bake_vertex_colours(mesh: trimesh.Trimesh, texture_size: int = 512) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A UV atlas of the mesh (xatlas) with its vertex colours baked into a texture.
 
-    path = Path(path)
-    if path.suffix.lower() != ".obj":
-        raise ValueError(f"a textured mesh is written as .obj, got {path.name!r}")
-    vmapping, indices, uvs = xatlas.parametrize(mesh.vertices.astype(np.float32), mesh.faces.astype(np.uint32))
-    colours = mesh.visual.vertex_colors[vmapping, :3].astype(np.float64)
+    Returns ``vertices`` (V', 3) (a vertex is split where a chart's border cuts it), ``faces`` (F, 3),
+    ``uvs`` (V', 2) in [0, 1] (v up, as OBJ and glTF's loaders in trimesh read it) and ``image``
+    (texture_size, texture_size, 3) uint8: each texel the barycentric blend of its face's vertex
+    colours, the empty texels filled from their neighbours (:func:`_dilate`) so lookups at chart
+    borders do not pick up the background."""
+    import xatlas
+
+    vmapping, indices, uvs = xatlas.parametrize(np.asarray(mesh.vertices, dtype=np.float32), np.asarray(mesh.faces, dtype=np.uint32))
+    colours = np.asarray(mesh.visual.vertex_colors)[vmapping, :3].astype(np.float64)
     # texel (row r, column c) has its centre at u = (c + 0.5) / size, v = 1 - (r + 0.5) / size
     lattice = np.stack([uvs[:, 0] * texture_size - 0.5, (1.0 - uvs[:, 1]) * texture_size - 0.5], axis=1)
     face, col, row, bary = rasterize_triangles(lattice, indices, (texture_size, texture_size))
@@ -475,18 +476,59 @@ def save_textured_obj(mesh: trimesh.Trimesh, path: str | Path, texture_size: int
     filled = np.zeros((texture_size, texture_size), dtype=bool)
     image[row, col] = np.einsum("kv,kvc->kc", bary, colours[indices[face].astype(np.int64)])
     filled[row, col] = True
-    texture = Image.fromarray(np.round(_dilate(image, filled)).clip(0, 255).astype(np.uint8))
+    image = np.round(_dilate(image, filled)).clip(0, 255).astype(np.uint8)
+    return np.asarray(mesh.vertices)[vmapping], indices.astype(np.int64), np.asarray(uvs, dtype=np.float64), image
 
+
+def save_textured_obj(mesh: trimesh.Trimesh, path: str | Path, texture_size: int = 512) -> Path:
+    """Write ``mesh`` as an OBJ with UVs from xatlas and its vertex colours baked into a texture:
+    ``path`` (.obj), ``<stem>.mtl`` and ``<stem>.png`` beside it (+Z up). Returns the OBJ's path."""
+    from PIL import Image
+
+    path = Path(path)
+    if path.suffix.lower() != ".obj":
+        raise ValueError(f"a textured mesh is written as .obj, got {path.name!r}")
+    vertices, faces, uvs, image = bake_vertex_colours(mesh, texture_size)
     # white diffuse and ambient, no specular: viewers multiply the texture by these
-    material = trimesh.visual.material.SimpleMaterial(image=texture, name=path.stem, diffuse=(255, 255, 255, 255),
+    material = trimesh.visual.material.SimpleMaterial(image=Image.fromarray(image), name=path.stem, diffuse=(255, 255, 255, 255),
                                                       ambient=(255, 255, 255, 255), specular=(0, 0, 0, 255))
-    textured = trimesh.Trimesh(mesh.vertices[vmapping], indices.astype(np.int64),
-                               visual=trimesh.visual.TextureVisuals(uv=uvs, material=material), process=False)
+    textured = trimesh.Trimesh(vertices, faces, visual=trimesh.visual.TextureVisuals(uv=uvs, material=material), process=False)
     text, files = trimesh.exchange.obj.export_obj(textured, include_color=False, include_texture=True, return_texture=True,
                                                   mtl_name=f"{path.stem}.mtl")
     for name, data in files.items():  # the material and its image first, the OBJ that names them last
         atomic_write(path.parent / name, lambda tmp, data=data: Path(tmp).write_bytes(data))
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+#: glTF's extension for materials shown as their base colour, unlit: the albedo is the colour
+UNLIT = "KHR_materials_unlit"
+
+
+def _mark_unlit(tree: dict) -> None:
+    """A glTF tree's materials made unlit (:data:`UNLIT`), the extension declared as used (not
+    required: a viewer without it falls back to the material's matte, non-metallic PBR)."""
+    for material in tree.get("materials", []):
+        material.setdefault("extensions", {})[UNLIT] = {}
+    if tree.get("materials"):
+        tree["extensionsUsed"] = sorted(set(tree.get("extensionsUsed", [])) | {UNLIT})
+
+
+def save_textured_glb(mesh: trimesh.Trimesh, path: str | Path, texture_size: int = 1024) -> Path:
+    """Write ``mesh`` as a GLB with UVs (xatlas) and its vertex colours baked into a PNG texture
+    inside the file (:func:`bake_vertex_colours`), rotated to glTF's +Y up. The material is the
+    texture as base colour, unlit (``KHR_materials_unlit``), with a matte, non-metallic PBR
+    fallback: viewers show the albedo as it is, as the vertex-coloured GLB does. Returns the path."""
+    from PIL import Image
+
+    path = Path(path)
+    if path.suffix.lower() != ".glb":
+        raise ValueError(f"a textured GLB is written as .glb, got {path.name!r}")
+    vertices, faces, uvs, image = bake_vertex_colours(mesh, texture_size)
+    material = trimesh.visual.material.PBRMaterial(name="albedo", baseColorTexture=Image.fromarray(image), baseColorFactor=[255, 255, 255, 255],
+                                                   metallicFactor=0.0, roughnessFactor=1.0)
+    textured = to_y_up(trimesh.Trimesh(vertices, faces, visual=trimesh.visual.TextureVisuals(uv=uvs, material=material), process=False))
+    data = trimesh.exchange.gltf.export_glb(trimesh.Scene(textured), tree_postprocessor=_mark_unlit)
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 # ----------------------------------------------------------------------------- turntable

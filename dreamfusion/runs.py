@@ -90,6 +90,9 @@ def staged_output(out: Path, overwrite: bool, resume: bool = False) -> Iterator[
         finish_output(staging, out)
 
 
+#: the UV-textured GLB's name in a run folder (``--export.texture``)
+TEXTURED_GLB = "mesh_textured.glb"
+
 #: the views whose silhouettes decide the surface level: 8 azimuths at 25 degrees below and above
 #: the horizon, and straight down and up
 SILHOUETTE_SIZE = 64
@@ -123,7 +126,7 @@ def export_renderer(scene: Renderer, folder: Path, opts: ExportOptions) -> list[
     import torch
 
     from .cameras import default_light
-    from .export import ExportWarning, extract_mesh, save_mesh, save_turntable
+    from .export import ExportWarning, extract_mesh, save_mesh, save_textured_glb, save_turntable
 
     folder = Path(folder)
     device = scene.field.density_grid.device
@@ -144,6 +147,8 @@ def export_renderer(scene: Renderer, folder: Path, opts: ExportOptions) -> list[
                      f"on average and {d['max_distance']:.4f} at most (world units)")
     for fmt in opts.formats:
         save_mesh(mesh, folder / f"mesh.{fmt}")
+    if opts.texture:
+        save_textured_glb(mesh, folder / TEXTURED_GLB, texture_size=opts.texture_size)
     if opts.video != "none":
         def render(cams: Cameras) -> torch.Tensor:
             with torch.no_grad():
@@ -162,6 +167,8 @@ def export_scene(trainer: Trainer, folder: Path, opts: ExportOptions) -> dict[st
     for note in export_renderer(scene, folder, opts):
         trainer.on_message(note)
     written = {fmt: folder / f"mesh.{fmt}" for fmt in opts.formats}
+    if opts.texture:
+        written["textured_glb"] = folder / TEXTURED_GLB
     if opts.video != "none":
         written["video"] = folder / f"turntable.{opts.video}"
     return written

@@ -21,6 +21,7 @@ from dreamfusion.export import (
     rasterize_triangles,
     refine_vertices,
     save_mesh,
+    save_textured_glb,
     save_textured_obj,
     save_turntable,
     smooth_colours,
@@ -417,3 +418,102 @@ def test_export_reports_what_decimation_cost(tmp_path):
                                  ExportOptions(formats=("ply",), video="none", threshold=5.0, mesh_resolution=48, faces=500))
     assert len(notes) == 1 and notes[0].startswith("decimated to ") and "on average" in notes[0]
     assert len(trimesh.load(tmp_path / "mesh.ply", process=False).faces) <= 500
+
+
+# ----------------------------------------------------------------------------- the textured GLB
+
+GLTF_COMPONENTS = {5120: np.int8, 5121: np.uint8, 5122: np.int16, 5123: np.uint16, 5125: np.uint32, 5126: np.float32}
+GLTF_SIZES = {"SCALAR": 1, "VEC2": 2, "VEC3": 3, "VEC4": 4}
+
+
+def read_glb(path):
+    """A GLB file checked against the glTF 2.0 container rules (header, two 4-byte-aligned chunks,
+    JSON then BIN, every buffer view inside the buffer, every accessor inside its view): (its JSON,
+    a function from an accessor's index to its array, a function from an image's index to its bytes)."""
+    data = path.read_bytes()
+    magic, version, length = struct.unpack("<4sII", data[:12])
+    assert magic == b"glTF" and version == 2 and length == len(data)
+    json_length, json_type = struct.unpack("<I4s", data[12:20])
+    assert json_type == b"JSON" and json_length % 4 == 0
+    tree = json.loads(data[20:20 + json_length])
+    bin_start = 20 + json_length
+    bin_length, bin_type = struct.unpack("<I4s", data[bin_start:bin_start + 8])
+    assert bin_type == b"BIN\0" and bin_length % 4 == 0 and bin_start + 8 + bin_length == len(data)
+    blob = data[bin_start + 8:bin_start + 8 + bin_length]
+    assert tree["asset"]["version"] == "2.0" and len(tree["buffers"]) == 1 and tree["buffers"][0]["byteLength"] <= bin_length
+    for view in tree["bufferViews"]:
+        assert view.get("byteOffset", 0) + view["byteLength"] <= tree["buffers"][0]["byteLength"]
+
+    def accessor(index):
+        acc = tree["accessors"][index]
+        view = tree["bufferViews"][acc["bufferView"]]
+        dtype = np.dtype(GLTF_COMPONENTS[acc["componentType"]])
+        width = GLTF_SIZES[acc["type"]]
+        start = view.get("byteOffset", 0) + acc.get("byteOffset", 0)
+        assert "byteStride" not in view or view["byteStride"] == dtype.itemsize * width
+        assert start + acc["count"] * width * dtype.itemsize <= view.get("byteOffset", 0) + view["byteLength"]
+        values = np.frombuffer(blob, dtype, acc["count"] * width, start).reshape(acc["count"], width)
+        if "min" in acc:  # the spec requires POSITION's; where given they must be the true bounds
+            assert np.allclose(values.min(axis=0), acc["min"]) and np.allclose(values.max(axis=0), acc["max"])
+        return values
+
+    def image(index):
+        view = tree["bufferViews"][tree["images"][index]["bufferView"]]
+        return blob[view.get("byteOffset", 0):view.get("byteOffset", 0) + view["byteLength"]]
+
+    return tree, accessor, image
+
+
+def test_textured_glb_is_valid_unlit_and_reproduces_the_albedo(mesh, tmp_path):
+    import io
+
+    from PIL import Image
+
+    path = save_textured_glb(mesh, tmp_path / "textured.glb", texture_size=256)
+    tree, accessor, image = read_glb(path)
+    material = tree["materials"][0]
+    assert material["extensions"] == {"KHR_materials_unlit": {}} and "KHR_materials_unlit" in tree["extensionsUsed"]
+    assert "extensionsRequired" not in tree  # a viewer without the extension shows the matte PBR fallback
+    assert material["pbrMetallicRoughness"]["metallicFactor"] == 0.0 and material["pbrMetallicRoughness"]["roughnessFactor"] == 1.0
+    primitive = tree["meshes"][0]["primitives"][0]
+    assert tree["textures"][material["pbrMetallicRoughness"]["baseColorTexture"]["index"]]["source"] == 0
+    assert tree["images"][0]["mimeType"] == "image/png" and image(0)[:8] == b"\x89PNG\r\n\x1a\n"
+    texture = np.asarray(Image.open(io.BytesIO(image(0))).convert("RGB"))
+    assert texture.shape == (256, 256, 3)
+
+    positions, uvs = accessor(primitive["attributes"]["POSITION"]), accessor(primitive["attributes"]["TEXCOORD_0"])
+    indices = accessor(primitive["indices"]).ravel()
+    assert len(positions) == len(uvs) and indices.max() < len(positions) and len(indices) % 3 == 0
+    assert (uvs >= 0).all() and (uvs <= 1).all()
+    # glTF is +Y up, the front still +X; its UVs address the image from its top-left corner: the
+    # texel under each vertex is the albedo there (red in front, blue behind)
+    assert np.allclose(positions.max(axis=0) - positions.min(axis=0), [0.8, 1.2, 0.8], atol=VOXEL)
+    texel = texture[np.clip((uvs[:, 1] * 256).astype(int), 0, 255), np.clip((uvs[:, 0] * 256).astype(int), 0, 255)].astype(float)
+    front, behind = positions[:, 0] > 0.1, positions[:, 0] < -0.1
+    assert np.abs(texel[front] - RED8).mean() < 8 and np.abs(texel[behind] - BLUE8).mean() < 8
+
+    # and trimesh reads it back with its texture
+    back = trimesh.load(path, force="mesh")
+    assert isinstance(back.visual, trimesh.visual.TextureVisuals) and back.visual.material.baseColorTexture.size == (256, 256)
+    with pytest.raises(ValueError):
+        save_textured_glb(mesh, tmp_path / "textured.obj")
+
+
+def test_export_writes_the_textured_glb_only_when_asked(tmp_path):
+    import types
+
+    from dreamfusion import runs
+    from dreamfusion.config import ExportOptions, validate_export
+
+    assert ExportOptions().texture is False
+    field = types.SimpleNamespace(density_grid=torch.zeros(1), cfg=types.SimpleNamespace(bound=1.0), resolution=32,
+                                  density=ellipsoid_density, albedo=red_blue_albedo)
+    scene = types.SimpleNamespace(field=field)
+    runs.export_renderer(scene, tmp_path / "plain", ExportOptions(formats=("glb",), video="none", threshold=5.0, mesh_resolution=32))
+    assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == ["mesh.glb"]
+    opts = ExportOptions(formats=("glb",), video="none", threshold=5.0, mesh_resolution=32, texture=True, texture_size=128)
+    validate_export(opts)
+    runs.export_renderer(scene, tmp_path / "textured", opts)
+    assert sorted(p.name for p in (tmp_path / "textured").iterdir()) == ["mesh.glb", runs.TEXTURED_GLB]
+    with pytest.raises(ValueError, match="texture_size"):
+        validate_export(ExportOptions(texture_size=4))
