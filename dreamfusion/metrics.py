@@ -175,12 +175,14 @@ def true_mesh(obj: WorldObject, resolution: int = 128) -> trimesh.Trimesh:
 
     The grid covers the object's bounding box plus four voxels; the density ``max(0, 0.1 - sdf)``
     is linear in the SDF near the surface, so extracting at level 0.1 puts the vertices on the
-    true surface (sdf = 0)."""
+    true surface (sdf = 0). An SDF has no voids to fill: the export's void filling, which would fill
+    the torus's inner crevice, stays off."""
     lo, hi = obj.bounds()
     extent = float(torch.maximum(lo.abs(), hi.abs()).max())
     bound = extent * (1.0 + 8.0 / resolution)
     band = 0.1
-    return extract_mesh(lambda p: (band - obj.sdf(p)).clamp_min(0.0), obj.colour, resolution=resolution, bound=bound, threshold=band)
+    return extract_mesh(lambda p: (band - obj.sdf(p)).clamp_min(0.0), obj.colour, resolution=resolution, bound=bound, threshold=band,
+                        fill_voids="none")
 
 
 # ----------------------------------------------------------------------------- surface measures
@@ -242,18 +244,31 @@ def vertex_areas(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
     return np.bincount(np.asarray(faces, dtype=np.int64).ravel(), weights=np.repeat(area / 3.0, 3), minlength=len(vertices))
 
 
-def colour_noise(mesh: trimesh.Trimesh, obj: WorldObject) -> float:
+#: colour noise leaves out the vertices this close (world units) to a second part's surface: a vertex
+#: on the boundary between two colours takes one or the other, which is neither part's speckle
+PART_BOUNDARY_MARGIN = 0.01
+
+
+def colour_noise(mesh: trimesh.Trimesh, obj: WorldObject, margin: float = PART_BOUNDARY_MARGIN) -> float:
     """How speckled flat colours are: the vertex colours (RGB in [0, 1]) grouped by the true part
     that owns each vertex's nearest true surface point, the area-weighted standard deviation of
     each group (:func:`weighted_std`, vertices weighted by :func:`vertex_areas`), averaged over the
-    parts weighted by their area. 0 for a mesh whose parts are each one colour, whatever colour."""
+    parts weighted by their area. Vertices whose nearest surface point is within ``margin`` of
+    another part's surface are left out (:data:`PART_BOUNDARY_MARGIN`). 0 for a mesh whose parts
+    are each one colour, whatever colour."""
     mesh = centred(mesh)
     vertices = np.asarray(mesh.vertices, dtype=np.float64)
     with torch.no_grad():
-        part = obj.nearest_part(project_to_surface(obj, torch.from_numpy(vertices))).numpy()
-    colours = np.asarray(mesh.visual.vertex_colors[:, :3], dtype=np.float64) / 255.0
+        distances = obj.part_sdfs(project_to_surface(obj, torch.from_numpy(vertices))).abs().numpy()  # (V, P)
+    part = distances.argmin(axis=1)
     weights = vertex_areas(vertices, mesh.faces)
+    if distances.shape[1] > 1:
+        nearest_two = np.sort(distances, axis=1)[:, :2]
+        weights = np.where(nearest_two[:, 1] - nearest_two[:, 0] >= margin, weights, 0.0)
+    colours = np.asarray(mesh.visual.vertex_colors[:, :3], dtype=np.float64) / 255.0
     total = weights.sum()
+    if total <= 0:
+        return 0.0
     return float(sum(weights[part == p].sum() / total * weighted_std(colours[part == p], weights[part == p]) for p in np.unique(part)))
 
 
