@@ -3,6 +3,7 @@ mesh against the world's true object (``shared/world/SPEC.md``, "Benchmark promp
 
     python benchmarks/quality.py [--prompts FILE] [--only 1,9,mug | --limit N] [--steps 1200] [--seed 0]
                                  [--out benchmarks/results] [--threads 1] [--jobs 2] [--clip CLIP_FOLDER]
+    python benchmarks/quality.py --rescore DIR [--prompts FILE] [--only ...] [--out DIR]
 
 Per prompt: a ``Trainer`` with the default ``TrainConfig`` (steps and seed overridden),
 ``trainer.run()``, then ``runs.export_scene`` writes ``OUT/meshes/NN-slug/mesh.ply``, which is read
@@ -19,7 +20,15 @@ back and scored. With ``--jobs 1`` the prompts run one after another in this pro
   "parts", marked * in the table, reported but not part of the target);
 * geometric R-Precision: the true object must be the best IoU match of all 16 (``hit``), shown
   beside the best other object's IoU and the free baseline of a centred sphere;
-* seconds (training; export separately) and iterations.
+* seconds (training; export separately) and iterations;
+* how clean an asset the mesh is: mean distance to the true surface, median and 90th-percentile
+  normal error, colour noise within one true part, faces and the file's size (``scoring.py``).
+
+``--rescore DIR`` trains nothing: it scores again the meshes an earlier run left in
+``DIR/meshes/NN-slug/mesh.ply`` (the prompt is the list's NN-th, its slug checked), keeping that
+run's other columns (times, notes) from ``DIR/results.json`` where it has them, and writes
+``results.csv`` and ``results.json`` into ``--out`` (default: DIR itself; the contact sheet is left
+as it was). So new measures apply to results already made.
 
 Writes ``results.csv``, ``results.json`` and ``contact_sheet.png`` (per prompt: the true object lit
 and textureless, then the result lit and textureless, from the three-quarter view) into ``--out``,
@@ -143,6 +152,7 @@ def run_prompt(index: int, item: BenchmarkPrompt, cfg: TrainConfig, mesh_resolut
             export_scene(trainer, folder, ExportOptions(formats=(), video="gif", video_frames=24, video_size=96, mesh_resolution=32))
         row["total_seconds"] = time.perf_counter() - start
         row["mesh"] = str(written["ply"].relative_to(out))
+        row["mesh_bytes"] = written["ply"].stat().st_size
         stage = "rendering"
         for mode in ("lit", "textureless"):
             entry[mode] = trainer.render_views(cams, size=sheet_size, mode=mode)[0]
@@ -236,6 +246,53 @@ def add_clip_scores(rows: list[dict], clip_renders: list[dict], items: list[Benc
     return out
 
 
+def rescore(folder: Path, items: list[BenchmarkPrompt], chosen: list[tuple[int, BenchmarkPrompt]],
+            log: Callable[[str], object] = print) -> list[dict]:
+    """The rows of an earlier run in ``folder``, scored again from its meshes
+    (``folder/meshes/NN-slug/mesh.ply``, NN the prompt's 1-based place in ``items``) without
+    training: one row per chosen prompt, in list order. A prompt with a mesh gets fresh scores over
+    the earlier row's other columns; one without keeps its earlier row (a failure stays a failure)
+    or, with none, an error row. ``ValueError`` when ``folder`` holds no meshes or a mesh folder's
+    name is not its prompt's (the run used another prompt list)."""
+    import trimesh
+
+    meshes = sorted(Path(folder).glob("meshes/*/mesh.ply"))
+    if not meshes:
+        raise ValueError(f"{folder} holds no meshes/*/mesh.ply to re-score")
+    earlier = {}
+    results = Path(folder) / "results.json"
+    if results.is_file():
+        earlier = {row["index"]: row for row in json.loads(results.read_text()).get("rows", [])}
+    found = {}
+    for path in meshes:
+        head = path.parent.name.split("-", 1)[0]
+        index = int(head) if head.isdigit() else 0
+        if not 1 <= index <= len(items) or path.parent.name != f"{index:02d}-{slug(items[index - 1].prompt, SLUG_LENGTH)}":
+            raise ValueError(f"{path.parent.name} is no prompt of {len(items)} in the list by its number and slug: "
+                             "re-score with the run's --prompts")
+        found[index] = path
+    rows = []
+    for index, item in chosen:
+        row = {**empty_row(index, item), **earlier.get(index, {})}
+        if index not in found:
+            if index not in earlier:
+                row["error"] = "no mesh to re-score"
+            rows.append(row)
+            continue
+        path = found[index]
+        try:
+            row.update(score_mesh(trimesh.load(path, process=False, force="mesh"), item))
+        except Exception as exc:  # one unreadable mesh fails its row only
+            row.update(status="error", error=f"scoring failed: {type(exc).__name__}: {exc}")
+            log(f"  FAILED (scoring): {type(exc).__name__}: {exc}")
+        else:
+            row.update(status="ok", mesh=str(path.relative_to(folder)), mesh_bytes=path.stat().st_size)
+            row.pop("error", None)
+            row.pop("traceback", None)
+        rows.append(row)
+    return rows
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS, help="benchmark list (default: %(default)s)")
@@ -243,7 +300,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--limit", type=int, default=None, help="run only the first N (of the --only selection)")
     ap.add_argument("--steps", type=int, default=1200)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--out", type=Path, default=None, help=f"results folder (default: {DEFAULT_OUT.relative_to(REPO)}; "
+                    "with --rescore, its folder)")
+    ap.add_argument("--rescore", type=Path, default=None, metavar="DIR",
+                    help="train nothing: score again the meshes an earlier run left in DIR/meshes/*/mesh.ply")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default; 1 per worker under --jobs)")
     ap.add_argument("--jobs", type=int, default=1, help="prompts run at once, each a Ray task of the batch engine with --threads CPUs "
                     "(needs the cluster extra; times are then shared-machine times)")
@@ -283,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.rescore is not None:
+        return main_rescore(args, items, chosen)
     clip = clip_cams = None
     if args.clip:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -294,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         clip_cams = clip_views(args.clip_views)
-    out = args.out
+    out = args.out or DEFAULT_OUT
     out.mkdir(parents=True, exist_ok=True)
 
     subset = len(chosen) < len(items)
@@ -328,15 +390,10 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(rows)
     targets = evaluate_targets(rows)
 
-    print("\n" + markdown_table(rows))
-    print("\n* colour error against the world's fixed part colours (not part of the colour target)")
-    print("\n" + summary_table(summary))
+    print_report(rows, summary, targets, subset)
     if clip_summary:
         print(f"\nCLIP R-Precision among the {len(items)} benchmark captions: "
               + ", ".join(f"{mode} {v:.0%}" for mode, v in clip_summary.items()))
-    print("\ntargets" + (" (SUBSET of the benchmark: not a full result)" if subset else "") + ":")
-    for t in targets:
-        print(f"  {'PASS  ' if t['passed'] else 'MISSED'} {t['text']}")
 
     write_csv(rows, out / "results.csv")
     meta = {"prompts": str(args.prompts), "selected": [i for i, _ in chosen], "subset": subset, "steps": cfg.steps, "seed": cfg.seed,
@@ -347,6 +404,40 @@ def main(argv: list[str] | None = None) -> int:
                                                   "clip_r_precision": clip_summary}, indent=2, default=str))
     contact_sheet(entries, out / "contact_sheet.png", args.sheet_size)
     print(f"\nwrote {out / 'results.csv'}, {out / 'results.json'}, {out / 'contact_sheet.png'}")
+    return 0
+
+
+def print_report(rows: list[dict], summary: dict, targets: list[dict], subset: bool) -> None:
+    print("\n" + markdown_table(rows))
+    print("\n* colour error against the world's fixed part colours (not part of the colour target)")
+    print("\n" + summary_table(summary))
+    print("\ntargets" + (" (SUBSET of the benchmark: not a full result)" if subset else "") + ":")
+    for t in targets:
+        print(f"  {'PASS  ' if t['passed'] else 'MISSED'} {t['text']}")
+
+
+def main_rescore(args: argparse.Namespace, items: list[BenchmarkPrompt], chosen: list[tuple[int, BenchmarkPrompt]]) -> int:
+    """``--rescore DIR``: the tables of an earlier run's meshes scored again, into ``--out`` (default DIR)."""
+    folder = args.rescore
+    try:
+        rows = rescore(folder, items, chosen)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out = args.out or folder
+    out.mkdir(parents=True, exist_ok=True)
+    subset = len(chosen) < len(items)
+    summary, targets = summarize(rows), evaluate_targets(rows)
+    print(f"re-scored {sum(r['status'] == 'ok' for r in rows)} of {len(rows)} prompts' meshes in {folder}", flush=True)
+    print_report(rows, summary, targets, subset)
+    meta = {}
+    earlier = folder / "results.json"
+    if earlier.is_file():
+        meta = json.loads(earlier.read_text()).get("meta", {})
+    meta.update(rescored_from=str(folder), prompts=str(args.prompts), selected=[i for i, _ in chosen], subset=subset)
+    write_csv(rows, out / "results.csv")
+    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "summary": summary, "targets": targets}, indent=2, default=str))
+    print(f"\nwrote {out / 'results.csv'}, {out / 'results.json'}")
     return 0
 
 

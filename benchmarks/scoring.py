@@ -7,6 +7,12 @@ scaling its largest extent to the truth's; colour error (mean absolute RGB diffe
 nearest true surface point: against the named colour, or the world's part colours, "parts", for
 fixed-colour objects); geometric R-Precision (the true object must be the best IoU match of all
 16, ``hit``). A failed prompt counts as a miss (:data:`FAILED_SCORES`).
+
+And how clean an asset it is (:func:`dreamfusion.metrics.surface_measures`, on seeded area-weighted
+samples of the centred mesh against the exact SDF): mean distance to the true surface, median and
+90th-percentile angle between the mesh's and the true normals, colour noise within one true part,
+and the face count; the runner adds the mesh file's size (``mesh_bytes``). Their group means are
+over the prompts that produced a mesh.
 """
 
 from __future__ import annotations
@@ -30,7 +36,9 @@ TARGET_SECONDS = 600.0
 
 #: what a failed prompt counts as in the means
 FAILED_SCORES = {"iou": 0.0, "iou_scaled": 0.0, "hit": False, "colour_error": 1.0}
-
+#: the measures of a clean asset: means over the prompts that produced a mesh (a row scored before
+#: they existed has none and is left out of their means)
+ASSET_COLUMNS = ("surface_distance", "normal_error_median", "normal_error_p90", "colour_noise", "faces", "mesh_bytes")
 
 
 def true_object(item: BenchmarkPrompt) -> WorldObject:
@@ -41,7 +49,7 @@ def true_object(item: BenchmarkPrompt) -> WorldObject:
 
 def score_mesh(mesh: trimesh.Trimesh, item: BenchmarkPrompt) -> dict:
     """All scores of one mesh (world coordinates, +Z up, vertex colours) against the prompt's truth."""
-    from dreamfusion.metrics import colour_error, facing_iou, geometric_r_precision, mesh_iou
+    from dreamfusion.metrics import colour_error, facing_iou, geometric_r_precision, mesh_iou, surface_measures
 
     obj = true_object(item)
     grp = geometric_r_precision(mesh, item.noun)
@@ -61,7 +69,7 @@ def score_mesh(mesh: trimesh.Trimesh, item: BenchmarkPrompt) -> dict:
         "facing_iou": turned_iou,
         "facing_yaw": yaw,
         "vertices": int(len(mesh.vertices)),
-        "faces": int(len(mesh.faces)),
+        **surface_measures(mesh, obj),  # surface_distance, normal_error_median, normal_error_p90, colour_noise, faces
     }
 
 
@@ -102,6 +110,7 @@ def summarize(rows: list[dict]) -> dict[str, dict]:
             "sphere_iou": _mean(r["sphere_iou"] for r in ok),
             "seconds": _mean(r["seconds"] for r in group if r.get("seconds") is not None),
             "max_seconds": max((r["total_seconds"] for r in group if r.get("total_seconds") is not None), default=None),
+            **{key: _mean(r[key] for r in ok if r.get(key) is not None) for key in ASSET_COLUMNS},
         }
     return out
 

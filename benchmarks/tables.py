@@ -45,21 +45,27 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def summary_table(summary: dict[str, dict]) -> str:
+    """Group means: the scores, then the measures of a clean asset (distance to the true surface,
+    normal error median and 90th percentile in degrees, colour noise, faces, mesh file size)."""
     lines = ["| group | n | failed | mean IoU | mean IoU scaled | R-Precision | colour err (named) | colour err (parts*) | best other "
-             "| sphere | mean s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| sphere | mean s | surface dist | normal err median | normal err p90 | colour noise | faces | mesh KB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, s in summary.items():
         if not s["n"]:
             continue
+        kilobytes = None if s.get("mesh_bytes") is None else s["mesh_bytes"] / 1000.0
         lines.append(f"| {name} | {s['n']} | {s['failed']} | {_f(s['iou'])} | {_f(s['iou_scaled'])} | {_f(s['r_precision'], '{:.0%}')} | "
                      f"{_f(s['colour_error'])} | {_f(s['colour_error_parts'])} | {_f(s['best_other_iou'])} | {_f(s['sphere_iou'])} | "
-                     f"{_f(s['seconds'], '{:.0f}')} |")
+                     f"{_f(s['seconds'], '{:.0f}')} | {_f(s.get('surface_distance'), '{:.4f}')} | {_f(s.get('normal_error_median'), '{:.1f}')} | "
+                     f"{_f(s.get('normal_error_p90'), '{:.1f}')} | {_f(s.get('colour_noise'))} | {_f(s.get('faces'), '{:,.0f}')} | "
+                     f"{_f(kilobytes, '{:,.0f}')} |")
     return "\n".join(lines)
 
 
 CSV_FIELDS = ("index", "prompt", "noun", "colour", "held_out", "asymmetric", "status", "iou", "iou_scaled", "colour_error", "colour_basis",
               "true_iou", "best_other_iou", "best_noun", "sphere_iou", "hit", "facing_iou", "facing_yaw", "seconds", "export_seconds",
-              "total_seconds", "iterations", "it_per_s", "vertices", "faces", "clip_r_precision", "clip_r_precision_textureless", "mesh",
+              "total_seconds", "iterations", "it_per_s", "vertices", "faces", "surface_distance", "normal_error_median",
+              "normal_error_p90", "colour_noise", "mesh_bytes", "clip_r_precision", "clip_r_precision_textureless", "mesh",
               "notes", "error")
 
 

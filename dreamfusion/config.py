@@ -261,6 +261,26 @@ class ExportOptions:
     fill_voids: str = "axes"
     """which voids inside the surface become solid: none, enclosed (fully closed ones), or axes (also
     those enclosed from 5 of the 6 axis directions); a scene is a shell of density, its mesh a solid"""
+    refine_steps: int = 0
+    """Newton steps that move each marching-cubes vertex along the density's gradient onto the
+    surface's level (at most half a voxel): flatter faces and crisper edges than linear
+    interpolation along grid edges gives (0: off)"""
+    faces: int = 0
+    """face budget: quadric decimation down to at most this many faces (fast-simplification), the
+    distance it moved the surface reported in the run's notes; a lighter file, flat regions in few
+    faces (0: every face marching cubes makes)"""
+    colour_smoothing: int = 0
+    """iterations of edge-aware smoothing of the vertex colours: each becomes the mean of itself and
+    its neighbours within --export.colour-edge of it, so speckle evens out and sharp changes of
+    colour stay sharp (0: off)"""
+    colour_edge: float = 0.1
+    """colour smoothing averages only neighbours whose colours differ by at most this much in every
+    RGB channel (0..1): a larger step is a boundary between colours and is kept"""
+    texture: bool = False
+    """also write mesh_textured.glb: UVs from xatlas, the vertex colours baked into a PNG texture
+    inside the file, an unlit material (KHR_materials_unlit) so viewers show the albedo as it is"""
+    texture_size: int = 1024
+    """pixels per side of the textured GLB's texture"""
     video: str = "mp4"
     """turntable format: mp4, gif or none"""
     video_mode: str = "lit"
@@ -485,6 +505,12 @@ def validate_export(opts: ExportOptions) -> None:
     if not 16 <= opts.mesh_resolution <= 512:
         raise ValueError(f"mesh resolution must be between 16 and 512, got {opts.mesh_resolution}")
     _between("colour_depth (voxels)", opts.colour_depth, 0.0, 64.0)
+    _between("refine_steps", opts.refine_steps, 0, 20)
+    if opts.faces != 0:
+        _between("faces (the face budget; 0: no decimation)", opts.faces, 100, 100_000_000)
+    _between("colour_smoothing (iterations)", opts.colour_smoothing, 0, 100)
+    _between("colour_edge", opts.colour_edge, 0.0, 1.0)
+    _between("texture_size", opts.texture_size, 16, 8192)
     if opts.video != "none":
         _one_of("turntable shading", opts.video_mode, SHADING_MODES)
         validate_turntable(opts.video_frames, opts.video_size)

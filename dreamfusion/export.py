@@ -1,5 +1,8 @@
 """Mesh extraction and export: marching cubes on a density field, vertex colours from an albedo
-field, GLB/OBJ/PLY files, a UV-textured OBJ and turntable videos.
+field, GLB/OBJ/PLY files, a UV-textured OBJ and GLB and turntable videos; and the steps that make a cleaner
+asset, each off unless asked for: vertices moved onto the level set (:func:`refine_vertices`),
+quadric decimation to a face budget (:func:`decimate_mesh`), edge-aware smoothing of the vertex
+colours (:func:`smooth_colours`).
 
 The functions take plain callables (``density_fn``, ``albedo_fn``, ``render_fn``) so they do not
 depend on the NeRF code. Meshes are in world coordinates, +Z up, front +X (``shared/world/SPEC.md``);
@@ -191,9 +194,114 @@ def composite_along_normals(density_fn: Callable[[torch.Tensor], torch.Tensor], 
     return out
 
 
+def density_gradient(density_fn: Callable[[torch.Tensor], torch.Tensor], points: np.ndarray, eps: float,
+                     device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """(N, 3) points -> the density there (N,) and its central-difference gradient (N, 3), step
+    ``eps`` along each axis, as float64."""
+    points = np.asarray(points, dtype=np.float64)
+    offsets = np.concatenate([np.zeros((1, 3)), np.eye(3) * eps, -np.eye(3) * eps])  # (7, 3)
+    values = _evaluate(density_fn, (points[:, None, :] + offsets[None]).reshape(-1, 3), device).astype(np.float64).reshape(len(points), 7)
+    return values[:, 0], (values[:, 1:4] - values[:, 4:7]) / (2.0 * eps)
+
+
+def refine_vertices(vertices: np.ndarray, density_fn: Callable[[torch.Tensor], torch.Tensor], level: float, max_move: float,
+                    steps: int = 3, eps: float | None = None, device: torch.device | str = "cpu") -> np.ndarray:
+    """Move vertices onto the level set ``density = level`` along the density's gradient: ``steps``
+    Newton steps ``x <- x - (density(x) - level) g / |g|^2`` (``g`` the central-difference gradient,
+    :func:`density_gradient`, step ``eps``, default ``max_move / 4``).
+
+    Marching cubes places a vertex by linear interpolation along one grid edge, so it sits up to a
+    fraction of a voxel off the field's level set, which dents flat faces and rounds edges. Each
+    vertex moves at most ``max_move`` (half a voxel: the level set it belongs to is that close;
+    further away lies another part of the surface); where the gradient vanishes it stays.
+    ``vertices`` (N, 3) -> (N, 3) float64."""
+    if steps < 0 or max_move <= 0:
+        raise ValueError(f"need steps >= 0 and max_move > 0, got {steps} and {max_move}")
+    start = np.asarray(vertices, dtype=np.float64)
+    eps = max_move / 4.0 if eps is None else eps
+    points = start.copy()
+    for _ in range(steps):
+        value, grad = density_gradient(density_fn, points, eps, device)
+        norm2 = (grad * grad).sum(axis=1)
+        flat = norm2 < 1e-12
+        step = np.where(flat, 0.0, (value - level) / np.where(flat, 1.0, norm2))
+        points = points - step[:, None] * grad
+        move = points - start
+        length = np.linalg.norm(move, axis=1)
+        too_far = length > max_move
+        points[too_far] = start[too_far] + move[too_far] * (max_move / length[too_far])[:, None]
+    return points
+
+
+def distance_to_mesh(points: np.ndarray, mesh: trimesh.Trimesh, candidates: int = 16) -> np.ndarray:
+    """(N, 3) points -> (N,) their distance to the mesh's surface: the nearest point of the faces
+    with the ``candidates`` nearest centroids and of the faces around the nearest vertex (exact
+    unless a far larger face than those is nearer; never an underestimate)."""
+    from scipy.spatial import cKDTree
+
+    points = np.asarray(points, dtype=np.float64)
+    triangles = np.asarray(mesh.triangles, dtype=np.float64)
+    k = min(candidates, len(triangles))
+    _, near_faces = cKDTree(triangles.mean(axis=1)).query(points, k=k)
+    near_faces = near_faces.reshape(len(points), k)
+    _, near_vertex = cKDTree(np.asarray(mesh.vertices)).query(points)
+    around = np.asarray(mesh.vertex_faces)[near_vertex]  # padded with -1
+    around = np.where(around < 0, near_faces[:, :1], around)
+    faces = np.concatenate([near_faces, around], axis=1)
+    closest = trimesh.triangles.closest_point(triangles[faces.ravel()], np.repeat(points, faces.shape[1], axis=0))
+    distance = np.linalg.norm(closest - np.repeat(points, faces.shape[1], axis=0), axis=1)
+    return distance.reshape(len(points), -1).min(axis=1)
+
+
+def decimate_mesh(mesh: trimesh.Trimesh, max_faces: int) -> tuple[trimesh.Trimesh, dict]:
+    """Quadric edge-collapse decimation (trimesh's ``simplify_quadric_decimation``, the
+    fast-simplification library) to at most ``max_faces`` faces, and what it cost: returns the new
+    mesh (no colours: sample them again on it) and ``faces_before``, ``faces``, ``mean_distance``
+    and ``max_distance`` (world units) from the old mesh's vertices to the new surface
+    (:func:`distance_to_mesh`). A mesh already within the budget comes back as it is, at no cost."""
+    if max_faces < 4:
+        raise ValueError(f"a face budget below 4 makes no closed surface, got {max_faces}")
+    before = len(mesh.faces)
+    if before <= max_faces:
+        return mesh, {"faces_before": before, "faces": before, "mean_distance": 0.0, "max_distance": 0.0}
+    target = max_faces
+    for _ in range(8):  # the library may end a few faces over its target: ask for fewer until within the budget
+        simple = mesh.simplify_quadric_decimation(face_count=target)
+        if len(simple.faces) <= max_faces:
+            break
+        target = max(4, target - (len(simple.faces) - max_faces) - max(1, target // 100))
+    else:
+        raise RuntimeError(f"decimation stopped at {len(simple.faces)} faces, over the budget of {max_faces}")
+    out = trimesh.Trimesh(np.asarray(simple.vertices), np.asarray(simple.faces), process=False)
+    distance = distance_to_mesh(np.asarray(mesh.vertices), out)
+    return out, {"faces_before": before, "faces": len(out.faces), "mean_distance": float(distance.mean()),
+                 "max_distance": float(distance.max())}
+
+
+def smooth_colours(colours: np.ndarray, edges: np.ndarray, iterations: int, max_difference: float) -> np.ndarray:
+    """Edge-aware smoothing of vertex colours on a mesh: ``iterations`` times, each colour becomes
+    the mean of itself and those neighbours (vertices sharing an edge) whose colour differs from it
+    by at most ``max_difference`` in every channel. Speckle within a flat colour evens out; across a
+    sharp change of colour (a step larger than ``max_difference``) nothing is averaged, so the
+    boundary stays sharp. ``colours`` (V, C), ``edges`` (E, 2) vertex indices -> (V, C) float64."""
+    if iterations < 0 or max_difference < 0:
+        raise ValueError(f"need iterations >= 0 and max_difference >= 0, got {iterations} and {max_difference}")
+    colours = np.asarray(colours, dtype=np.float64).copy()
+    edges = np.asarray(edges, dtype=np.int64).reshape(-1, 2)
+    a, b = np.concatenate([edges[:, 0], edges[:, 1]]), np.concatenate([edges[:, 1], edges[:, 0]])  # both directions
+    for _ in range(iterations):
+        near = np.abs(colours[a] - colours[b]).max(axis=1) <= max_difference
+        total = colours.copy()
+        np.add.at(total, a[near], colours[b[near]])
+        count = 1.0 + np.bincount(a[near], minlength=len(colours))
+        colours = total / count[:, None]
+    return colours
+
+
 def extract_mesh(density_fn: Callable[[torch.Tensor], torch.Tensor], albedo_fn: Callable[[torch.Tensor], torch.Tensor],
                  resolution: int = 128, bound: float = 1.0, threshold: float | None = None, device: torch.device | str = "cpu",
-                 fill_voids: str = "axes", colour_depth: float = 0.0) -> trimesh.Trimesh:
+                 fill_voids: str = "axes", colour_depth: float = 0.0, refine_steps: int = 0, max_faces: int = 0,
+                 colour_smoothing: int = 0, colour_edge: float = 0.1) -> trimesh.Trimesh:
     """Marching-cubes mesh of a density field, with vertex colours.
 
     ``density_fn``: (N, 3) float32 points -> (N,) density >= 0, sampled on a ``resolution``^3 grid
@@ -204,7 +312,11 @@ def extract_mesh(density_fn: Callable[[torch.Tensor], torch.Tensor], albedo_fn: 
     ``colour_depth``: vertex colours composite the albedo along the normal from this far (world
     units) outside the surface to as far inside, as a ray through the surface sees it
     (:func:`composite_along_normals`); 0: the albedo at the vertex.
-    Components with < 1% of the faces (floaters) are dropped.
+    Components with < 1% of the faces (floaters) are dropped. Then, each only when asked for:
+    ``refine_steps`` Newton steps move the vertices onto the level set (:func:`refine_vertices`, at
+    most half a voxel); ``max_faces`` > 0 decimates to that face budget (:func:`decimate_mesh`; what
+    it cost is in ``mesh.metadata["decimation"]``); ``colour_smoothing`` iterations of edge-aware
+    colour smoothing (:func:`smooth_colours`, across steps of at most ``colour_edge``).
 
     Returns a mesh in world coordinates (+Z up) whose faces wind counter-clockwise seen from
     outside, i.e. face normals point towards lower density.
@@ -227,14 +339,23 @@ def extract_mesh(density_fn: Callable[[torch.Tensor], torch.Tensor], albedo_fn: 
     verts = (verts - 1.0) * voxel - bound
     mesh = trimesh.Trimesh(verts, faces, process=False)
     drop_small_components(mesh)
+    if refine_steps > 0:
+        mesh.vertices = refine_vertices(mesh.vertices, density_fn, level, max_move=0.5 * voxel, steps=refine_steps, device=device)
+    decimation = None
+    if max_faces > 0:
+        mesh, decimation = decimate_mesh(mesh, max_faces)
     if colour_depth > 0:  # the albedo the renders show; at the level itself it is half fog, half surface
         rgb = composite_along_normals(density_fn, albedo_fn, np.asarray(mesh.vertices), np.asarray(mesh.vertex_normals),
                                       colour_depth, device=device)
     else:
         rgb = _evaluate(albedo_fn, np.asarray(mesh.vertices), device)
     rgb = np.clip(rgb, 0.0, 1.0)
+    if colour_smoothing > 0:
+        rgb = smooth_colours(rgb, mesh.edges_unique, colour_smoothing, colour_edge)
     rgba = np.concatenate([np.round(rgb * 255), np.full((len(rgb), 1), 255.0)], axis=1).astype(np.uint8)
     mesh.visual = trimesh.visual.ColorVisuals(mesh, vertex_colors=rgba)
+    if decimation is not None:
+        mesh.metadata["decimation"] = decimation
     return mesh
 
 
@@ -336,17 +457,18 @@ def _dilate(image: np.ndarray, filled: np.ndarray, steps: int = 8) -> np.ndarray
     return image
 
 
-def save_textured_obj(mesh: trimesh.Trimesh, path: str | Path, texture_size: int = 512) -> Path:
-    """Write ``mesh`` as an OBJ with UVs from xatlas and its vertex colours baked into a texture:
-    ``path`` (.obj), ``<stem>.mtl`` and ``<stem>.png`` beside it (+Z up). Returns the OBJ's path."""
-    import xatlas
-    from PIL import Image
+def bake_vertex_colours(mesh: trimesh.Trimesh, texture_size: int = 512) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A UV atlas of the mesh (xatlas) with its vertex colours baked into a texture.
 
-    path = Path(path)
-    if path.suffix.lower() != ".obj":
-        raise ValueError(f"a textured mesh is written as .obj, got {path.name!r}")
-    vmapping, indices, uvs = xatlas.parametrize(mesh.vertices.astype(np.float32), mesh.faces.astype(np.uint32))
-    colours = mesh.visual.vertex_colors[vmapping, :3].astype(np.float64)
+    Returns ``vertices`` (V', 3) (a vertex is split where a chart's border cuts it), ``faces`` (F, 3),
+    ``uvs`` (V', 2) in [0, 1] (v up, as OBJ and glTF's loaders in trimesh read it) and ``image``
+    (texture_size, texture_size, 3) uint8: each texel the barycentric blend of its face's vertex
+    colours, the empty texels filled from their neighbours (:func:`_dilate`) so lookups at chart
+    borders do not pick up the background."""
+    import xatlas
+
+    vmapping, indices, uvs = xatlas.parametrize(np.asarray(mesh.vertices, dtype=np.float32), np.asarray(mesh.faces, dtype=np.uint32))
+    colours = np.asarray(mesh.visual.vertex_colors)[vmapping, :3].astype(np.float64)
     # texel (row r, column c) has its centre at u = (c + 0.5) / size, v = 1 - (r + 0.5) / size
     lattice = np.stack([uvs[:, 0] * texture_size - 0.5, (1.0 - uvs[:, 1]) * texture_size - 0.5], axis=1)
     face, col, row, bary = rasterize_triangles(lattice, indices, (texture_size, texture_size))
@@ -354,18 +476,59 @@ def save_textured_obj(mesh: trimesh.Trimesh, path: str | Path, texture_size: int
     filled = np.zeros((texture_size, texture_size), dtype=bool)
     image[row, col] = np.einsum("kv,kvc->kc", bary, colours[indices[face].astype(np.int64)])
     filled[row, col] = True
-    texture = Image.fromarray(np.round(_dilate(image, filled)).clip(0, 255).astype(np.uint8))
+    image = np.round(_dilate(image, filled)).clip(0, 255).astype(np.uint8)
+    return np.asarray(mesh.vertices)[vmapping], indices.astype(np.int64), np.asarray(uvs, dtype=np.float64), image
 
+
+def save_textured_obj(mesh: trimesh.Trimesh, path: str | Path, texture_size: int = 512) -> Path:
+    """Write ``mesh`` as an OBJ with UVs from xatlas and its vertex colours baked into a texture:
+    ``path`` (.obj), ``<stem>.mtl`` and ``<stem>.png`` beside it (+Z up). Returns the OBJ's path."""
+    from PIL import Image
+
+    path = Path(path)
+    if path.suffix.lower() != ".obj":
+        raise ValueError(f"a textured mesh is written as .obj, got {path.name!r}")
+    vertices, faces, uvs, image = bake_vertex_colours(mesh, texture_size)
     # white diffuse and ambient, no specular: viewers multiply the texture by these
-    material = trimesh.visual.material.SimpleMaterial(image=texture, name=path.stem, diffuse=(255, 255, 255, 255),
+    material = trimesh.visual.material.SimpleMaterial(image=Image.fromarray(image), name=path.stem, diffuse=(255, 255, 255, 255),
                                                       ambient=(255, 255, 255, 255), specular=(0, 0, 0, 255))
-    textured = trimesh.Trimesh(mesh.vertices[vmapping], indices.astype(np.int64),
-                               visual=trimesh.visual.TextureVisuals(uv=uvs, material=material), process=False)
+    textured = trimesh.Trimesh(vertices, faces, visual=trimesh.visual.TextureVisuals(uv=uvs, material=material), process=False)
     text, files = trimesh.exchange.obj.export_obj(textured, include_color=False, include_texture=True, return_texture=True,
                                                   mtl_name=f"{path.stem}.mtl")
     for name, data in files.items():  # the material and its image first, the OBJ that names them last
         atomic_write(path.parent / name, lambda tmp, data=data: Path(tmp).write_bytes(data))
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+#: glTF's extension for materials shown as their base colour, unlit: the albedo is the colour
+UNLIT = "KHR_materials_unlit"
+
+
+def _mark_unlit(tree: dict) -> None:
+    """A glTF tree's materials made unlit (:data:`UNLIT`), the extension declared as used (not
+    required: a viewer without it falls back to the material's matte, non-metallic PBR)."""
+    for material in tree.get("materials", []):
+        material.setdefault("extensions", {})[UNLIT] = {}
+    if tree.get("materials"):
+        tree["extensionsUsed"] = sorted(set(tree.get("extensionsUsed", [])) | {UNLIT})
+
+
+def save_textured_glb(mesh: trimesh.Trimesh, path: str | Path, texture_size: int = 1024) -> Path:
+    """Write ``mesh`` as a GLB with UVs (xatlas) and its vertex colours baked into a PNG texture
+    inside the file (:func:`bake_vertex_colours`), rotated to glTF's +Y up. The material is the
+    texture as base colour, unlit (``KHR_materials_unlit``), with a matte, non-metallic PBR
+    fallback: viewers show the albedo as it is, as the vertex-coloured GLB does. Returns the path."""
+    from PIL import Image
+
+    path = Path(path)
+    if path.suffix.lower() != ".glb":
+        raise ValueError(f"a textured GLB is written as .glb, got {path.name!r}")
+    vertices, faces, uvs, image = bake_vertex_colours(mesh, texture_size)
+    material = trimesh.visual.material.PBRMaterial(name="albedo", baseColorTexture=Image.fromarray(image), baseColorFactor=[255, 255, 255, 255],
+                                                   metallicFactor=0.0, roughnessFactor=1.0)
+    textured = to_y_up(trimesh.Trimesh(vertices, faces, visual=trimesh.visual.TextureVisuals(uv=uvs, material=material), process=False))
+    data = trimesh.exchange.gltf.export_glb(trimesh.Scene(textured), tree_postprocessor=_mark_unlit)
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 # ----------------------------------------------------------------------------- turntable

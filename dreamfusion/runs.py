@@ -90,6 +90,9 @@ def staged_output(out: Path, overwrite: bool, resume: bool = False) -> Iterator[
         finish_output(staging, out)
 
 
+#: the UV-textured GLB's name in a run folder (``--export.texture``)
+TEXTURED_GLB = "mesh_textured.glb"
+
 #: the views whose silhouettes decide the surface level: 8 azimuths at 25 degrees below and above
 #: the horizon, and straight down and up
 SILHOUETTE_SIZE = 64
@@ -123,7 +126,7 @@ def export_renderer(scene: Renderer, folder: Path, opts: ExportOptions) -> list[
     import torch
 
     from .cameras import default_light
-    from .export import ExportWarning, extract_mesh, save_mesh, save_turntable
+    from .export import ExportWarning, extract_mesh, save_mesh, save_textured_glb, save_turntable
 
     folder = Path(folder)
     device = scene.field.density_grid.device
@@ -134,9 +137,18 @@ def export_renderer(scene: Renderer, folder: Path, opts: ExportOptions) -> list[
         warnings.simplefilter("always")
         mesh = extract_mesh(scene.field.density, scene.field.albedo, resolution=opts.mesh_resolution,
                             bound=scene.field.cfg.bound, threshold=threshold, device=device, fill_voids=opts.fill_voids,
-                            colour_depth=opts.colour_depth * 2 * scene.field.cfg.bound / (scene.field.resolution - 1))
+                            colour_depth=opts.colour_depth * 2 * scene.field.cfg.bound / (scene.field.resolution - 1),
+                            refine_steps=opts.refine_steps, max_faces=opts.faces, colour_smoothing=opts.colour_smoothing,
+                            colour_edge=opts.colour_edge)
+    notes = [str(w.message) for w in caught if issubclass(w.category, ExportWarning)]
+    if "decimation" in mesh.metadata:
+        d = mesh.metadata["decimation"]
+        notes.append(f"decimated to {d['faces']:,} faces from {d['faces_before']:,}: the surface moved {d['mean_distance']:.4f} "
+                     f"on average and {d['max_distance']:.4f} at most (world units)")
     for fmt in opts.formats:
         save_mesh(mesh, folder / f"mesh.{fmt}")
+    if opts.texture:
+        save_textured_glb(mesh, folder / TEXTURED_GLB, texture_size=opts.texture_size)
     if opts.video != "none":
         def render(cams: Cameras) -> torch.Tensor:
             with torch.no_grad():
@@ -144,7 +156,7 @@ def export_renderer(scene: Renderer, folder: Path, opts: ExportOptions) -> list[
                                     opts.video_mode)["image"].clamp(0, 1).cpu()
 
         save_turntable(render, folder / f"turntable.{opts.video}", frames=opts.video_frames, size=opts.video_size)
-    return [str(w.message) for w in caught if issubclass(w.category, ExportWarning)]
+    return notes
 
 
 def export_scene(trainer: Trainer, folder: Path, opts: ExportOptions) -> dict[str, Path]:
@@ -155,6 +167,8 @@ def export_scene(trainer: Trainer, folder: Path, opts: ExportOptions) -> dict[st
     for note in export_renderer(scene, folder, opts):
         trainer.on_message(note)
     written = {fmt: folder / f"mesh.{fmt}" for fmt in opts.formats}
+    if opts.texture:
+        written["textured_glb"] = folder / TEXTURED_GLB
     if opts.video != "none":
         written["video"] = folder / f"turntable.{opts.video}"
     return written

@@ -102,6 +102,22 @@ def test_score_true_mesh_hits_and_wrong_mesh_misses():
     assert f"| HIT | {s['facing_iou']:.3f} (+30) | " in tables.markdown_table([{**_row(1), **s}])
 
 
+def test_score_mesh_reports_how_clean_an_asset_is():
+    cube = quality.BenchmarkPrompt("a red cube", "cube", "red", False)
+    truth = true_mesh(scoring.true_object(cube), 64)
+    s = scoring.score_mesh(truth, cube)
+    assert s["surface_distance"] < 2e-3 and s["normal_error_median"] < 1.0 and s["colour_noise"] < 1e-9
+    assert s["faces"] == len(truth.faces) and s["normal_error_p90"] >= s["normal_error_median"]
+    # the same cube 0.02 larger all round and with speckled colours
+    rough = truth.copy()
+    rough.apply_scale(0.72 / 0.70)
+    rng = np.random.default_rng(0)
+    rgb = np.clip(rough.visual.vertex_colors[:, :3] / 255.0 + rng.normal(0, 0.03, (len(rough.vertices), 3)), 0, 1)
+    rough.visual.vertex_colors = np.concatenate([np.round(rgb * 255), np.full((len(rgb), 1), 255)], axis=1).astype(np.uint8)
+    s = scoring.score_mesh(rough, cube)
+    assert s["surface_distance"] == pytest.approx(0.01, abs=2e-3) and s["colour_noise"] > 0.02
+
+
 def _row(index, prompt="a red cube", noun="cube", iou=0.7, hit=True, colour=0.05, basis="named", held_out=False, seconds=100.0, status="ok"):
     row = {"index": index, "prompt": prompt, "noun": noun, "colour": "red", "held_out": held_out, "asymmetric": noun in ASYMMETRIC_NOUNS,
            "status": status, "colour_basis": basis, "iterations": 1200, "seconds": seconds, "export_seconds": 2.0,
@@ -140,6 +156,64 @@ def test_summary_and_targets():
     table = tables.markdown_table(rows)
     assert "FAILED: generation failed: RuntimeError: boom" in table
     assert not any(t["passed"] for t in scoring.evaluate_targets([]))
+
+
+def test_asset_measures_are_averaged_over_meshes_and_shown():
+    rows = [_row(1), _row(2), _row(3, status="error")]
+    rows[0].update(surface_distance=0.004, normal_error_median=6.0, normal_error_p90=20.0, colour_noise=0.03, faces=30000, mesh_bytes=600000)
+    rows[1].update(surface_distance=0.002, normal_error_median=2.0, normal_error_p90=10.0, colour_noise=0.01, faces=10000, mesh_bytes=200000)
+    s = scoring.summarize(rows)["all"]  # a failed prompt has no mesh to measure: the means are over the two that do
+    assert s["surface_distance"] == pytest.approx(0.003) and s["normal_error_median"] == pytest.approx(4.0)
+    assert s["normal_error_p90"] == pytest.approx(15.0) and s["colour_noise"] == pytest.approx(0.02)
+    assert s["faces"] == pytest.approx(20000) and s["mesh_bytes"] == pytest.approx(400000)
+    table = tables.summary_table(scoring.summarize(rows))
+    assert "| surface dist | normal err median | normal err p90 | colour noise | faces | mesh KB |" in table
+    assert "| 0.0030 | 4.0 | 15.0 | 0.020 | 20,000 | 400 |" in table
+    # rows scored before the measures existed: '-', not a crash
+    assert "| - | - | - | - | - | - |" in tables.summary_table(scoring.summarize([_row(1)]))
+
+
+def _earlier_run(tmp_path):
+    """A run folder as quality.py leaves it: two prompts, the first with a mesh (the truth's own)
+    and a time, the second failed."""
+    prompts = tmp_path / "two.txt"
+    prompts.write_text("a red cube\tcube\tred\na white mug\tmug\twhite\n")
+    folder = tmp_path / "earlier"
+    mesh_folder = folder / "meshes" / "01-a-red-cube"
+    mesh_folder.mkdir(parents=True)
+    true_mesh(scoring.true_object(quality.BenchmarkPrompt("a red cube", "cube", "red", False)), 48).export(mesh_folder / "mesh.ply")
+    rows = [{**_row(1), "seconds": 123.0, "iou": 0.5, "mesh": "meshes/01-a-red-cube/mesh.ply"}, _row(2, "a white mug", "mug", status="error")]
+    (folder / "results.json").write_text(json.dumps({"meta": {"steps": 1200}, "rows": rows}))
+    return prompts, folder
+
+
+def test_rescore_scores_an_earlier_runs_meshes_without_training(tmp_path, capsys):
+    prompts, folder = _earlier_run(tmp_path)
+    assert quality.main(["--prompts", str(prompts), "--rescore", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "re-scored 1 of 2" in out and "| 1 | a red cube |" in out
+    data = json.loads((folder / "results.json").read_text())
+    cube, mug = data["rows"]
+    assert cube["status"] == "ok" and cube["iou"] > 0.9 and cube["seconds"] == 123.0  # fresh scores, the earlier time kept
+    assert cube["surface_distance"] < 3e-3 and cube["mesh_bytes"] == (folder / "meshes/01-a-red-cube/mesh.ply").stat().st_size
+    assert mug["status"] == "error" and "boom" in mug["error"]  # a failure stays a failure
+    assert data["meta"]["steps"] == 1200 and data["meta"]["rescored_from"] == str(folder)
+    with open(folder / "results.csv") as f:
+        row = next(csv.DictReader(f))
+    assert float(row["surface_distance"]) == pytest.approx(cube["surface_distance"]) and row["faces"] == str(cube["faces"])
+    # into another folder, and only the chosen prompts
+    assert quality.main(["--prompts", str(prompts), "--rescore", str(folder), "--only", "1", "--out", str(tmp_path / "again")]) == 0
+    assert len(json.loads((tmp_path / "again" / "results.json").read_text())["rows"]) == 1
+
+
+def test_rescore_refuses_a_folder_without_meshes_or_of_another_list(tmp_path, capsys):
+    prompts, folder = _earlier_run(tmp_path)
+    assert quality.main(["--prompts", str(prompts), "--rescore", str(tmp_path / "nothing")]) == 2
+    assert "holds no meshes" in capsys.readouterr().err
+    other = tmp_path / "other.txt"
+    other.write_text("a blue sphere\tsphere\tblue\n")
+    assert quality.main(["--prompts", str(other), "--rescore", str(folder)]) == 2
+    assert "01-a-red-cube is no prompt" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- end to end

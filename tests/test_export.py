@@ -14,11 +14,17 @@ from dreamfusion.cameras import camera_rays
 from dreamfusion.export import (
     SURFACE_DENSITY,
     composite_along_normals,
+    decimate_mesh,
+    density_gradient,
+    distance_to_mesh,
     extract_mesh,
     rasterize_triangles,
+    refine_vertices,
     save_mesh,
+    save_textured_glb,
     save_textured_obj,
     save_turntable,
+    smooth_colours,
     to_y_up,
 )
 
@@ -261,3 +267,253 @@ def test_export_notes_are_the_exports_own_warnings(mesh, tmp_path, monkeypatch):
                                  ExportOptions(formats=("ply",), video="none", threshold=5.0))
     assert notes == ["density peaks low: a faint object"]
     assert (tmp_path / "mesh.ply").exists()
+
+
+# ----------------------------------------------------------------------------- asset steps
+
+SPHERE_R = 0.4
+
+
+def shell_density(p: torch.Tensor) -> torch.Tensor:
+    """A smooth density that falls through the level 20 at radius 0.4: 20 exp(-10 (|p| - 0.4))."""
+    return 20.0 * torch.exp(-10.0 * (p.norm(dim=-1) - SPHERE_R))
+
+
+def test_density_gradient_by_hand():
+    # density 3x + 2y^2: value and gradient (3, 4y, 0); central differences are exact for a quadratic
+    fn = lambda p: 3 * p[:, 0] + 2 * p[:, 1] ** 2
+    value, grad = density_gradient(fn, np.array([[0.5, 0.25, 0.0], [0.0, -0.5, 1.0]]), eps=0.01)
+    assert np.allclose(value, [1.625, 0.5], atol=1e-6) and np.allclose(grad, [[3, 1, 0], [3, -2, 0]], atol=1e-4)
+
+
+def test_refine_moves_a_noisy_sphere_onto_the_level_set():
+    ball = trimesh.creation.icosphere(subdivisions=4, radius=SPHERE_R)
+    rng = np.random.default_rng(0)
+    noisy = ball.vertices * (1.0 + rng.uniform(-0.025, 0.025, (len(ball.vertices), 1)))  # up to 0.01 off the radius
+    assert np.abs(np.linalg.norm(noisy, axis=1) - SPHERE_R).max() > 0.009
+    refined = refine_vertices(noisy, shell_density, level=20.0, max_move=0.015)
+    radius = np.linalg.norm(refined, axis=1)
+    assert np.abs(radius - SPHERE_R).max() < 1e-5  # three Newton steps, from 0.01 off to 1e-5
+    # along the gradient, which here is radial: each vertex keeps its direction
+    assert np.allclose(refined / radius[:, None], noisy / np.linalg.norm(noisy, axis=1, keepdims=True), atol=1e-6)
+
+
+def test_refine_moves_at_most_its_limit_and_not_where_the_field_is_flat():
+    far = np.array([[0.5, 0.0, 0.0], [0.0, 0.0, -0.3]])  # 0.1 outside, 0.1 inside the level set
+    refined = refine_vertices(far, shell_density, level=20.0, max_move=0.015)
+    assert np.allclose(np.linalg.norm(refined, axis=1), [0.485, 0.315], atol=1e-9)
+    flat = refine_vertices(far, lambda p: torch.full((len(p),), 7.0), level=20.0, max_move=0.015)
+    assert np.array_equal(flat, far)
+    assert np.array_equal(refine_vertices(far, shell_density, 20.0, 0.015, steps=0), far)
+    with pytest.raises(ValueError):
+        refine_vertices(far, shell_density, 20.0, max_move=0.0)
+
+
+def test_extract_with_refinement_puts_vertices_on_the_surface():
+    plain = extract_mesh(shell_density, red_blue_albedo, resolution=RES, bound=BOUND, threshold=20.0)
+    refined = extract_mesh(shell_density, red_blue_albedo, resolution=RES, bound=BOUND, threshold=20.0, refine_steps=3)
+    off = lambda m: np.abs(np.linalg.norm(m.vertices, axis=1) - SPHERE_R)
+    assert off(plain).max() > 1e-3  # linear interpolation along grid edges of a curved field
+    assert off(refined).max() < 1e-5
+    assert len(refined.faces) == len(plain.faces) and refined.is_watertight
+
+
+def test_distance_to_mesh_by_hand():
+    ball = trimesh.creation.icosphere(subdivisions=4, radius=SPHERE_R)
+    rng = np.random.default_rng(0)
+    directions = rng.normal(size=(500, 3))
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    # 0.05 outside the sphere; the flat faces lie up to 3e-4 inside it
+    assert np.allclose(distance_to_mesh(0.45 * directions, ball), 0.05, atol=5e-4)
+    assert np.allclose(distance_to_mesh(ball.vertices, ball), 0.0, atol=1e-12)
+    # a box's face: a point 0.2 above the middle of the top face is 0.2 from it
+    box = trimesh.creation.box(extents=(1, 1, 1))
+    assert distance_to_mesh(np.array([[0.1, -0.2, 0.7]]), box) == pytest.approx([0.2])
+
+
+def test_decimation_keeps_a_sphere_within_the_budget_and_reports_the_cost():
+    ball = trimesh.creation.icosphere(subdivisions=5, radius=SPHERE_R)  # 20,480 faces
+    light, cost = decimate_mesh(ball, 2000)
+    assert len(light.faces) <= 2000 and light.is_watertight
+    points, _ = trimesh.sample.sample_surface(light, 5000, seed=0)
+    assert np.abs(np.linalg.norm(points, axis=1) - SPHERE_R).max() < 0.01  # the stated distance: within 0.01 of the sphere
+    assert cost["faces_before"] == 20480 and cost["faces"] == len(light.faces)
+    assert 0 < cost["mean_distance"] < 0.003 and cost["mean_distance"] <= cost["max_distance"] < 0.01
+    # within the budget already: the same mesh, at no cost
+    same, cost = decimate_mesh(ball, 30000)
+    assert same is ball and cost["mean_distance"] == 0.0
+    with pytest.raises(ValueError, match="face budget"):
+        decimate_mesh(ball, 3)
+
+
+def test_extract_with_a_face_budget_has_colours_and_its_cost():
+    mesh = extract_mesh(ellipsoid_density, red_blue_albedo, resolution=RES, bound=BOUND, max_faces=1000)
+    assert len(mesh.faces) <= 1000 and mesh.metadata["decimation"]["faces_before"] > 1000
+    assert mesh.visual.vertex_colors.shape == (len(mesh.vertices), 4)
+    front = mesh.vertices[:, 0] > 0.05
+    assert (mesh.visual.vertex_colors[front, :3] == RED8).all()  # colours sampled on the decimated mesh
+
+
+def _two_colour_plane(noise: float, seed: int = 0):
+    """A 40 x 40 grid of vertices in the plane z = 0, red where x < 0.5 and blue from there on,
+    each channel off by a normal noise of standard deviation ``noise``."""
+    n = 40
+    x, y = np.meshgrid(np.linspace(0, 1, n), np.linspace(0, 1, n), indexing="ij")
+    vertices = np.stack([x.ravel(), y.ravel(), np.zeros(n * n)], axis=1)
+    idx = np.arange(n * n).reshape(n, n)
+    quads = np.stack([idx[:-1, :-1], idx[1:, :-1], idx[1:, 1:], idx[:-1, 1:]], axis=-1).reshape(-1, 4)
+    faces = np.concatenate([quads[:, [0, 1, 2]], quads[:, [0, 2, 3]]])
+    red = vertices[:, 0] < 0.5
+    flat = np.where(red[:, None], RED, BLUE)
+    colours = flat + np.random.default_rng(seed).normal(0.0, noise, flat.shape)
+    return trimesh.Trimesh(vertices, faces, process=False), colours, flat, red
+
+
+def test_colour_smoothing_evens_speckle_and_keeps_the_boundary():
+    plane, colours, flat, red = _two_colour_plane(noise=0.03)
+    smooth = smooth_colours(colours, plane.edges_unique, iterations=5, max_difference=0.15)
+    before, after = np.std(colours - flat), np.std(smooth - flat)
+    assert before == pytest.approx(0.03, rel=0.05) and after < before / 3
+    # the boundary (the columns either side of x = 0.5): each vertex keeps its own side's colour
+    assert np.abs(smooth - flat).max() < 0.06
+    # without the edge test the two colours bleed into each other there
+    blurred = smooth_colours(colours, plane.edges_unique, iterations=5, max_difference=1.0)
+    assert np.abs(blurred - flat).max() > 0.2
+    # by hand: a path 0 - 1 - 2 with colours 0, 0.1, 1 and threshold 0.5: one step averages 0 and 0.1 only
+    one = smooth_colours(np.array([[0.0], [0.1], [1.0]]), np.array([[0, 1], [1, 2]]), iterations=1, max_difference=0.5)
+    assert np.allclose(one, [[0.05], [0.05], [1.0]])
+    assert np.array_equal(smooth_colours(colours, plane.edges_unique, 0, 0.15), colours)
+
+
+def test_extract_with_colour_smoothing():
+    rng = np.random.default_rng(0)
+    noisy = lambda p: (red_blue_albedo(p) + torch.from_numpy(rng.normal(0, 0.03, (len(p), 3))).float()).clamp(0, 1)
+    plain = extract_mesh(ellipsoid_density, noisy, resolution=RES, bound=BOUND)
+    smooth = extract_mesh(ellipsoid_density, noisy, resolution=RES, bound=BOUND, colour_smoothing=5, colour_edge=0.15)
+    front = plain.vertices[:, 0] > 0.05
+    spread = lambda m: m.visual.vertex_colors[front, :3].astype(float).std(axis=0).mean()
+    assert spread(smooth) < spread(plain) / 2
+
+
+def test_asset_options_are_off_by_default_and_checked():
+    from dreamfusion.config import ExportOptions, validate_export
+
+    opts = ExportOptions()
+    assert opts.refine_steps == 0 and opts.faces == 0 and opts.colour_smoothing == 0
+    validate_export(ExportOptions(refine_steps=3, faces=20000, colour_smoothing=5, colour_edge=0.1))
+    for bad in (dict(refine_steps=-1), dict(faces=50), dict(faces=-5), dict(colour_smoothing=1000), dict(colour_edge=2.0)):
+        with pytest.raises(ValueError):
+            validate_export(ExportOptions(**bad))
+
+
+def test_export_reports_what_decimation_cost(tmp_path):
+    import types
+
+    from dreamfusion import runs
+    from dreamfusion.config import ExportOptions
+
+    field = types.SimpleNamespace(density_grid=torch.zeros(1), cfg=types.SimpleNamespace(bound=1.0), resolution=32,
+                                  density=ellipsoid_density, albedo=red_blue_albedo)
+    notes = runs.export_renderer(types.SimpleNamespace(field=field), tmp_path,
+                                 ExportOptions(formats=("ply",), video="none", threshold=5.0, mesh_resolution=48, faces=500))
+    assert len(notes) == 1 and notes[0].startswith("decimated to ") and "on average" in notes[0]
+    assert len(trimesh.load(tmp_path / "mesh.ply", process=False).faces) <= 500
+
+
+# ----------------------------------------------------------------------------- the textured GLB
+
+GLTF_COMPONENTS = {5120: np.int8, 5121: np.uint8, 5122: np.int16, 5123: np.uint16, 5125: np.uint32, 5126: np.float32}
+GLTF_SIZES = {"SCALAR": 1, "VEC2": 2, "VEC3": 3, "VEC4": 4}
+
+
+def read_glb(path):
+    """A GLB file checked against the glTF 2.0 container rules (header, two 4-byte-aligned chunks,
+    JSON then BIN, every buffer view inside the buffer, every accessor inside its view): (its JSON,
+    a function from an accessor's index to its array, a function from an image's index to its bytes)."""
+    data = path.read_bytes()
+    magic, version, length = struct.unpack("<4sII", data[:12])
+    assert magic == b"glTF" and version == 2 and length == len(data)
+    json_length, json_type = struct.unpack("<I4s", data[12:20])
+    assert json_type == b"JSON" and json_length % 4 == 0
+    tree = json.loads(data[20:20 + json_length])
+    bin_start = 20 + json_length
+    bin_length, bin_type = struct.unpack("<I4s", data[bin_start:bin_start + 8])
+    assert bin_type == b"BIN\0" and bin_length % 4 == 0 and bin_start + 8 + bin_length == len(data)
+    blob = data[bin_start + 8:bin_start + 8 + bin_length]
+    assert tree["asset"]["version"] == "2.0" and len(tree["buffers"]) == 1 and tree["buffers"][0]["byteLength"] <= bin_length
+    for view in tree["bufferViews"]:
+        assert view.get("byteOffset", 0) + view["byteLength"] <= tree["buffers"][0]["byteLength"]
+
+    def accessor(index):
+        acc = tree["accessors"][index]
+        view = tree["bufferViews"][acc["bufferView"]]
+        dtype = np.dtype(GLTF_COMPONENTS[acc["componentType"]])
+        width = GLTF_SIZES[acc["type"]]
+        start = view.get("byteOffset", 0) + acc.get("byteOffset", 0)
+        assert "byteStride" not in view or view["byteStride"] == dtype.itemsize * width
+        assert start + acc["count"] * width * dtype.itemsize <= view.get("byteOffset", 0) + view["byteLength"]
+        values = np.frombuffer(blob, dtype, acc["count"] * width, start).reshape(acc["count"], width)
+        if "min" in acc:  # the spec requires POSITION's; where given they must be the true bounds
+            assert np.allclose(values.min(axis=0), acc["min"]) and np.allclose(values.max(axis=0), acc["max"])
+        return values
+
+    def image(index):
+        view = tree["bufferViews"][tree["images"][index]["bufferView"]]
+        return blob[view.get("byteOffset", 0):view.get("byteOffset", 0) + view["byteLength"]]
+
+    return tree, accessor, image
+
+
+def test_textured_glb_is_valid_unlit_and_reproduces_the_albedo(mesh, tmp_path):
+    import io
+
+    from PIL import Image
+
+    path = save_textured_glb(mesh, tmp_path / "textured.glb", texture_size=256)
+    tree, accessor, image = read_glb(path)
+    material = tree["materials"][0]
+    assert material["extensions"] == {"KHR_materials_unlit": {}} and "KHR_materials_unlit" in tree["extensionsUsed"]
+    assert "extensionsRequired" not in tree  # a viewer without the extension shows the matte PBR fallback
+    assert material["pbrMetallicRoughness"]["metallicFactor"] == 0.0 and material["pbrMetallicRoughness"]["roughnessFactor"] == 1.0
+    primitive = tree["meshes"][0]["primitives"][0]
+    assert tree["textures"][material["pbrMetallicRoughness"]["baseColorTexture"]["index"]]["source"] == 0
+    assert tree["images"][0]["mimeType"] == "image/png" and image(0)[:8] == b"\x89PNG\r\n\x1a\n"
+    texture = np.asarray(Image.open(io.BytesIO(image(0))).convert("RGB"))
+    assert texture.shape == (256, 256, 3)
+
+    positions, uvs = accessor(primitive["attributes"]["POSITION"]), accessor(primitive["attributes"]["TEXCOORD_0"])
+    indices = accessor(primitive["indices"]).ravel()
+    assert len(positions) == len(uvs) and indices.max() < len(positions) and len(indices) % 3 == 0
+    assert (uvs >= 0).all() and (uvs <= 1).all()
+    # glTF is +Y up, the front still +X; its UVs address the image from its top-left corner: the
+    # texel under each vertex is the albedo there (red in front, blue behind)
+    assert np.allclose(positions.max(axis=0) - positions.min(axis=0), [0.8, 1.2, 0.8], atol=VOXEL)
+    texel = texture[np.clip((uvs[:, 1] * 256).astype(int), 0, 255), np.clip((uvs[:, 0] * 256).astype(int), 0, 255)].astype(float)
+    front, behind = positions[:, 0] > 0.1, positions[:, 0] < -0.1
+    assert np.abs(texel[front] - RED8).mean() < 8 and np.abs(texel[behind] - BLUE8).mean() < 8
+
+    # and trimesh reads it back with its texture
+    back = trimesh.load(path, force="mesh")
+    assert isinstance(back.visual, trimesh.visual.TextureVisuals) and back.visual.material.baseColorTexture.size == (256, 256)
+    with pytest.raises(ValueError):
+        save_textured_glb(mesh, tmp_path / "textured.obj")
+
+
+def test_export_writes_the_textured_glb_only_when_asked(tmp_path):
+    import types
+
+    from dreamfusion import runs
+    from dreamfusion.config import ExportOptions, validate_export
+
+    assert ExportOptions().texture is False
+    field = types.SimpleNamespace(density_grid=torch.zeros(1), cfg=types.SimpleNamespace(bound=1.0), resolution=32,
+                                  density=ellipsoid_density, albedo=red_blue_albedo)
+    scene = types.SimpleNamespace(field=field)
+    runs.export_renderer(scene, tmp_path / "plain", ExportOptions(formats=("glb",), video="none", threshold=5.0, mesh_resolution=32))
+    assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == ["mesh.glb"]
+    opts = ExportOptions(formats=("glb",), video="none", threshold=5.0, mesh_resolution=32, texture=True, texture_size=128)
+    validate_export(opts)
+    runs.export_renderer(scene, tmp_path / "textured", opts)
+    assert sorted(p.name for p in (tmp_path / "textured").iterdir()) == ["mesh.glb", runs.TEXTURED_GLB]
+    with pytest.raises(ValueError, match="texture_size"):
+        validate_export(ExportOptions(texture_size=4))
