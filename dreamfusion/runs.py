@@ -25,6 +25,7 @@ from .files import folder_lock, staging_folder
 
 if TYPE_CHECKING:
     import torch
+    import trimesh
 
     from .cameras import Cameras
     from .render import Renderer
@@ -119,16 +120,13 @@ def surface_level(scene: Renderer) -> float:
     return silhouette_level(opacity.cpu(), peak.cpu())
 
 
-def export_renderer(scene: Renderer, folder: Path, opts: ExportOptions) -> list[str]:
-    """Write meshes and the turntable of a scene (a :class:`~dreamfusion.render.Renderer`, e.g. a
-    snapshot or :func:`~dreamfusion.checkpoint.load_scene`'s) into ``folder``. Returns the notes
-    for the user (such as a surface level lowered for a faint scene)."""
-    import torch
+def scene_mesh(scene: Renderer, opts: ExportOptions) -> tuple[trimesh.Trimesh, list[str]]:
+    """The mesh ``opts`` ask for of a scene (a :class:`~dreamfusion.render.Renderer`): its surface
+    level, marching cubes and the asset steps, in world coordinates (+Z up) with vertex colours.
+    Returns the mesh and the notes for the user (such as a surface level lowered for a faint scene,
+    or what decimation cost)."""
+    from .export import ExportWarning, extract_mesh
 
-    from .cameras import default_light
-    from .export import ExportWarning, extract_mesh, save_mesh, save_textured_glb, save_turntable
-
-    folder = Path(folder)
     device = scene.field.density_grid.device
     threshold = opts.threshold
     if threshold is None and opts.level == "silhouette":
@@ -145,17 +143,39 @@ def export_renderer(scene: Renderer, folder: Path, opts: ExportOptions) -> list[
         d = mesh.metadata["decimation"]
         notes.append(f"decimated to {d['faces']:,} faces from {d['faces_before']:,}: the surface moved {d['mean_distance']:.4f} "
                      f"on average and {d['max_distance']:.4f} at most (world units)")
+    return mesh, notes
+
+
+def write_export(scene: Renderer, mesh: trimesh.Trimesh, folder: Path, opts: ExportOptions) -> None:
+    """The files of an export into ``folder``: ``mesh`` in each of ``opts.formats``, the textured
+    GLB when asked for, and the scene's turntable unless ``opts.video`` is none."""
+    import torch
+
+    from .cameras import default_light
+    from .export import save_mesh, save_textured_glb, save_turntable
+
+    folder = Path(folder)
     for fmt in opts.formats:
         save_mesh(mesh, folder / f"mesh.{fmt}")
     if opts.texture:
         save_textured_glb(mesh, folder / TEXTURED_GLB, texture_size=opts.texture_size)
     if opts.video != "none":
+        device = scene.field.density_grid.device
+
         def render(cams: Cameras) -> torch.Tensor:
             with torch.no_grad():
                 return scene.render(cams.to(device), default_light(cams).to(device), opts.video_size, opts.video_size,
                                     opts.video_mode)["image"].clamp(0, 1).cpu()
 
         save_turntable(render, folder / f"turntable.{opts.video}", frames=opts.video_frames, size=opts.video_size)
+
+
+def export_renderer(scene: Renderer, folder: Path, opts: ExportOptions) -> list[str]:
+    """Write meshes and the turntable of a scene (a :class:`~dreamfusion.render.Renderer`, e.g. a
+    snapshot or :func:`~dreamfusion.checkpoint.load_scene`'s) into ``folder``: :func:`scene_mesh`,
+    then :func:`write_export`. Returns the notes for the user."""
+    mesh, notes = scene_mesh(scene, opts)
+    write_export(scene, mesh, folder, opts)
     return notes
 
 
