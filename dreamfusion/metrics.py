@@ -298,3 +298,41 @@ def surface_measures(mesh: trimesh.Trimesh, obj: WorldObject, samples: int = SUR
         "colour_noise": colour_noise(mesh, obj),
         "faces": int(len(faces)),
     }
+
+
+# ----------------------------------------------------------------------------- what you see is what you export
+
+#: the field covers a pixel where its rendered opacity exceeds this: the silhouettes that the export's
+#: surface level is chosen to match (:func:`dreamfusion.export.silhouette_level`)
+RENDER_OPACITY = 0.5
+
+
+def _array(value: np.ndarray | torch.Tensor) -> np.ndarray:
+    return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+
+
+def render_match(coverage: np.ndarray | torch.Tensor, colour: np.ndarray | torch.Tensor, opacity: np.ndarray | torch.Tensor,
+                 field_colour: np.ndarray | torch.Tensor, level: float = RENDER_OPACITY) -> dict:
+    """How the renders of an exported mesh match the field's renders from the same cameras:
+
+    - ``render_silhouette_iou``: IoU, over all views' pixels together, of the pixels the mesh covers
+      and those where the field's opacity exceeds ``level``;
+    - ``render_colour_diff``: over the pixels both cover, the mean absolute RGB difference (0..1,
+      averaged over the channels, as :func:`colour_error`) between the mesh's colour and the
+      field's (None when no pixel is covered by both).
+
+    ``coverage`` (B, H, W) or (B, 1, H, W) bool and ``colour`` (B, 3, H, W) of the mesh's renders
+    (:func:`dreamfusion.mesh_render.render_mesh`); ``opacity`` (B, H, W) or (B, 1, H, W) and
+    ``field_colour`` (B, 3, H, W) of the field's. Compare like with like: albedo with albedo (the
+    field's albedo render divided by its opacity), or lit with lit under the same lights."""
+    covered = _array(coverage).astype(bool)
+    b = covered.shape[0]
+    covered = covered.reshape(b, -1)
+    solid = _array(opacity).reshape(b, -1) > level
+    union = np.logical_or(covered, solid).sum()
+    both = covered & solid
+    difference = np.abs(_array(colour).astype(np.float64).reshape(b, 3, -1) - _array(field_colour).astype(np.float64).reshape(b, 3, -1))
+    return {
+        "render_silhouette_iou": float(both.sum() / union) if union else 1.0,
+        "render_colour_diff": float(difference.mean(axis=1)[both].mean()) if both.any() else None,
+    }
