@@ -298,7 +298,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS, help="benchmark list (default: %(default)s)")
     ap.add_argument("--only", default=None, help="comma-separated 1-based indices, nouns or prompts to run")
     ap.add_argument("--limit", type=int, default=None, help="run only the first N (of the --only selection)")
-    ap.add_argument("--steps", type=int, default=1200)
+    ap.add_argument("--steps", type=int, default=None, help="iterations (default: the config's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help=f"results folder (default: {DEFAULT_OUT.relative_to(REPO)}; "
                     "with --rescore, its folder)")

@@ -160,6 +160,9 @@ class GuidanceConfig:
     frozen_unet: bool = True
     """embedded prior: run its U-Net as a TorchScript graph frozen once per input shape (the same
     numbers as eager, about 10% less time a call on a CPU; off: eager PyTorch)"""
+    cpu_bfloat16: str = "auto"
+    """embedded prior on a CPU: its frozen U-Net computes in bfloat16: auto (where the CPU has it in
+    hardware, AVX512-BF16 or AMX: about a third less time a call, docs/speed.md), on, or off (float32)"""
     use_render_conditions: bool = True
     """a camera-aware prior is told each render's camera, light and shading mode (off: text only)"""
     camera_guidance_scale: float = 0.0
@@ -179,8 +182,9 @@ class GuidanceConfig:
 class OptimConfig:
     """Adam on the grid, the loss terms' weights, and the guard against bad steps."""
 
-    lr: float = 0.05
-    """learning rate of the density and albedo grids"""
+    lr: float = 0.075
+    """learning rate of the density and albedo grids (higher for a shorter run: the grid must travel
+    as far in fewer steps; docs/speed.md has the curve)"""
     lr_density: float | None = None
     """the density grid's own learning rate (None: lr)"""
     lr_background: float = 1e-3
@@ -212,7 +216,9 @@ class OptimConfig:
 class TrainConfig:
     """One text-to-3D run."""
 
-    steps: int = 1200
+    steps: int = 800
+    """iterations: 800 hold the quality of 1,200 on the public list in two thirds of the time
+    (docs/speed.md; --preset fast and best are the shorter and the longer runs)"""
     seed: int = 0
     render_size: int = 64
     """training render resolution (the prior sees it resized to its own size)"""
@@ -460,6 +466,7 @@ def validate_config(cfg: TrainConfig) -> None:
     if not 0 <= g.random_background <= 1:
         raise ValueError(f"the random-background fraction must be between 0 and 1, got {g.random_background}")
     _one_of("SDS weighting", g.weighting, ("sds", "uniform"))
+    _one_of("cpu_bfloat16", g.cpu_bfloat16, ("auto", "on", "off"))
 
     o = cfg.optim
     for name in ("lr", "lr_background", "grad_clip"):
@@ -567,9 +574,9 @@ def with_settings(cfg: TrainConfig, *, steps: int | None = None, seed: int | Non
 #: ('section.key': value, as ``--set`` takes them). The table of what each costs and gives on the
 #: public list: docs/speed.md
 PRESETS: dict[str, dict[str, object]] = {
-    "fast": {},
+    "fast": {"steps": 400, "optim.lr": 0.12},
     "default": {},
-    "best": {},
+    "best": {"steps": 1200, "optim.lr": 0.05},
 }
 
 

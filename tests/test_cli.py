@@ -282,6 +282,7 @@ def test_advanced_settings_are_kept_unless_a_top_level_option_is_given(tiny_prio
     import tyro
 
     from dreamfusion.cli import Generate, train_config
+    from dreamfusion.config import TrainConfig
 
     def parse(*argv):
         return train_config(tyro.cli(Generate, args=list(argv)))
@@ -291,7 +292,7 @@ def test_advanced_settings_are_kept_unless_a_top_level_option_is_given(tiny_prio
     assert (cfg.steps, cfg.seed, cfg.render_size, cfg.guidance.guidance_scale, cfg.guidance.model) == (7, 3, 48, 4.5, "/some/prior")
     cfg = parse("a cube", "--advanced.steps", "7", "--steps", "9", "--cfg", "2", "--model", "/other")
     assert (cfg.steps, cfg.guidance.guidance_scale, cfg.guidance.model) == (9, 2.0, "/other")
-    assert parse("a cube").steps == 1200 and parse("a cube").guidance.guidance_scale is None  # the prior's own default, later
+    assert parse("a cube").steps == TrainConfig().steps and parse("a cube").guidance.guidance_scale is None  # the prior's own default, later
 
 
 def test_guidance_defaults_come_from_one_registry():
@@ -719,3 +720,25 @@ def test_help_has_no_history_and_the_guidance_weights_come_from_the_registry():
     assert history is None, history.group(0)
     weights = f"{GUIDANCES['embedded'].guidance_scale:g} embedded, {GUIDANCES['stable-diffusion'].guidance_scale:g} stable-diffusion"
     assert f"the prior's own: {weights}" in texts[0]
+
+
+def test_presets_set_what_the_advanced_settings_leave_at_their_defaults():
+    """--preset fast|default|best changes the settings it names where --advanced leaves them at the
+    defaults; a top-level option and an explicit --advanced setting still win; a wrong name is one
+    clear error before anything is loaded."""
+    import tyro
+
+    from dreamfusion.cli import Generate, train_config
+    from dreamfusion.config import PRESETS, TrainConfig, apply_preset
+
+    def parse(*argv):
+        return train_config(tyro.cli(Generate, args=list(argv)))
+
+    assert parse("a cube") == parse("a cube", "--preset", "default") == TrainConfig()
+    fast = parse("a cube", "--preset", "fast")
+    assert (fast.steps, fast.optim.lr) == (PRESETS["fast"]["steps"], PRESETS["fast"]["optim.lr"])
+    assert fast.steps < TrainConfig().steps < parse("a cube", "--preset", "best").steps
+    assert parse("a cube", "--preset", "fast", "--steps", "50").steps == 50
+    assert parse("a cube", "--preset", "best", "--advanced.optim.lr", "0.3").optim.lr == 0.3
+    with pytest.raises(ValueError, match="unknown preset 'slow'; valid presets: fast, default, best"):
+        apply_preset(TrainConfig(), "slow")

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from dreamfusion.cameras import sample_cameras, sample_lights
-from dreamfusion.config import TRAINING_PRIOR_DIR, TrainPriorConfig
+from dreamfusion.config import TRAINING_PRIOR_DIR, TrainConfig, TrainPriorConfig, validate_config
 from dreamfusion.guidance import GuidanceConfig, RenderBatch, load_guidance
 from dreamfusion.prior.evaluate import text_following
 from dreamfusion.prior.model import (
@@ -494,6 +494,32 @@ def test_frozen_unet_gives_the_eager_numbers_bit_for_bit(shipped):
     assert len(frozen._graphs) == 2
 
 
+def test_frozen_unet_in_bfloat16_is_close_to_float32_and_keeps_the_weights(shipped):
+    """GuidanceConfig.cpu_bfloat16: the frozen graph of a bfloat16 copy of the U-Net, float32 in and
+    out, close to the float32 numbers (relative to eps's own scale); the float32 U-Net is untouched."""
+    unet, cfg, encoder = shipped
+    frozen = FrozenUNet(unet)
+    x, t, cond, conditions = _unet_batch(cfg, encoder, 4)
+    with torch.no_grad():
+        full = predict_noise(unet, x, t, cond, conditions, frozen)
+        half = predict_noise(unet, x, t, cond, conditions, frozen, dtype=torch.bfloat16)
+    assert half.dtype == torch.float32 and half.shape == full.shape
+    assert not torch.equal(half, full), "the bfloat16 graph ran"
+    assert (half - full).abs().mean() < 0.02 * full.abs().mean()
+    assert next(unet.parameters()).dtype == torch.float32
+    assert {key[0][1] for key in frozen._graphs} == {torch.float32, torch.bfloat16}
+
+
+def test_bfloat16_is_used_where_asked_and_on_a_cpu_only():
+    from dreamfusion.guidance.embedded import cpu_has_native_bfloat16, uses_bfloat16
+
+    assert uses_bfloat16("on", "cpu") and not uses_bfloat16("off", "cpu")
+    assert uses_bfloat16("auto", "cpu") == cpu_has_native_bfloat16()
+    assert not uses_bfloat16("on", "meta")  # not a CPU: never
+    with pytest.raises(ValueError, match="cpu_bfloat16"):
+        validate_config(TrainConfig(guidance=GuidanceConfig(cpu_bfloat16="yes")))
+
+
 def test_frozen_unet_falls_back_to_eager_once_when_tracing_fails(tiny_prior_dir, monkeypatch, capsys):
     unet, cfg = load_unet(tiny_prior_dir)
     encoder = TextEncoder(cfg.max_tokens)
@@ -515,7 +541,7 @@ def test_embedded_guidance_uses_the_frozen_unet_only_when_asked(tiny_prior_dir):
     """The same SDS loss and gradient with and without ``frozen_unet``; only the frozen one builds graphs."""
     results = {}
     for frozen in (True, False):
-        g = load_guidance(GuidanceConfig(model=str(tiny_prior_dir), frozen_unet=frozen), shared=False)
+        g = load_guidance(GuidanceConfig(model=str(tiny_prior_dir), frozen_unet=frozen, cpu_bfloat16="off"), shared=False)
         cfg = g.prior_cfg
         cams = sample_cameras(cfg.camera_config(), 2, torch.Generator().manual_seed(0))
         images = torch.rand(2, 3, 48, 48, generator=torch.Generator().manual_seed(1), requires_grad=True)

@@ -13,6 +13,24 @@ from ..prior.model import ASSET_DIR, FrozenUNet, RenderConditions, TextCondition
 from .base import Guidance, GuidanceConfig, GuidanceError, RenderBatch
 
 
+def cpu_has_native_bfloat16() -> bool:
+    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX): elsewhere it is emulated
+    and slower than float32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def uses_bfloat16(setting: str, device: torch.device | str) -> bool:
+    """GuidanceConfig.cpu_bfloat16 resolved for ``device``: on (a CPU), off, or auto (a CPU with
+    native bfloat16)."""
+    if torch.device(device).type != "cpu" or setting == "off":
+        return False
+    return setting == "on" or cpu_has_native_bfloat16()
+
+
 class EmbeddedGuidance(Guidance):
     name = "embedded"
 
@@ -88,4 +106,5 @@ class EmbeddedGuidance(Guidance):
 
     def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, cond: TextCondition,
                       features: RenderConditions | None = None) -> torch.Tensor:
-        return predict_noise(self.unet, x_t, t, cond, features, self.frozen_unet if self.cfg.frozen_unet else None)
+        dtype = torch.bfloat16 if self.cfg.frozen_unet and uses_bfloat16(self.cfg.cpu_bfloat16, self.device) else None
+        return predict_noise(self.unet, x_t, t, cond, features, self.frozen_unet if self.cfg.frozen_unet else None, dtype=dtype)

@@ -323,7 +323,18 @@ class FrozenUNet:
     def __init__(self, unet: UNet2DConditionModel):
         self.unet = unet
         self._graphs: dict[tuple, torch.jit.ScriptModule | None] = {}
+        self._copies: dict[torch.dtype, UNet2DConditionModel] = {}  # the U-Net in other precisions, made on first use
         self._lock = threading.Lock()
+
+    def _module(self, dtype: torch.dtype) -> UNet2DConditionModel:
+        if dtype == next(self.unet.parameters()).dtype:
+            return self.unet
+        if dtype not in self._copies:
+            import copy
+
+            # nn.Module's own .to: diffusers' override warns about modules to keep in float32 (this U-Net has none)
+            self._copies[dtype] = torch.nn.Module.to(copy.deepcopy(self.unet), dtype)
+        return self._copies[dtype]
 
     def _graph(self, inputs: tuple[torch.Tensor, ...]) -> torch.jit.ScriptModule | None:
         key = tuple((tuple(v.shape), v.dtype, str(v.device)) for v in inputs)
@@ -332,31 +343,36 @@ class FrozenUNet:
                 try:
                     with warnings.catch_warnings(), torch.no_grad():
                         warnings.simplefilter("ignore")  # TracerWarnings: the shapes are fixed per graph
-                        traced = torch.jit.trace(_PositionalUNet(self.unet).eval(), inputs, check_trace=False)
+                        traced = torch.jit.trace(_PositionalUNet(self._module(inputs[0].dtype)).eval(), inputs, check_trace=False)
                         self._graphs[key] = torch.jit.freeze(traced)
                 except Exception as exc:  # noqa: BLE001 - any tracing failure: the eager U-Net still works
                     print(f"prior: the U-Net runs eagerly for inputs {[tuple(v.shape) for v in inputs]} (tracing failed: {exc})")
                     self._graphs[key] = None
             return self._graphs[key]
 
-    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+    def __call__(self, *inputs: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """eps for :func:`unet_inputs`' tuple; ``dtype``: compute in this precision (the floating
+        inputs cast to it, a copy of the U-Net in it), the result in the inputs' own."""
+        out_dtype = inputs[0].dtype
+        if dtype is not None and dtype != out_dtype:
+            inputs = tuple(v.to(dtype) if v.is_floating_point() else v for v in inputs)
         graph = self._graph(inputs)
-        if graph is None:
-            return _PositionalUNet(self.unet)(*inputs)
         with torch.no_grad():
-            return graph(*inputs)
+            out = _PositionalUNet(self._module(inputs[0].dtype))(*inputs) if graph is None else graph(*inputs)
+        return out.to(out_dtype)
 
 
 def predict_noise(unet: UNet2DConditionModel, x_t: torch.Tensor, t: torch.Tensor, cond: TextCondition,
-                  conditions: RenderConditions | torch.Tensor | None = None, frozen: FrozenUNet | None = None) -> torch.Tensor:
+                  conditions: RenderConditions | torch.Tensor | None = None, frozen: FrozenUNet | None = None,
+                  dtype: torch.dtype | None = None) -> torch.Tensor:
     """eps(x_t; y, c) for a batch: (B, C, S, S) images, (B,) timesteps, and for a camera-aware prior
     its render conditions (a :class:`RenderConditions`, or just the global features (B, F); None:
     unknown, all zeros). The pooled text and the global features enter through the class
     embedding, the ray maps as extra input channels. ``frozen``: ``unet``'s :class:`FrozenUNet`,
-    used where no gradient is needed."""
+    used where no gradient is needed, in precision ``dtype`` (None: the U-Net's own)."""
     inputs = unet_inputs(unet, x_t, t, cond, conditions)
     if frozen is not None and not torch.is_grad_enabled():
-        return frozen(*inputs)
+        return frozen(*inputs, dtype=dtype)
     return _PositionalUNet(unet)(*inputs)
 
 
