@@ -76,6 +76,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrent", type=int, default=None,
                    help="runs trained at once, each in its own worker process (default: as many as the cores hold at --threads each)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads of each worker process")
+    p.add_argument("--worker-nice", type=int, default=0,
+                   help="niceness added to the worker processes (0-19): a higher value keeps the page quick under load, at some training speed")
     p.add_argument("--max-queue", type=int, default=None, help="runs waiting at most; a full queue answers 'busy' (default 20, public 8)")
     p.add_argument("--max-runs-kept", type=int, default=20, help="run folders kept on disk (oldest deleted)")
     p.add_argument("--max-steps", type=int, default=None, help="steps a visitor may ask for (default 20000, public 2400)")
@@ -96,6 +98,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         ("--max-steps", a.max_steps), ("--max-runs-kept", a.max_runs_kept)):
         if value is not None and value < (0 if flag == "--max-queue" else 1):
             raise SystemExit(f"error: {flag} must be {'0 or more' if flag == '--max-queue' else 'at least 1'}, got {value}")
+    if not 0 <= a.worker_nice <= 19:
+        raise SystemExit(f"error: --worker-nice must be between 0 and 19, got {a.worker_nice}")
     if a.abandon_after < 0:
         raise SystemExit(f"error: --abandon-after must be 0 (never) or more seconds, got {a.abandon_after}")
 
@@ -116,7 +120,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         handle = create_app(a.runs_dir, overrides, host=a.host, viewer_port=None if a.no_viewer else a.viewer_port,
                             max_concurrent=a.max_concurrent, max_runs_kept=a.max_runs_kept, threads=a.threads, viewer_public_url=a.viewer_url,
                             public=public, models=models if public else None, max_queue=max_queue, allowed_hosts=hosts,
-                            abandon_after=a.abandon_after, max_steps=a.max_steps or (2400 if public else None))
+                            abandon_after=a.abandon_after, max_steps=a.max_steps or (2400 if public else None),
+                            manager_kwargs={"worker_nice": a.worker_nice})
     except (ValueError, OSError) as exc:
         raise SystemExit(f"error: {exc}") from None
     try:

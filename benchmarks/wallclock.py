@@ -45,6 +45,17 @@ def run_variant(repo: Path, prompt: str, out: Path, threads: int, extra: list[st
     return seconds, ""
 
 
+def training_seconds(log: Path) -> float:
+    """The training loop's seconds, from the summary line ``generate`` ends its log with."""
+    import json
+
+    for line in reversed(log.read_text().splitlines()):
+        row = json.loads(line)
+        if "summary" in row:
+            return float(row["summary"]["seconds"])
+    return float("nan")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
@@ -76,21 +87,24 @@ def main(argv: list[str] | None = None) -> int:
             seconds, error = run_variant(repo, item.prompt, folder, args.threads, extra)
             row = {"variant": name, "index": index, "prompt": item.prompt, "seconds": round(seconds, 2), "error": error}
             if not error:
+                row["train_seconds"] = round(training_seconds(folder / "log.jsonl"), 2)
                 mesh = trimesh.load(folder / "mesh.ply", process=False, force="mesh")
                 row.update({k: v for k, v in score_mesh(mesh, item).items() if k in ("iou", "colour_error", "hit", "faces")})
             else:
                 row.update(FAILED_SCORES)
             rows.append(row)
-            print(f"{name:>10} {index:2d} {item.prompt[:28]:<28} {seconds:6.1f} s  IoU {row['iou']:.3f}  "
+            print(f"{name:>10} {index:2d} {item.prompt[:28]:<28} {seconds:6.1f} s ({row.get('train_seconds', 0):.1f} training)  "
+                  f"IoU {row['iou']:.3f}  "
                   f"{'hit' if row['hit'] else 'MISS'}  colour {row['colour_error']:.3f}  {error}", flush=True)
 
     with open(args.out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["variant", "index", "prompt", "seconds", "iou", "hit", "colour_error", "faces", "error"])
+        columns = ["variant", "index", "prompt", "seconds", "train_seconds", "iou", "hit", "colour_error", "faces", "error"]
+        writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
     lines = [f"{len(items)} prompts, {args.threads} threads, one at a time, interleaved by prompt",
-             "", "| variant | mean s, command to GLB | ratio to the first | mean IoU | R-Precision | colour err | faces |",
-             "|---|---|---|---|---|---|---|"]
+             "", "| variant | mean s, command to GLB | of which training | ratio to the first | mean IoU | R-Precision | colour err | faces |",
+             "|---|---|---|---|---|---|---|---|"]
     base = None
     for name, _, extra in variants:
         mine = [r for r in rows if r["variant"] == name]
@@ -100,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
 
         base = base or mean("seconds")
         label = name + (f" (`{shlex.join(extra)}`)" if extra else "")
-        lines.append(f"| {label} | {mean('seconds'):.1f} | {mean('seconds') / base:.2f} | {mean('iou'):.3f} | {mean('hit'):.0%} | "
+        lines.append(f"| {label} | {mean('seconds'):.1f} | {mean('train_seconds'):.1f} | {mean('seconds') / base:.2f} | "
+                     f"{mean('iou'):.3f} | {mean('hit'):.0%} | "
                      f"{mean('colour_error'):.3f} | {mean('faces'):,.0f} |")
     summary = "\n".join(lines)
     (args.out / "summary.md").write_text(summary + "\n")
