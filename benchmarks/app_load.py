@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import signal
 import statistics
@@ -64,6 +65,15 @@ def memory_mb(pid: int) -> tuple[float, float]:
         except OSError:
             pass
     return rss, pss
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of one process (its threads included), from /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -209,6 +219,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {rnd} | {done}/{args.clients} | {len(errors)} | {seen} | {first} | {rate} | {lat} | {mem[0]:.0f} / {mem[1]:.0f} |", flush=True)
             for e in errors:
                 print(f"    error: {e}", flush=True)
+        tree = process_tree(proc.pid)
+        page, workers = cpu_seconds(proc.pid), sum(cpu_seconds(p) for p in tree[1:])
+        own = sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
+        print(f"\nCPU seconds over the rounds: the page's process {page:.0f}, its workers {workers:.0f}, this benchmark's "
+              f"{args.clients} clients {own:.0f} (on a Space the clients' share is on their own machines)")
         alone("a run after the rounds")
         n = args.clients * args.rounds
         print(f"\nruns completed {totals['done']} of {n}, client errors {totals['errors']}")

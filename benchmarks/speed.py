@@ -162,6 +162,27 @@ def size_rows(trainer: Trainer, sizes: list[int], iters: int) -> list[dict]:
     return rows
 
 
+#: the iteration of the defaults before the speed work, beside today's: (label, iterations, U-Net precision setting)
+OLD_AND_NEW = (("old defaults: 1,200 iterations, float32 U-Net", 1200, "off"),
+               ("new defaults: 800 iterations, bfloat16 U-Net where the CPU has it", TrainConfig().steps, "auto"))
+
+
+def old_and_new(trainer: Trainer, iters: int) -> None:
+    """The stage table of the old defaults beside the new, on the same scene and threads, and what
+    each iteration count makes of it (the start-up and export: benchmarks/wallclock.py)."""
+    print(f"\nold defaults beside new, {torch.get_num_threads()} threads, 64 px, the same scene:\n")
+    print("| defaults | render fwd ms | guidance ms | backward ms | optimiser ms | iteration ms | iterations | training s |")
+    print("|---|---|---|---|---|---|---|---|")
+    guidance_cfg = trainer.guidance.cfg
+    for label, steps, precision in OLD_AND_NEW:
+        trainer.guidance.cfg = dataclasses.replace(guidance_cfg, cpu_bfloat16=precision)
+        stage_times(trainer, 64, 3)  # trace the graph of this precision before timing
+        t = stage_times(trainer, 64, iters)
+        print(f"| {label} | {t['render'] * 1e3:.0f} | {t['guidance'] * 1e3:.0f} | {t['backward'] * 1e3:.0f} | {t['optimiser'] * 1e3:.1f} | "
+              f"{t['iteration'] * 1e3:.0f} | {steps} | {steps * t['iteration']:.0f} |", flush=True)
+    trainer.guidance.cfg = guidance_cfg
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--warmup", type=int, default=150, help="iterations to form an object before timing")
@@ -200,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     for threads, size, parts in rows:
         print(f"| {threads} | {size} | " + " | ".join(f"{parts[k]:.1f}" for k in RENDER_STAGES) + " |")
     torch.set_num_threads(max(args.threads))
+    old_and_new(trainer, args.iters)
 
     cams = sample_cameras(trainer.camera_cfg, 2, torch.Generator().manual_seed(3))
     lights = sample_lights(trainer.camera_cfg, cams, torch.Generator().manual_seed(3))

@@ -35,7 +35,8 @@ def run_variant(repo: Path, prompt: str, out: Path, threads: int, extra: list[st
     """Seconds from launch to exit of ``generate`` run from ``repo`` (its own package first on the
     path), and the error's last line ('' when it succeeded)."""
     env = dict(os.environ, PYTHONPATH=str(repo))
-    cmd = [sys.executable, "-m", "dreamfusion", "generate", prompt, "--out", str(out), "--threads", str(threads), "--quiet", *extra]
+    entry = "import sys; from dreamfusion.cli import main; sys.exit(main())"  # the console script, from this checkout
+    cmd = [sys.executable, "-c", entry, "generate", prompt, "--out", str(out), "--threads", str(threads), "--quiet", *extra]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with open(args.out / "results.csv", "w", newline="") as f:
         columns = ["variant", "index", "prompt", "seconds", "train_seconds", "iou", "hit", "colour_error", "faces", "error"]
-        writer = csv.DictWriter(f, fieldnames=columns)
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     lines = [f"{len(items)} prompts, {args.threads} threads, one at a time, interleaved by prompt",
