@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import io
 import json
 import re
@@ -51,6 +50,7 @@ from typing import TYPE_CHECKING
 
 from prompts import DEFAULT_PROMPTS, BenchmarkPrompt, parse_benchmark
 from scoring import score_mesh, summarize
+from tables import write_csv
 
 from dreamfusion.config import ExportOptions
 
@@ -349,15 +349,6 @@ CSV_FIELDS = ("variant", "options", "run", "index", "prompt", "noun", "colour", 
               "render_silhouette_iou", "render_colour_diff", "mesh_folder", "notes", "error")
 
 
-def write_csv(rows: list[dict], path: Path) -> Path:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: ("; ".join(r[k]) if isinstance(r.get(k), list) else r.get(k)) for k in CSV_FIELDS})
-    return path
-
-
 def write_summary(path: Path, runs_folder: Path, variants: list[Variant], means: dict[str, dict], rows: list[dict], views: int,
                   view_size: int) -> Path:
     text = (f"# Export variants on the runs of {runs_folder}\n\n"
@@ -433,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     means = {v.name: variant_means([r for r in rows if r["variant"] == v.name]) for v in variants}
     print("\n" + summary_table(variants, means))
     args.out.mkdir(parents=True, exist_ok=True)
-    write_csv(rows, args.out / "results.csv")
+    write_csv(rows, args.out / "results.csv", CSV_FIELDS)
     write_summary(args.out / "summary.md", args.runs, variants, means, rows, args.views, args.view_size)
     print(f"\nwrote {args.out / 'results.csv'}, {args.out / 'summary.md'}")
     return 0

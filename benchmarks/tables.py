@@ -69,12 +69,13 @@ CSV_FIELDS = ("index", "prompt", "noun", "colour", "held_out", "asymmetric", "st
               "notes", "error")
 
 
-def write_csv(rows: list[dict], path: Path) -> Path:
+def write_csv(rows: list[dict], path: Path, fields: tuple[str, ...] = CSV_FIELDS) -> Path:
+    """``rows`` as CSV, the columns ``fields`` (a list, such as a row's notes, joined by '; ')."""
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
         for r in rows:
-            w.writerow({k: ("; ".join(r[k]) if isinstance(r.get(k), list) else r.get(k)) for k in CSV_FIELDS})
+            w.writerow({k: ("; ".join(r[k]) if isinstance(r.get(k), list) else r.get(k)) for k in fields})
     return path
 
 
