@@ -382,15 +382,55 @@ def to_uint8(image: torch.Tensor | np.ndarray) -> np.ndarray:
     return (np.clip(image, 0.0, 1.0) * 255.0).round().astype(np.uint8)
 
 
+def srgb_to_linear(c: np.ndarray) -> np.ndarray:
+    """sRGB-encoded values in [0, 1] to linear light (the IEC 61966-2-1 curve)."""
+    c = np.asarray(c, dtype=np.float64)
+    return np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+
+
+def linear_to_srgb(c: np.ndarray) -> np.ndarray:
+    """Linear light in [0, 1] to sRGB-encoded values (the inverse of :func:`srgb_to_linear`)."""
+    c = np.asarray(c, dtype=np.float64)
+    return np.where(c <= 0.0031308, c * 12.92, 1.055 * np.power(np.clip(c, 0.0031308, None), 1 / 2.4) - 0.055)
+
+
+#: the vertex-coloured GLB's material: matte and not metal (glTF's default material, used when a
+#: primitive names none, is fully metallic, which viewers show dark and tinted by their environment)
+MATTE_MATERIAL = {"name": "albedo", "pbrMetallicRoughness": {"baseColorFactor": [1.0, 1.0, 1.0, 1.0], "metallicFactor": 0.0,
+                                                             "roughnessFactor": 1.0}}
+
+
+def _matte_material(tree: dict) -> None:
+    """Every primitive of a glTF tree given :data:`MATTE_MATERIAL`."""
+    tree["materials"] = [dict(MATTE_MATERIAL)]
+    for mesh in tree.get("meshes", []):
+        for primitive in mesh["primitives"]:
+            primitive["material"] = 0
+
+
+def glb_bytes(mesh: trimesh.Trimesh) -> bytes:
+    """``mesh`` as a GLB, rotated to glTF's +Y up: its vertex colours as COLOR_0 in linear light, as
+    glTF defines that attribute (the albedo is sRGB-encoded, as the renders show it: a viewer that
+    lights the mesh and encodes its output in sRGB then shows the albedo's own colours), and a
+    matte, non-metallic material (:data:`MATTE_MATERIAL`)."""
+    out = to_y_up(mesh)
+    colours = np.asarray(out.visual.vertex_colors)
+    linear = np.round(srgb_to_linear(colours[:, :3] / 255.0) * 255.0).astype(np.uint8)
+    out.visual = trimesh.visual.ColorVisuals(out, vertex_colors=np.concatenate([linear, colours[:, 3:]], axis=1))
+    return trimesh.exchange.gltf.export_glb(trimesh.Scene(out), tree_postprocessor=_matte_material)
+
+
 def save_mesh(mesh: trimesh.Trimesh, path: str | Path) -> Path:
-    """Write ``mesh`` with its vertex colours, the format chosen by the suffix: ``.glb`` (rotated to
-    +Y up, colours as COLOR_0), ``.obj`` and ``.ply`` (+Z up as is). Returns the path."""
+    """Write ``mesh`` with its vertex colours, the format chosen by the suffix: ``.glb``
+    (:func:`glb_bytes`: +Y up, linear COLOR_0, a matte material), ``.obj`` and ``.ply`` (+Z up, the
+    colours as they are). Returns the path."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in MESH_SUFFIXES:
         raise ValueError(f"unknown mesh format {path.suffix!r} for {path.name!r}; valid suffixes: {', '.join(MESH_SUFFIXES)}")
-    out = to_y_up(mesh) if suffix == ".glb" else mesh
-    return atomic_write(path, lambda tmp: out.export(tmp, file_type=suffix[1:]))
+    if suffix == ".glb":
+        return atomic_write(path, lambda tmp: Path(tmp).write_bytes(glb_bytes(mesh)))
+    return atomic_write(path, lambda tmp: mesh.export(tmp, file_type=suffix[1:]))
 
 
 def rasterize_triangles(vertices: np.ndarray, faces: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -18,6 +18,7 @@ from dreamfusion.export import (
     density_gradient,
     distance_to_mesh,
     extract_mesh,
+    linear_to_srgb,
     rasterize_triangles,
     refine_vertices,
     save_mesh,
@@ -25,6 +26,7 @@ from dreamfusion.export import (
     save_textured_obj,
     save_turntable,
     smooth_colours,
+    srgb_to_linear,
     to_y_up,
 )
 
@@ -140,14 +142,38 @@ def test_save_mesh_round_trip(mesh, tmp_path, suffix, extents):
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"mesh{suffix}"]  # no temporary file left
     back = trimesh.load(path, force="mesh")
     assert np.allclose(back.extents, extents, atol=VOXEL)
-    assert back.visual.kind == "vertex"
-    colours = back.visual.vertex_colors[:, :3].astype(int)
-    red = (np.abs(colours - RED8) <= 1).all(axis=1)
-    blue = (np.abs(colours - BLUE8) <= 1).all(axis=1)
+    vertices = back.vertices
+    tolerance = 1
+    if suffix == ".glb":  # the file's own arrays: COLOR_0 holds linear light (back to sRGB; 8-bit linear loses a little in the dark)
+        tree, accessor, _ = read_glb(path)
+        attributes = tree["meshes"][0]["primitives"][0]["attributes"]
+        vertices, linear = accessor(attributes["POSITION"]), accessor(attributes["COLOR_0"])[:, :3]
+        colours, tolerance = np.round(linear_to_srgb(linear / 255.0) * 255).astype(int), 3
+    else:
+        assert back.visual.kind == "vertex"
+        colours = back.visual.vertex_colors[:, :3].astype(int)
+    red = (np.abs(colours - RED8) <= tolerance).all(axis=1)
+    blue = (np.abs(colours - BLUE8) <= tolerance).all(axis=1)
     assert (red | blue).all() and 0.4 < red.mean() < 0.6
-    assert (back.vertices[red, 0] > 0).all()  # the front stays +X in every file
-    if suffix == ".glb":
-        assert "COLOR_0" in _glb_attributes(path)
+    assert (vertices[red, 0] > 0).all()  # the front stays +X in every file
+
+
+def test_the_glb_holds_linear_vertex_colours_and_a_matte_material(tmp_path):
+    """glTF's COLOR_0 is linear light and its default material (a primitive without one) is fully
+    metallic: the GLB stores sRGB 0.5 as linear 0.214 (by hand: ((0.5 + 0.055) / 1.055) ** 2.4) and
+    names a non-metallic, fully rough material, so a viewer shows the albedo as the renders do."""
+    assert srgb_to_linear(0.5) == pytest.approx(0.21404, abs=1e-5)
+    assert srgb_to_linear(0.02) == pytest.approx(0.02 / 12.92)
+    assert linear_to_srgb(srgb_to_linear(np.linspace(0, 1, 11))) == pytest.approx(np.linspace(0, 1, 11))
+    m = trimesh.Trimesh([[0, 0, 0], [1, 0, 0], [0, 1, 0]], [[0, 1, 2]], process=False,
+                        vertex_colors=np.array([[128, 128, 128, 255], [255, 0, 0, 255], [0, 0, 255, 255]], dtype=np.uint8))
+    tree, accessor, _ = read_glb(save_mesh(m, tmp_path / "mesh.glb"))
+    primitive = tree["meshes"][0]["primitives"][0]
+    material = tree["materials"][primitive["material"]]["pbrMetallicRoughness"]
+    assert material["metallicFactor"] == 0.0 and material["roughnessFactor"] == 1.0
+    colour = accessor(primitive["attributes"]["COLOR_0"])
+    assert colour.dtype == np.uint8  # normalised: value / 255
+    assert colour[:, :3].tolist() == [[55, 55, 55], [255, 0, 0], [0, 0, 255]]  # 128/255 sRGB -> 0.2159 linear -> 55
 
 
 def test_save_mesh_refuses_unknown_suffix_and_failures_leave_nothing(mesh, tmp_path, monkeypatch):
