@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -79,6 +80,17 @@ def stop_on_signals(trainer: Trainer) -> Iterator[list[int]]:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+def write_preview(path: Path, image: object) -> None:
+    """The latest training render as a PNG, written atomically (a viewer never reads half a file)."""
+    import imageio.v3 as iio
+
+    from .export import to_uint8
+    from .files import atomic_write
+
+    frame = to_uint8(image)
+    atomic_write(path, lambda tmp: iio.imwrite(tmp, frame, extension=".png"))
 
 
 def read_log(path: Path, up_to_step: int) -> list[dict]:
@@ -156,7 +168,7 @@ def generate(prompt: str, cfg: TrainConfig, export: ExportOptions, out: Path, *,
         unknown = trainer.guidance.vocabulary_note(trainer.prompt)
         if unknown:
             note(unknown + ": --guidance stable-diffusion")
-        start_step, started = trainer.step_count, time.perf_counter()
+        start_step, started, shown_preview = trainer.step_count, time.perf_counter(), []
         with open(staging / LOG_FILE, "w") as log:
             log.writelines(json.dumps(row) + "\n" for row in trainer.history)
             log.flush()
@@ -164,6 +176,11 @@ def generate(prompt: str, cfg: TrainConfig, export: ExportOptions, out: Path, *,
             def keep(metrics: dict) -> None:
                 log.write(json.dumps(trainer.history[-1]) + "\n")
                 log.flush()
+                if "preview" in metrics:  # a first look early, and the object as it forms (every preview_every steps)
+                    write_preview(staging / "preview.png", metrics["preview"])
+                    if progress and not shown_preview:
+                        shown_preview.append(True)
+                        print(f"the object as it forms: {staging / 'preview.png'} (every {cfg.preview_every} steps)", file=sys.stderr)
                 if checkpoint_every and metrics["step"] % checkpoint_every == 0:
                     trainer.save_checkpoint(staging / CHECKPOINT_FILE)
 

@@ -434,6 +434,22 @@ def test_a_signal_stops_the_run_keeps_its_checkpoint_and_resume_ends_where_a_str
     assert json.loads((out / "config.json").read_text())["export"]["formats"] == ["ply"]  # the export options it was started with
 
 
+def test_the_preview_is_written_while_the_run_trains(tmp_path, tiny_prior_dir):
+    """A first look early: DIR.partial/preview.png appears while a real ``generate`` still trains
+    (every preview_every steps), not only when the run is written."""
+    import imageio.v3 as iio
+
+    out = tmp_path / "run"
+    proc = start_generate(out, tiny_prior_dir, "--advanced.preview-every", "2")
+    preview = tmp_path / "run.partial" / "preview.png"
+    wait_for(lambda: preview.exists(), proc)
+    assert 2 <= logged_steps(out) < LONG_STEPS and proc.poll() is None
+    image = iio.imread(preview)
+    assert image.ndim == 3 and image.shape[2] == 3 and image.std() > 0
+    proc.kill()
+    proc.communicate(timeout=60)
+
+
 def test_kill_9_loses_at_most_checkpoint_every_steps_and_its_stale_lock_is_taken_over(tmp_path, tiny_prior_dir, straight, capsys):
     """kill -9 leaves no chance to write anything: the periodic checkpoint (every 10 steps here,
     written atomically) is then at most 10 steps behind the log, the dead run's lock file is still
