@@ -315,7 +315,8 @@ def extract_mesh(density_fn: Callable[[torch.Tensor], torch.Tensor], albedo_fn: 
     Components with < 1% of the faces (floaters) are dropped. Then, each only when asked for:
     ``refine_steps`` Newton steps move the vertices onto the level set (:func:`refine_vertices`, at
     most half a voxel); ``max_faces`` > 0 decimates to that face budget (:func:`decimate_mesh`; what
-    it cost is in ``mesh.metadata["decimation"]``); ``colour_smoothing`` iterations of edge-aware
+    it cost is in ``mesh.metadata["decimation"]``; the scraps it pinches off are dropped as floaters);
+    ``colour_smoothing`` iterations of edge-aware
     colour smoothing (:func:`smooth_colours`, across steps of at most ``colour_edge``).
 
     Returns a mesh in world coordinates (+Z up) whose faces wind counter-clockwise seen from
@@ -344,6 +345,10 @@ def extract_mesh(density_fn: Callable[[torch.Tensor], torch.Tensor], albedo_fn: 
     decimation = None
     if max_faces > 0:
         mesh, decimation = decimate_mesh(mesh, max_faces)
+        # edge collapses can pinch off scraps (two faces back to back, on real scenes' thin places): not
+        # part of the asset's surface, and they leave the file not watertight
+        drop_small_components(mesh)
+        decimation["faces"] = len(mesh.faces)
     if colour_depth > 0:  # the albedo the renders show; at the level itself it is half fog, half surface
         rgb = composite_along_normals(density_fn, albedo_fn, np.asarray(mesh.vertices), np.asarray(mesh.vertex_normals),
                                       colour_depth, device=device)

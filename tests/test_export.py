@@ -354,6 +354,29 @@ def test_extract_with_a_face_budget_has_colours_and_its_cost():
     assert (mesh.visual.vertex_colors[front, :3] == RED8).all()  # colours sampled on the decimated mesh
 
 
+
+def test_extract_with_a_face_budget_drops_the_scraps_decimation_pinches_off(monkeypatch):
+    import dreamfusion.export as export
+
+    real = export.decimate_mesh
+
+    def with_scrap(mesh, max_faces):  # as fast-simplification does on real scenes: two faces back to back, apart
+        light, cost = real(mesh, max_faces - 2)
+        corner = light.vertices.max(axis=0) + 0.01
+        scrap = np.array([corner, corner + [0.001, 0, 0], corner + [0, 0.001, 0]])
+        n = len(light.vertices)
+        out = trimesh.Trimesh(np.concatenate([light.vertices, scrap]), np.concatenate([light.faces, [[n, n + 1, n + 2], [n, n + 2, n + 1]]]),
+                              process=False)
+        assert len(out.split(only_watertight=False)) == 2
+        return out, {**cost, "faces": len(out.faces)}
+
+    monkeypatch.setattr(export, "decimate_mesh", with_scrap)
+    mesh = extract_mesh(ellipsoid_density, red_blue_albedo, resolution=RES, bound=BOUND, max_faces=1000)
+    assert len(mesh.split(only_watertight=False)) == 1 and mesh.is_watertight
+    assert mesh.metadata["decimation"]["faces"] == len(mesh.faces) <= 998
+    assert len(mesh.visual.vertex_colors) == len(mesh.vertices)
+
+
 def _two_colour_plane(noise: float, seed: int = 0):
     """A 40 x 40 grid of vertices in the plane z = 0, red where x < 0.5 and blue from there on,
     each channel off by a normal noise of standard deviation ``noise``."""
