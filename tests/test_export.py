@@ -540,3 +540,27 @@ def test_export_writes_the_textured_glb_only_when_asked(tmp_path):
     assert sorted(p.name for p in (tmp_path / "textured").iterdir()) == ["mesh.glb", runs.TEXTURED_GLB]
     with pytest.raises(ValueError, match="texture_size"):
         validate_export(ExportOptions(texture_size=4))
+
+
+def test_axes_void_filling_leaves_a_torus_hole_open_at_every_resolution():
+    # the hole's concave corners (above and below the ring's bulge) are enclosed from 5 axis
+    # directions; the rule's opening, sized in world units, drops them at any marching-cubes grid
+    big, tube = 0.3, 0.12
+
+    def torus(p):
+        ring = torch.sqrt(p[:, 0] ** 2 + p[:, 1] ** 2) - big
+        return 20.0 * torch.sigmoid(-(torch.sqrt(ring ** 2 + p[:, 2] ** 2) - tube) / 0.01)
+
+    def cup(p):  # open at the top: its inside, 0.36 across, is filled by the axes rule
+        radius = torch.sqrt(p[:, 0] ** 2 + p[:, 1] ** 2)
+        wall = (radius < 0.25) & (radius > 0.18) & (p[:, 2].abs() < 0.25)
+        bottom = (radius < 0.25) & (p[:, 2] > -0.25) & (p[:, 2] < -0.18)
+        return 20.0 * (wall | bottom).float()
+
+    grey = lambda p: torch.full((len(p), 3), 0.5)  # noqa: E731
+    true_volume = 2 * np.pi ** 2 * big * tube ** 2
+    for resolution in (96, 160):
+        mesh = extract_mesh(torus, grey, resolution=resolution, bound=0.75, threshold=10.0, fill_voids="axes")
+        assert mesh.volume == pytest.approx(true_volume, rel=0.005)
+    solid = extract_mesh(cup, grey, resolution=160, bound=0.75, threshold=10.0, fill_voids="axes")
+    assert solid.volume == pytest.approx(np.pi * 0.25 ** 2 * 0.5, rel=0.05)
