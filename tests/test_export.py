@@ -441,6 +441,10 @@ def test_export_reports_what_decimation_cost(tmp_path):
                                  ExportOptions(formats=("ply",), video="none", threshold=5.0, mesh_resolution=48, faces=500))
     assert len(notes) == 1 and notes[0].startswith("decimated to ") and "on average" in notes[0]
     assert len(trimesh.load(tmp_path / "mesh.ply", process=False).faces) <= 500
+    # a mesh already within the budget is not decimated, and no note says it was
+    within = runs.export_renderer(types.SimpleNamespace(field=field), tmp_path / "within",
+                                  ExportOptions(formats=("ply",), video="none", threshold=5.0, mesh_resolution=48, faces=100000))
+    assert within == []
 
 
 # ----------------------------------------------------------------------------- the textured GLB
