@@ -31,6 +31,12 @@ SURFACE_SEGMENT = 0.15
 SURFACE_DENSITY = math.log(2.0) / SURFACE_SEGMENT
 #: connected components with fewer than this fraction of the faces are dropped as floaters
 MIN_COMPONENT_FRACTION = 0.01
+#: reach (world units) of the opening that ``fill_voids="axes"`` applies to the axis-enclosed voids:
+#: it fills them only where they are about twice this thick, whatever the marching-cubes grid. Two
+#: voxels of the grid instead left the concave corners of a torus's hole (between the ring's bulge
+#: and the hole's waist: enclosed from below or above and from the four sides) filled at 160^3, and
+#: partly at 128^3 on trained scenes
+FILL_OPENING = 0.03
 MESH_SUFFIXES = (".glb", ".obj", ".ply")
 VIDEO_SUFFIXES = (".mp4", ".gif")
 #: H.264 works on 16 x 16 macro blocks: MP4 frames are padded to a multiple of this
@@ -124,15 +130,15 @@ def axis_enclosed(solid: np.ndarray, min_axes: int = 5) -> np.ndarray:
     return votes >= min_axes
 
 
-def fill_enclosed(grid: np.ndarray, level: float, mode: str = "axes") -> np.ndarray:
+def fill_enclosed(grid: np.ndarray, level: float, mode: str = "axes", opening: int = 2) -> np.ndarray:
     """A copy of a density grid whose voids are raised to twice ``level`` (solid):
 
     - ``enclosed``: regions below the level that no path of voxels connects to the grid's border
       (the inside of a closed shell; no view can see it, so renders are unchanged);
     - ``axes``: those, and voxels enclosed from at least 5 of the 6 axis directions
-      (:func:`axis_enclosed`) where they form a thick region (a morphological opening of two
-      voxels drops the thin slivers the rule also finds along concave surfaces, such as the inner
-      rim of a torus).
+      (:func:`axis_enclosed`) where they form a thick region (a morphological opening of
+      ``opening`` voxels drops the thin slivers the rule also finds along concave surfaces, such as
+      the inner rim of a torus; :func:`extract_mesh` sizes it in world units, :data:`FILL_OPENING`).
 
     Photometric and SDS gradients only reach a scene's visible surface, so a scene grown from a
     small blob is a shell; without this its mesh would be one too."""
@@ -145,7 +151,7 @@ def fill_enclosed(grid: np.ndarray, level: float, mode: str = "axes") -> np.ndar
         return grid
     filled = binary_fill_holes(solid)
     if mode == "axes":
-        filled |= binary_opening(axis_enclosed(solid) & ~solid, iterations=2)
+        filled |= binary_opening(axis_enclosed(solid) & ~solid, iterations=opening)
     out = grid.copy()
     out[filled & ~solid] = 2.0 * level
     return out
@@ -308,14 +314,16 @@ def extract_mesh(density_fn: Callable[[torch.Tensor], torch.Tensor], albedo_fn: 
     over [-bound, bound]^3 (outside it the density counts as 0, so the mesh is closed at the grid's
     faces). ``albedo_fn``: (N, 3) points -> (N, 3) RGB in [0, 1], sampled at the vertices and stored
     as uint8 RGBA (value x 255, rounded). ``threshold``: the surface's density level; None picks it
-    with :func:`auto_threshold`. ``fill_voids``: which voids become solid (:func:`fill_enclosed`).
+    with :func:`auto_threshold`. ``fill_voids``: which voids become solid (:func:`fill_enclosed`,
+    its opening :data:`FILL_OPENING` wide whatever the resolution).
     ``colour_depth``: vertex colours composite the albedo along the normal from this far (world
     units) outside the surface to as far inside, as a ray through the surface sees it
     (:func:`composite_along_normals`); 0: the albedo at the vertex.
     Components with < 1% of the faces (floaters) are dropped. Then, each only when asked for:
     ``refine_steps`` Newton steps move the vertices onto the level set (:func:`refine_vertices`, at
     most half a voxel); ``max_faces`` > 0 decimates to that face budget (:func:`decimate_mesh`; what
-    it cost is in ``mesh.metadata["decimation"]``); ``colour_smoothing`` iterations of edge-aware
+    it cost is in ``mesh.metadata["decimation"]``; the scraps it pinches off are dropped as floaters);
+    ``colour_smoothing`` iterations of edge-aware
     colour smoothing (:func:`smooth_colours`, across steps of at most ``colour_edge``).
 
     Returns a mesh in world coordinates (+Z up) whose faces wind counter-clockwise seen from
@@ -331,11 +339,11 @@ def extract_mesh(density_fn: Callable[[torch.Tensor], torch.Tensor], albedo_fn: 
         raise ValueError(f"the surface's density level must be positive, got {level:.3g}")
     if grid.max() <= level:
         raise ValueError(f"density is empty at level {level:.3g} (its maximum is {grid.max():.3g}): nothing to export")
-    grid = fill_enclosed(grid, level, fill_voids)
+    voxel = 2.0 * bound / (resolution - 1)
+    grid = fill_enclosed(grid, level, fill_voids, opening=max(2, math.ceil(FILL_OPENING / voxel - 1e-9)))
     padded = np.pad(grid, 1, constant_values=0.0)
     # 'ascent': the object is where the values are high, so the winding makes normals point outward
     verts, faces, _, _ = marching_cubes(padded, level, gradient_direction="ascent")
-    voxel = 2.0 * bound / (resolution - 1)
     verts = (verts - 1.0) * voxel - bound
     mesh = trimesh.Trimesh(verts, faces, process=False)
     drop_small_components(mesh)
@@ -344,6 +352,10 @@ def extract_mesh(density_fn: Callable[[torch.Tensor], torch.Tensor], albedo_fn: 
     decimation = None
     if max_faces > 0:
         mesh, decimation = decimate_mesh(mesh, max_faces)
+        # edge collapses can pinch off scraps (two faces back to back, on real scenes' thin places): not
+        # part of the asset's surface, and they leave the file not watertight
+        drop_small_components(mesh)
+        decimation["faces"] = len(mesh.faces)
     if colour_depth > 0:  # the albedo the renders show; at the level itself it is half fog, half surface
         rgb = composite_along_normals(density_fn, albedo_fn, np.asarray(mesh.vertices), np.asarray(mesh.vertex_normals),
                                       colour_depth, device=device)

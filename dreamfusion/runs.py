@@ -139,8 +139,8 @@ def scene_mesh(scene: Renderer, opts: ExportOptions) -> tuple[trimesh.Trimesh, l
                             refine_steps=opts.refine_steps, max_faces=opts.faces, colour_smoothing=opts.colour_smoothing,
                             colour_edge=opts.colour_edge)
     notes = [str(w.message) for w in caught if issubclass(w.category, ExportWarning)]
-    if "decimation" in mesh.metadata:
-        d = mesh.metadata["decimation"]
+    d = mesh.metadata.get("decimation")
+    if d is not None and d["faces"] < d["faces_before"]:  # a mesh within the budget is left as it is: nothing to report
         notes.append(f"decimated to {d['faces']:,} faces from {d['faces_before']:,}: the surface moved {d['mean_distance']:.4f} "
                      f"on average and {d['max_distance']:.4f} at most (world units)")
     return mesh, notes

@@ -380,6 +380,29 @@ def test_extract_with_a_face_budget_has_colours_and_its_cost():
     assert (mesh.visual.vertex_colors[front, :3] == RED8).all()  # colours sampled on the decimated mesh
 
 
+
+def test_extract_with_a_face_budget_drops_the_scraps_decimation_pinches_off(monkeypatch):
+    import dreamfusion.export as export
+
+    real = export.decimate_mesh
+
+    def with_scrap(mesh, max_faces):  # as fast-simplification does on real scenes: two faces back to back, apart
+        light, cost = real(mesh, max_faces - 2)
+        corner = light.vertices.max(axis=0) + 0.01
+        scrap = np.array([corner, corner + [0.001, 0, 0], corner + [0, 0.001, 0]])
+        n = len(light.vertices)
+        out = trimesh.Trimesh(np.concatenate([light.vertices, scrap]), np.concatenate([light.faces, [[n, n + 1, n + 2], [n, n + 2, n + 1]]]),
+                              process=False)
+        assert len(out.split(only_watertight=False)) == 2
+        return out, {**cost, "faces": len(out.faces)}
+
+    monkeypatch.setattr(export, "decimate_mesh", with_scrap)
+    mesh = extract_mesh(ellipsoid_density, red_blue_albedo, resolution=RES, bound=BOUND, max_faces=1000)
+    assert len(mesh.split(only_watertight=False)) == 1 and mesh.is_watertight
+    assert mesh.metadata["decimation"]["faces"] == len(mesh.faces) <= 998
+    assert len(mesh.visual.vertex_colors) == len(mesh.vertices)
+
+
 def _two_colour_plane(noise: float, seed: int = 0):
     """A 40 x 40 grid of vertices in the plane z = 0, red where x < 0.5 and blue from there on,
     each channel off by a normal noise of standard deviation ``noise``."""
@@ -444,6 +467,10 @@ def test_export_reports_what_decimation_cost(tmp_path):
                                  ExportOptions(formats=("ply",), video="none", threshold=5.0, mesh_resolution=48, faces=500))
     assert len(notes) == 1 and notes[0].startswith("decimated to ") and "on average" in notes[0]
     assert len(trimesh.load(tmp_path / "mesh.ply", process=False).faces) <= 500
+    # a mesh already within the budget is not decimated, and no note says it was
+    within = runs.export_renderer(types.SimpleNamespace(field=field), tmp_path / "within",
+                                  ExportOptions(formats=("ply",), video="none", threshold=5.0, mesh_resolution=48, faces=100000))
+    assert within == []
 
 
 # ----------------------------------------------------------------------------- the textured GLB
@@ -543,3 +570,27 @@ def test_export_writes_the_textured_glb_only_when_asked(tmp_path):
     assert sorted(p.name for p in (tmp_path / "textured").iterdir()) == ["mesh.glb", runs.TEXTURED_GLB]
     with pytest.raises(ValueError, match="texture_size"):
         validate_export(ExportOptions(texture_size=4))
+
+
+def test_axes_void_filling_leaves_a_torus_hole_open_at_every_resolution():
+    # the hole's concave corners (above and below the ring's bulge) are enclosed from 5 axis
+    # directions; the rule's opening, sized in world units, drops them at any marching-cubes grid
+    big, tube = 0.3, 0.12
+
+    def torus(p):
+        ring = torch.sqrt(p[:, 0] ** 2 + p[:, 1] ** 2) - big
+        return 20.0 * torch.sigmoid(-(torch.sqrt(ring ** 2 + p[:, 2] ** 2) - tube) / 0.01)
+
+    def cup(p):  # open at the top: its inside, 0.36 across, is filled by the axes rule
+        radius = torch.sqrt(p[:, 0] ** 2 + p[:, 1] ** 2)
+        wall = (radius < 0.25) & (radius > 0.18) & (p[:, 2].abs() < 0.25)
+        bottom = (radius < 0.25) & (p[:, 2] > -0.25) & (p[:, 2] < -0.18)
+        return 20.0 * (wall | bottom).float()
+
+    grey = lambda p: torch.full((len(p), 3), 0.5)  # noqa: E731
+    true_volume = 2 * np.pi ** 2 * big * tube ** 2
+    for resolution in (96, 160):
+        mesh = extract_mesh(torus, grey, resolution=resolution, bound=0.75, threshold=10.0, fill_voids="axes")
+        assert mesh.volume == pytest.approx(true_volume, rel=0.005)
+    solid = extract_mesh(cup, grey, resolution=160, bound=0.75, threshold=10.0, fill_voids="axes")
+    assert solid.volume == pytest.approx(np.pi * 0.25 ** 2 * 0.5, rel=0.05)
