@@ -10,6 +10,11 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+# Gradio's queue rebuilds a pandas table of its last 10,000 events after every event, for a
+# monitoring dashboard this app never enables: with every visitor polling each second that was a
+# fifth of the page process's CPU under load (py-spy, 8 clients). Keep 100 events and never rebuild.
+os.environ.setdefault("GRADIO_ANALYTICS_MAX_EVENTS", "100")
+os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", str(10**12))
 
 import html  # noqa: E402
 import ipaddress  # noqa: E402
@@ -32,9 +37,10 @@ from .jobs import RunError, RunManager  # noqa: E402
 from .proxy import VIEWER_PAGE, add_viewer_proxy  # noqa: E402
 from .viewer import Viewer  # noqa: E402
 
-EXPORT_CHOICES = ["glb", "obj", "ply", "video"]
+#: the Export formats: (label, value); "textured_glb" is mesh_textured.glb (UVs, colours in a PNG texture)
+EXPORT_CHOICES = [("GLB", "glb"), ("GLB, textured", "textured_glb"), ("OBJ", "obj"), ("PLY", "ply"), ("turntable video", "video")]
 #: the page's 3D view shows the first of these that a run has exported
-MESH_VIEW_ORDER = ("glb", "obj", "ply")
+MESH_VIEW_ORDER = ("textured_glb", "glb", "obj", "ply")
 
 
 def result_outputs(exports: dict[str, Path | str], missing: object = None) -> tuple[list[str], object, object]:

@@ -720,11 +720,13 @@ class RunManager:
         formats = [str(f).lower() for f in (formats or [])]
         if not formats:
             raise RunError("choose at least one export format")
-        unknown = [f for f in formats if f not in MESH_FORMATS and f not in ("video", "mp4")]
+        unknown = [f for f in formats if f not in MESH_FORMATS and f not in ("textured_glb", "video", "mp4")]
         if unknown:
-            raise RunError(f"unknown export format {unknown[0]!r}; choose from glb, obj, ply, video")
+            raise RunError(f"unknown export format {unknown[0]!r}; choose from glb, textured_glb, obj, ply, video")
         kw = dict(self.export_defaults)
         kw.update(opts)
+        if "textured_glb" in formats:  # mesh_textured.glb: UVs, the colours baked into a PNG inside
+            kw["texture"] = True
         kw["video"] = kw.get("video", "mp4") if ("video" in formats or "mp4" in formats) else "none"
         if kw["video"] == "none" and ("video" in formats or "mp4" in formats):
             kw["video"] = "mp4"

@@ -315,15 +315,12 @@ def _export_checkpoint(checkpoint: str, folder: str, options: dict) -> dict:
     """Meshes and turntable of a finished run, from its checkpoint (no prior is loaded)."""
     from dreamfusion.checkpoint import load_scene
     from dreamfusion.config import ExportOptions
-    from dreamfusion.runs import export_renderer
+    from dreamfusion.runs import export_renderer, exported_files
 
     opts = ExportOptions(**options)
     scene, _, _ = load_scene(checkpoint)
     export_renderer(scene, Path(folder), opts)
-    written = {fmt: str(Path(folder) / f"mesh.{fmt}") for fmt in opts.formats}
-    if opts.video != "none":
-        written["video"] = str(Path(folder) / f"turntable.{opts.video}")
-    return written
+    return {k: str(v) for k, v in exported_files(Path(folder), opts).items()}
 
 
 def worker_main(conn: object, threads: int, preload: dict | None, nice: int) -> None:

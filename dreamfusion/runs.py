@@ -186,6 +186,13 @@ def export_scene(trainer: Trainer, folder: Path, opts: ExportOptions) -> dict[st
     scene = trainer.snapshot()  # one consistent state, even while training goes on
     for note in export_renderer(scene, folder, opts):
         trainer.on_message(note)
+    return exported_files(folder, opts)
+
+
+def exported_files(folder: Path, opts: ExportOptions) -> dict[str, Path]:
+    """The files :func:`write_export` writes into ``folder``, by kind: each mesh format's name
+    (``glb``, ``obj``, ``ply``), ``textured_glb`` and ``video``."""
+    folder = Path(folder)
     written = {fmt: folder / f"mesh.{fmt}" for fmt in opts.formats}
     if opts.texture:
         written["textured_glb"] = folder / TEXTURED_GLB

@@ -115,12 +115,17 @@ def test_generate_refine_export(app, clients, tiny_prior_dir):
     run = app.manager.get(run_id)
     meta, _ = read_checkpoint(run.folder / "checkpoint.safetensors")
     assert (meta["prompt"], int(meta["step"])) == ("a blue cube", 406)  # what the worker trained
-    files, mesh, video = a.predict(["glb", "obj", "video"], api_name="/export")
+    files, mesh, video = a.predict(["glb", "textured_glb", "obj", "video"], api_name="/export")
     names = sorted(Path(f).name for f in files)
-    assert names == ["mesh.glb", "mesh.obj", "turntable.mp4"]
-    glb = trimesh.load(next(f for f in files if f.endswith(".glb")), force="mesh")
+    assert names == ["mesh.glb", "mesh.obj", "mesh_textured.glb", "turntable.mp4"]
+    glb = trimesh.load(next(f for f in files if f.endswith("mesh.glb")), force="mesh")
     assert len(glb.vertices) > 0 and len(glb.faces) > 0
-    assert mesh.endswith(".glb")
+    # the textured GLB is offered for download and is what the 3D view shows: UVs and a baked texture
+    assert Path(mesh).name == "mesh_textured.glb"
+    textured = trimesh.load(mesh, force="mesh")
+    assert len(textured.faces) == len(glb.faces) and textured.visual.uv.shape == (len(textured.vertices), 2)
+    texture = np.asarray(textured.visual.material.baseColorTexture.convert("RGB"))
+    assert texture.shape[0] >= 256 and texture.std() > 0  # a picture, not one flat colour
 
 
 def test_ownership_and_bad_input(app, clients, tiny_prior_dir):

@@ -127,6 +127,10 @@ def test_a_full_queue_answers_busy(public_app):
         assert accepted == 1 + MAX_QUEUE and len(manager.queue) <= MAX_QUEUE
         assert len(busy) == 200 - accepted and all("busy" in m and "try again in about" in m for m in busy)
         assert len([r for r in manager.runs.values() if r.active]) == accepted
+        # and Gradio's queue kept no table of them: it rebuilt one (pandas, up to 10,000 events)
+        # after every event, a fifth of the page's CPU under polling load
+        queue = public_app.demo._queue
+        assert len(queue.event_analytics) <= 100 and queue.cached_event_analytics_summary == {"functions": {}}
     finally:
         stop_everything(manager)
 
