@@ -39,8 +39,10 @@ from .viewer import Viewer  # noqa: E402
 
 #: the Export formats: (label, value); "textured_glb" is mesh_textured.glb (UVs, colours in a PNG texture)
 EXPORT_CHOICES = [("GLB", "glb"), ("GLB, textured", "textured_glb"), ("OBJ", "obj"), ("PLY", "ply"), ("turntable video", "video")]
-#: the page's 3D view shows the first of these that a run has exported
-MESH_VIEW_ORDER = ("textured_glb", "glb", "obj", "ply")
+#: the page's 3D view shows the first of these that a run has exported: the textured GLB's material
+#: is unlit (flat albedo, for engines that light it themselves), which in the view is a flat
+#: silhouette, so the lit vertex-coloured GLB comes first where both were written
+MESH_VIEW_ORDER = ("glb", "textured_glb", "obj", "ply")
 
 
 def result_outputs(exports: dict[str, Path | str], missing: object = None) -> tuple[list[str], object, object]:

@@ -120,12 +120,15 @@ def test_generate_refine_export(app, clients, tiny_prior_dir):
     assert names == ["mesh.glb", "mesh.obj", "mesh_textured.glb", "turntable.mp4"]
     glb = trimesh.load(next(f for f in files if f.endswith("mesh.glb")), force="mesh")
     assert len(glb.vertices) > 0 and len(glb.faces) > 0
-    # the textured GLB is offered for download and is what the 3D view shows: UVs and a baked texture
-    assert Path(mesh).name == "mesh_textured.glb"
-    textured = trimesh.load(mesh, force="mesh")
+    assert Path(mesh).name == "mesh.glb"  # the lit GLB in the 3D view where both were written
+    # the textured GLB is offered for download: UVs and a baked texture
+    textured = trimesh.load(next(f for f in files if f.endswith("mesh_textured.glb")), force="mesh")
     assert len(textured.faces) == len(glb.faces) and textured.visual.uv.shape == (len(textured.vertices), 2)
     texture = np.asarray(textured.visual.material.baseColorTexture.convert("RGB"))
     assert texture.shape[0] >= 256 and texture.std() > 0  # a picture, not one flat colour
+    # exported alone, it is what the 3D view shows
+    files, mesh, _ = a.predict(["textured_glb"], api_name="/export")
+    assert [Path(f).name for f in files] == ["mesh_textured.glb"] and Path(mesh).name == "mesh_textured.glb"
 
 
 def test_ownership_and_bad_input(app, clients, tiny_prior_dir):
