@@ -118,6 +118,9 @@ class RenderConfig:
     occupancy_warmup: int = 64
     sampler: str = "auto"
     """auto (nerfacc's CUDA kernel where available, else the PyTorch sampler), torch, or dense"""
+    early_stop_eps: float = 1e-4
+    """early ray termination: samples met once a ray's transmittance has fallen below this are not
+    shaded (nerfacc's ``early_stop_eps``; their weights are below it); 0 shades every sample"""
 
 
 # ----------------------------------------------------------------------------- guidance
@@ -446,6 +449,7 @@ def validate_config(cfg: TrainConfig) -> None:
     _between("samples_per_ray", r.samples_per_ray, 1, 1024)
     _between("occupancy grid resolution", r.occupancy_resolution, 4, 256)
     _between("occupancy_threshold", r.occupancy_threshold, 0.0, 1e6)
+    _between("early_stop_eps", r.early_stop_eps, 0.0, 1.0)
     _between("occupancy_update_every", r.occupancy_update_every, 1, MAX_STEPS)
     _at_least("occupancy_warmup", r.occupancy_warmup, 0)
     _one_of("sampler", r.sampler, ("auto", "torch", "dense"))

@@ -183,8 +183,10 @@ class GridField(nn.Module):
         return out
 
     def density(self, points: torch.Tensor) -> torch.Tensor:
-        """(N, 3) -> (N,) density, no normals (occupancy updates, export)."""
-        return self.forward(points, with_normals=False)["density"]
+        """(N, 3) -> (N,) density, no normals (occupancy updates, early ray termination, export): the
+        density grid alone is looked up, the same values as :meth:`forward`'s."""
+        raw = self.raw_density(points, self._sample(self.density_grid, points)[:, 0])
+        return density_activation(raw, self.cfg.density_activation)
 
     def albedo(self, points: torch.Tensor) -> torch.Tensor:
         return self.forward(points, with_normals=False)["albedo"]

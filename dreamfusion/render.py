@@ -9,7 +9,9 @@ One renderer, two samplers that read the same ``nerfacc.OccGridEstimator``:
   ``render_weight_from_density``.
 
 Both samplers march each ray from where it enters the scene's box, at the same step and with the
-same stratified offset, so they give the same samples.
+same stratified offset, so they give the same samples. Early ray termination follows either: the
+samples met after a ray's transmittance has fallen below ``RenderConfig.early_stop_eps`` are
+dropped before the field is evaluated with its normals (a solid object's inside costs nothing).
 
 Random draws: every draw (the stratified offsets, the occupancy update's cells and points) is made
 on the CPU from the ``generator`` passed in, then moved to the scene's device. A seed therefore
@@ -93,6 +95,38 @@ def occupied_at(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor, binaries: tor
         inside = ok if inside is None else inside & ok
         cells.append(idx.clamp(0, res - 1))
     return inside & binaries.reshape(-1)[(cells[0] * res + cells[1]) * res + cells[2]]
+
+
+def _packed_optical_depth(t_starts: torch.Tensor, t_ends: torch.Tensor, sigmas: torch.Tensor,
+                          ray_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each packed sample's sigma * dt and the sum of those before it on its ray, both float64:
+    one running sum over all samples less its value at each ray's first sample (in float64, so a
+    long ray's total cannot swamp the next ray's first steps)."""
+    tau = (sigmas * (t_ends - t_starts)).double()
+    exclusive = torch.cumsum(tau, 0) - tau
+    start = torch.ones_like(ray_idx, dtype=torch.bool)
+    start[1:] = ray_idx[1:] != ray_idx[:-1]
+    ray_number = torch.cumsum(start.long(), 0) - 1
+    return tau, exclusive - exclusive[start][ray_number]
+
+
+def packed_transmittance(t_starts: torch.Tensor, t_ends: torch.Tensor, sigmas: torch.Tensor, ray_idx: torch.Tensor) -> torch.Tensor:
+    """Transmittance (S,) of packed samples (ray indices sorted) before each: exp(-sum of sigma *
+    dt over the ray's earlier samples), 1 at a ray's first sample (nerfacc's
+    ``render_transmittance_from_density``)."""
+    if ray_idx.numel() == 0:
+        return torch.ones_like(sigmas)
+    _, before = _packed_optical_depth(t_starts, t_ends, sigmas, ray_idx)
+    return torch.exp(-before).to(sigmas.dtype)
+
+
+def packed_weights(t_starts: torch.Tensor, t_ends: torch.Tensor, sigmas: torch.Tensor, ray_idx: torch.Tensor) -> torch.Tensor:
+    """Volume-rendering weights (S,) of packed samples (ray indices sorted): transmittance times
+    alpha = 1 - exp(-sigma * dt) (nerfacc's ``render_weight_from_density``), differentiable."""
+    if ray_idx.numel() == 0:
+        return torch.zeros_like(sigmas)
+    tau, before = _packed_optical_depth(t_starts, t_ends, sigmas, ray_idx)
+    return (torch.exp(-before) * -torch.expm1(-tau)).to(sigmas.dtype)
 
 
 def depth_image(depth: torch.Tensor, opacity: torch.Tensor) -> torch.Tensor:
@@ -228,6 +262,8 @@ class Renderer(torch.nn.Module):
                 ray_idx, t_starts, t_ends = self._sample_nerfacc(origins, dirs, stratified, generator)
             else:
                 ray_idx, t_starts, t_ends = self._sample_torch(origins, dirs, stratified, generator, dense=sampler == "dense")
+            if self.cfg.early_stop_eps > 0 and t_starts.numel():
+                ray_idx, t_starts, t_ends = self._drop_occluded(origins, dirs, ray_idx, t_starts, t_ends)
             pts = origins[ray_idx] + dirs[ray_idx] * ((t_starts + t_ends) * 0.5)[:, None]
         with record_function("render.field"):
             out = self.field(pts, with_normals=mode != "albedo")
@@ -307,8 +343,9 @@ class Renderer(torch.nn.Module):
                         generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # pragma: no cover - needs CUDA
         """nerfacc's CUDA ray marching on the occupancy grid: packed (ray index, t_start, t_end).
         Each ray starts where it enters the scene's box, shifted by the same stratified offset the
-        PyTorch sampler draws, and no sample is dropped by early ray termination (nerfacc's
-        ``sigma_fn``): the same samples as :meth:`_sample_torch`, up to float rounding."""
+        PyTorch sampler draws, and no sample is dropped here (no ``sigma_fn``: early ray termination
+        is :meth:`render_rays`' own, after either sampler): the same samples as :meth:`_sample_torch`,
+        up to float rounding."""
         near, far, _ = ray_aabb(origins, dirs, self.field.cfg.bound)
         if stratified:
             near = near + stratified_offsets(origins.shape[0], generator, origins.device)[:, 0] * self.step_size
@@ -323,15 +360,18 @@ class Renderer(torch.nn.Module):
         if cuda_sampler_available(sigmas.device):  # pragma: no cover - nerfacc's packed form needs its CUDA extension
             weights, _, _ = nerfacc.render_weight_from_density(t_starts, t_ends, sigmas, ray_indices=ray_idx, n_rays=n_rays)
             return weights
-        # batched form on the CPU: scatter into (n_rays, K) with zero density in the gaps
-        counts = torch.bincount(ray_idx, minlength=n_rays)
-        k_max = int(counts.max()) if counts.numel() else 0
-        first = torch.cumsum(counts, 0) - counts
-        slot = torch.arange(ray_idx.shape[0], device=ray_idx.device) - first[ray_idx]
-        dense = lambda v: torch.zeros(n_rays, max(k_max, 1), device=v.device, dtype=v.dtype).index_put((ray_idx, slot), v)  # noqa: E731
-        ts, te, sg = dense(t_starts), dense(t_ends), dense(sigmas)
-        w, _, _ = nerfacc.render_weight_from_density(ts, te, sg)
-        return w[ray_idx, slot]
+        return packed_weights(t_starts, t_ends, sigmas, ray_idx)
+
+    @torch.no_grad()
+    def _drop_occluded(self, origins: torch.Tensor, dirs: torch.Tensor, ray_idx: torch.Tensor, t_starts: torch.Tensor,
+                       t_ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Early ray termination: keep the packed samples met while the ray's transmittance is still
+        at least ``early_stop_eps`` (one density lookup, no gradient). A dropped sample's weight is
+        below the threshold, and so is everything it could add to the ray's colour or opacity."""
+        pts = origins[ray_idx] + dirs[ray_idx] * ((t_starts + t_ends) * 0.5)[:, None]
+        trans = packed_transmittance(t_starts, t_ends, self.field.density(pts), ray_idx)
+        keep = (trans >= self.cfg.early_stop_eps).nonzero()[:, 0]
+        return ray_idx[keep], t_starts[keep], t_ends[keep]
 
     @torch.no_grad()
     def opacity_and_max_density(self, cameras: Cameras, size: int) -> tuple[torch.Tensor, torch.Tensor]:

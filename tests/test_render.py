@@ -8,7 +8,17 @@ import torch.nn.functional as F
 
 from dreamfusion.cameras import default_light, make_cameras
 from dreamfusion.field import Background, FieldConfig, GridField, blob_bias, blob_bias_gradient, trilinear_corners, trilinear_volume_grad
-from dreamfusion.render import RenderConfig, Renderer, march, occupied_box, occupied_cells, ray_aabb, ray_box
+from dreamfusion.render import (
+    RenderConfig,
+    Renderer,
+    march,
+    occupied_box,
+    occupied_cells,
+    packed_transmittance,
+    packed_weights,
+    ray_aabb,
+    ray_box,
+)
 
 
 def test_ray_aabb_by_hand():
@@ -121,13 +131,13 @@ def test_opacity_of_a_uniform_box_matches_beer_lambert():
     assert 2.0 < float(out["depth"] / out["opacity"]) < 2.0 + 1 / sigma + step
 
 
-def _ball_field(radius=0.3, res=32) -> GridField:
+def _ball_field(radius=0.3, res=32, peak=10.0, sharpness=100.0) -> GridField:
     field = GridField(FieldConfig(resolution=res, bound=1.0, blob_density=0.0, density_activation="softplus"))
     lin = torch.linspace(-1, 1, res)
     z, y, x = torch.meshgrid(lin, lin, lin, indexing="ij")
     r = torch.sqrt(x * x + y * y + z * z)
     with torch.no_grad():
-        field.density_grid[0, 0] = (100.0 * (radius - r)).clamp(-30.0, 10.0)  # a smooth ball; softplus(-30) ~ 1e-13: truly empty
+        field.density_grid[0, 0] = (sharpness * (radius - r)).clamp(-30.0, peak)  # a smooth ball; softplus(-30) ~ 1e-13: truly empty
         field.albedo_grid[0, 0] = torch.where(x > 0, 2.0, -2.0)  # red at +X, dark elsewhere
         field.albedo_grid[0, 1:3] = -2.0
     return field
@@ -195,6 +205,72 @@ def test_a_background_per_image_replaces_the_scenes():
     assert torch.allclose(on_colour["image"][:, :, 0, 0], bg, atol=1e-4)  # a corner: no ball
     on_colour["image"].mean().backward()
     assert field.density_grid.grad.abs().sum() > 0
+
+
+def test_packed_transmittance_and_weights_by_hand():
+    """Two rays of packed samples: ray 0 with sigma * dt = 1, 2 (dt 0.5), ray 1 with one sample of
+    sigma * dt = 0.1. T = exp(-the optical depth before), weight = T (1 - exp(-sigma dt))."""
+    ray_idx = torch.tensor([0, 0, 1])
+    t0, t1 = torch.tensor([0.0, 0.5, 2.0]), torch.tensor([0.5, 1.0, 2.5])
+    sigmas = torch.tensor([2.0, 4.0, 0.2], requires_grad=True)
+    e = math.exp
+    want_t = [1.0, e(-1), 1.0]
+    want_w = [1 - e(-1), e(-1) * (1 - e(-2)), 1 - e(-0.1)]
+    assert torch.allclose(packed_transmittance(t0, t1, sigmas.detach(), ray_idx), torch.tensor(want_t))
+    w = packed_weights(t0, t1, sigmas, ray_idx)
+    assert torch.allclose(w, torch.tensor(want_w))
+    w.sum().backward()  # d/d sigma_0 of (1 - e^{-0.5 s0}) + e^{-0.5 s0} (1 - e^{-2}) = 0.5 e^{-1} e^{-2}
+    assert torch.allclose(sigmas.grad[0], torch.tensor(0.5 * e(-3)))
+
+
+def test_packed_weights_are_nerfaccs_batched_weights_with_their_gradient():
+    import nerfacc
+
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.randint(0, 20, (40,), generator=gen)
+    ray_idx = torch.repeat_interleave(torch.arange(40), counts)
+    n = ray_idx.numel()
+    t0 = torch.rand(n, generator=gen)
+    t1 = t0 + 0.1 * torch.rand(n, generator=gen)
+    sigmas = (60 * torch.rand(n, generator=gen)).requires_grad_()
+    first = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(n) - first[ray_idx]
+    dense = lambda v: torch.zeros(40, int(counts.max())).index_put((ray_idx, slot), v)  # noqa: E731
+    want = nerfacc.render_weight_from_density(dense(t0), dense(t1), dense(sigmas))[0][ray_idx, slot]
+    got = packed_weights(t0, t1, sigmas, ray_idx)
+    assert torch.allclose(got, want, atol=1e-6)
+    v = torch.randn(n, generator=gen)
+    (g_got,) = torch.autograd.grad((got * v).sum(), sigmas)
+    (g_want,) = torch.autograd.grad((want * v).sum(), sigmas)
+    assert torch.allclose(g_got, g_want, atol=1e-6)
+
+
+def test_early_ray_termination_keeps_the_image_and_gradient_with_fewer_samples():
+    """A solid ball: the samples behind its front surface are dropped (transmittance below 1e-4).
+    The lit image and the opacity are what shading every sample gives, and so is the grids'
+    gradient through the albedo and the density (albedo shading: no normals). With normals, the
+    dropped samples inside, where the density is flat and its normalised gradient's derivative
+    is 1 / |gradient|, would add large terms of no use; those are gone (not compared)."""
+    cams = make_cameras([0.0, 120.0], [10.0, 40.0], 2.0, 1.0)
+    lights = default_light(cams)
+    out, grads = {}, {}
+    for eps in (0.0, 1e-4):
+        field = _ball_field(radius=0.5, peak=60.0, sharpness=1000.0)  # opaque a few steps in
+        renderer = Renderer(field, Background("white"), RenderConfig(sampler="torch", occupancy_warmup=1000, early_stop_eps=eps))
+        torch.manual_seed(0)
+        for _ in range(30):
+            renderer.update_occupancy(0, force=True)
+        out[eps] = renderer.render(cams, lights, 24, 24, "lit")
+        albedo = renderer.render(cams, lights, 24, 24, "albedo")
+        (albedo["image"].sum() + albedo["opacity"].sum()).backward()
+        grads[eps] = field.density_grid.grad.clone(), field.albedo_grid.grad.clone()
+    full, early = out[0.0], out[1e-4]
+    assert early["n_samples"] * 2 < full["n_samples"]
+    assert (full["image"] - early["image"]).abs().max() < 1e-3
+    assert (full["opacity"] - early["opacity"]).abs().max() < 1e-3
+    for g_full, g_early in zip(grads[0.0], grads[1e-4], strict=True):
+        assert g_full.abs().max() > 0
+        assert (g_full - g_early).abs().max() < 1e-3 * g_full.abs().max()
 
 
 def test_trilinear_corners_by_hand():
