@@ -297,9 +297,9 @@ def smooth_colours(colours: np.ndarray, edges: np.ndarray, iterations: int, max_
     a, b = np.concatenate([edges[:, 0], edges[:, 1]]), np.concatenate([edges[:, 1], edges[:, 0]])  # both directions
     for _ in range(iterations):
         near = np.abs(colours[a] - colours[b]).max(axis=1) <= max_difference
-        total = colours.copy()
-        np.add.at(total, a[near], colours[b[near]])
-        count = 1.0 + np.bincount(a[near], minlength=len(colours))
+        src, dst = a[near], colours[b[near]]
+        total = colours + np.stack([np.bincount(src, dst[:, c], minlength=len(colours)) for c in range(colours.shape[1])], axis=1)
+        count = 1.0 + np.bincount(src, minlength=len(colours))
         colours = total / count[:, None]
     return colours
 

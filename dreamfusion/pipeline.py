@@ -52,15 +52,6 @@ class RunResult:
     """seconds, iterations, it_per_s and notes of this session (what the log's summary line holds)"""
 
 
-def quiet_libraries() -> None:
-    """Model-loading progress bars of transformers/diffusers would bury our own output."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()
-    diffusers_logging.disable_progress_bar()
-
-
 @contextmanager
 def stop_on_signals(trainer: Trainer) -> Iterator[list[int]]:
     """While the block runs (training), SIGINT and SIGTERM stop ``trainer`` at the end of its
@@ -148,7 +139,6 @@ def generate(prompt: str, cfg: TrainConfig, export: ExportOptions, out: Path, *,
 
     if threads:
         torch.set_num_threads(threads)
-    quiet_libraries()
     messages: list[str] = []
 
     def note(message: str) -> None:

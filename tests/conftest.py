@@ -4,6 +4,13 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
+if "DREAMFUSION_CACHE" not in os.environ:  # traced U-Net graphs: one folder for the session, none left in the home directory
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["DREAMFUSION_CACHE"] = tempfile.mkdtemp(prefix="dreamfusion-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["DREAMFUSION_CACHE"], True)
 
 import pytest  # noqa: E402
 

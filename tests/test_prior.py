@@ -11,6 +11,7 @@ classifier 77% top-1 on noise seed 0 (81% on seed 1; chance 12.5%), 86% within 4
 import dataclasses
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from dreamfusion.prior.model import (
     RESUME_FILE,
     WEIGHTS_FILE,
     FrozenUNet,
+    GraphCache,
     PriorConfig,
     RenderConditions,
     TextEncoder,
@@ -508,6 +510,89 @@ def test_frozen_unet_in_bfloat16_is_close_to_float32_and_keeps_the_weights(shipp
     assert (half - full).abs().mean() < 0.02 * full.abs().mean()
     assert next(unet.parameters()).dtype == torch.float32
     assert {key[0][1] for key in frozen._graphs} == {torch.float32, torch.bfloat16}
+
+
+def test_the_noise_schedule_by_hand_is_diffusers_bit_for_bit():
+    for schedule in ("squaredcos_cap_v2", "linear"):
+        cfg = PriorConfig(beta_schedule=schedule)
+        assert torch.equal(cfg.alphas_cumprod(), cfg.scheduler().alphas_cumprod), schedule
+    cosine = PriorConfig().alphas_cumprod()  # by hand: alpha_bar(t) = cos^2((t + 0.008) / 1.008 pi / 2), normalised
+    f = lambda x: math.cos((x + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    assert cosine[499] == pytest.approx(f(0.5) / f(0.0), rel=1e-4)
+
+
+def test_a_cached_graph_gives_the_same_numbers_without_building_the_unet(tiny_prior_dir, tmp_path):
+    """FrozenUNet with a GraphCache: the first traces and writes the graph; a second (another
+    process's) reads it back and never builds the U-Net, with the same numbers bit for bit. A file
+    that cannot be read is traced again; other weights never read a graph of these."""
+    unet, cfg = load_unet(tiny_prior_dir)
+    encoder = TextEncoder(cfg.max_tokens)
+    x, t, cond, conditions = _unet_batch(cfg, encoder, 2)
+    cache = GraphCache(tmp_path / "cache", tiny_prior_dir)
+    assert not cache.any_graph()
+    with torch.no_grad():
+        first = predict_noise(cfg, x, t, cond, conditions, FrozenUNet(unet, cache))
+        assert torch.equal(first, predict_noise(unet, x, t, cond, conditions))
+    assert cache.any_graph() and len(list((tmp_path / "cache").glob("unet-*.pt"))) == 1
+
+    def no_unet():
+        raise AssertionError("the U-Net was built although its graph is cached")
+
+    again = FrozenUNet(no_unet, GraphCache(tmp_path / "cache", tiny_prior_dir))
+    with torch.no_grad():
+        assert torch.equal(predict_noise(cfg, x, t, cond, conditions, again), first)
+
+    path = next((tmp_path / "cache").glob("unet-*.pt"))
+    path.write_bytes(b"not a graph")
+    built = []
+    retrace = FrozenUNet(lambda: built.append(1) or unet, GraphCache(tmp_path / "cache", tiny_prior_dir))
+    with torch.no_grad():
+        assert torch.equal(predict_noise(cfg, x, t, cond, conditions, retrace), first)
+    assert built == [1] and path.stat().st_size > 1000  # traced again, and the file mended
+
+    other = tmp_path / "other_prior"
+    shutil.copytree(tiny_prior_dir, other)
+    data = bytearray((other / WEIGHTS_FILE).read_bytes())
+    data[-2:] = b"\x00\x3c"  # the last fp16 weight set to 1.0
+    (other / WEIGHTS_FILE).write_bytes(bytes(data))
+    assert GraphCache(tmp_path / "cache", other).key != cache.key
+    assert not GraphCache(tmp_path / "cache", other).any_graph()
+
+
+def test_an_unwritable_cache_still_gives_the_graph(tiny_prior_dir, tmp_path):
+    unet, cfg = load_unet(tiny_prior_dir)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("in the way of the cache folder")
+    frozen = FrozenUNet(unet, GraphCache(blocker / "cache", tiny_prior_dir))
+    x, t, cond, conditions = _unet_batch(cfg, TextEncoder(cfg.max_tokens), 2)
+    with torch.no_grad():
+        assert torch.equal(predict_noise(cfg, x, t, cond, conditions, frozen), predict_noise(unet, x, t, cond, conditions))
+    assert len(frozen._graphs) == 1 and next(iter(frozen._graphs.values())) is not None
+
+
+def test_a_run_with_a_cached_graph_never_imports_diffusers(tiny_prior_dir, tmp_path):
+    """Start-up: diffusers' import (about 2.5 s) and the tracing are paid by the first run only."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from dreamfusion.trainer import Trainer, TrainConfig\n"
+        "from dreamfusion.field import FieldConfig\n"
+        "from dreamfusion.guidance import GuidanceConfig\n"
+        f"cfg = TrainConfig(steps=2, render_size=32, views=1, preview_every=0, field=FieldConfig(resolution=16), "
+        f"guidance=GuidanceConfig(model={str(tiny_prior_dir)!r}))\n"
+        "tr = Trainer(cfg, 'a red cube')\n"
+        "tr.run()\n"
+        "print('diffusers' in sys.modules, float(tr.field.density_grid.detach().sum()))\n"
+    )
+    env = {**os.environ, "DREAMFUSION_CACHE": str(tmp_path / "cache")}
+    runs = [subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300) for _ in range(2)]
+    for run in runs:
+        assert run.returncode == 0, run.stderr
+    (first_imported, first_sum), (second_imported, second_sum) = (run.stdout.split() for run in runs)
+    assert first_imported == "True" and second_imported == "False"
+    assert first_sum == second_sum  # the same run, bit for bit
 
 
 def test_bfloat16_is_used_where_asked_and_on_a_cpu_only():

@@ -9,7 +9,19 @@ import torch
 import torch.nn.functional as F
 
 from ..cameras import CameraConfig, sample_backgrounds
-from ..prior.model import ASSET_DIR, FrozenUNet, RenderConditions, TextCondition, TextEncoder, load_unet, predict_noise
+from ..prior.model import (
+    ASSET_DIR,
+    WEIGHTS_FILE,
+    FrozenUNet,
+    GraphCache,
+    PriorConfig,
+    RenderConditions,
+    TextCondition,
+    TextEncoder,
+    default_cache_dir,
+    load_unet,
+    predict_noise,
+)
 from .base import Guidance, GuidanceConfig, GuidanceError, RenderBatch
 
 
@@ -38,13 +50,20 @@ class EmbeddedGuidance(Guidance):
         super().__init__(cfg, device)
         folder = Path(cfg.model) if cfg.model else ASSET_DIR
         try:
-            self.unet, self.prior_cfg = load_unet(folder, device)
+            self.prior_cfg = PriorConfig.load(folder)
+            if not (folder / WEIGHTS_FILE).exists():
+                raise FileNotFoundError(f"no embedded prior weights at {folder / WEIGHTS_FILE}")
         except FileNotFoundError as exc:
             raise GuidanceError(f"embedded prior not found: {exc}") from None
-        self.frozen_unet = FrozenUNet(self.unet)  # its graphs are shared by the light copies of this prior
+        cache = GraphCache(default_cache_dir(), folder)
+        build = lambda: load_unet(folder, device)[0]  # noqa: E731
+        # its graphs are shared by the light copies of this prior. Where an earlier process traced this
+        # prior's U-Net its graphs are read back and the U-Net is built only if one is missing; else it
+        # is built (and its weights checked against the config) now
+        self.frozen_unet = FrozenUNet(build if cache.any_graph() else build(), cache)
         self.encoder = TextEncoder(self.prior_cfg.max_tokens, device)
         self.max_tokens = self.prior_cfg.max_tokens
-        self.alphas_cumprod = self.prior_cfg.scheduler().alphas_cumprod.to(self.device)
+        self.alphas_cumprod = self.prior_cfg.alphas_cumprod().to(self.device)
         self.image_size = self.prior_cfg.image_size
         self.folder = folder
         self._vocabulary: list = []  # built on first use, shared by the light copies of this prior
@@ -107,4 +126,11 @@ class EmbeddedGuidance(Guidance):
     def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, cond: TextCondition,
                       features: RenderConditions | None = None) -> torch.Tensor:
         dtype = torch.bfloat16 if self.cfg.frozen_unet and uses_bfloat16(self.cfg.cpu_bfloat16, self.device) else None
-        return predict_noise(self.unet, x_t, t, cond, features, self.frozen_unet if self.cfg.frozen_unet else None, dtype=dtype)
+        if self.cfg.frozen_unet:
+            return predict_noise(self.prior_cfg, x_t, t, cond, features, self.frozen_unet, dtype=dtype)
+        return predict_noise(self.unet, x_t, t, cond, features)
+
+    @property
+    def unet(self):  # noqa: ANN201 - diffusers' UNet2DConditionModel, imported only where it is built
+        """The prior's U-Net (built on first use where cached graphs made it unneeded so far)."""
+        return self.frozen_unet.unet

@@ -85,6 +85,16 @@ def check_hub(repo_id: str) -> str | None:
 Loader = Callable[[str, bool], dict]
 
 
+def quiet_libraries() -> None:
+    """Model-loading progress bars of transformers/diffusers would bury our own output (called where
+    a pipeline is loaded: the embedded prior never imports either library's loaders)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.disable_progress_bar()
+
+
 def load_pipeline(name: str, source: str, load: Loader, advice: str) -> dict:
     """A pipeline's components from a local folder, the local hub cache, or the hub, in that order;
     anything that fails is one :class:`GuidanceError` line naming ``name``, ``source``, why, and
@@ -94,6 +104,7 @@ def load_pipeline(name: str, source: str, load: Loader, advice: str) -> dict:
         raise GuidanceError(f"{name} model {source!r} could not be loaded: {why}; {advice}") from None
 
     try:
+        quiet_libraries()
         if Path(source).expanduser().is_dir():
             folder = str(Path(source).expanduser())
             try:

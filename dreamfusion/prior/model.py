@@ -3,15 +3,19 @@ noise schedule, and loading/saving them as a folder (``config.json`` + safetenso
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+import os
 import threading
 import warnings
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from ..cameras import (
     RAY_CONDITION_CHANNELS,
@@ -24,6 +28,9 @@ from ..cameras import (
 )
 from ..config import ASSET_DIR, LEGACY_CAMERA, CameraConfig, dataclass_from_dict, validate_camera
 from ..files import atomic_write
+
+if TYPE_CHECKING:  # diffusers is imported where a U-Net or a scheduler is built: a cached graph needs neither
+    from diffusers import DDPMScheduler, UNet2DConditionModel
 
 WEIGHTS_FILE = "unet_ema_fp16.safetensors"
 RESUME_FILE = "resume_state.safetensors"
@@ -72,6 +79,8 @@ class PriorConfig:
         return CameraConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in self.camera.items()})
 
     def unet(self) -> UNet2DConditionModel:
+        from diffusers import UNet2DConditionModel
+
         n = len(self.block_out_channels)
         return UNet2DConditionModel(
             sample_size=self.image_size,
@@ -88,7 +97,33 @@ class PriorConfig:
             norm_num_groups=16,
         )
 
+    @property
+    def class_embedding_dim(self) -> int:
+        """The U-Net's class-label input: the pooled text and the render-condition features."""
+        return self.text_dim + self.condition_features
+
+    @property
+    def in_channels(self) -> int:
+        """The U-Net's input channels: the image and the ray maps beside it."""
+        return self.channels + self.ray_channels
+
+    def alphas_cumprod(self) -> torch.Tensor:
+        """The noise schedule's cumulative products of alpha, (num_train_timesteps,) float32, as
+        :meth:`scheduler` computes them: by hand for the cosine and linear schedules (the same float
+        operations as diffusers, tested bit for bit), so guidance needs no diffusers import."""
+        n = self.num_train_timesteps
+        if self.beta_schedule == "squaredcos_cap_v2":
+            alpha_bar = lambda x: math.cos((x + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+            betas = torch.tensor([min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), 0.999) for i in range(n)], dtype=torch.float32)
+        elif self.beta_schedule == "linear":
+            betas = torch.linspace(0.0001, 0.02, n, dtype=torch.float32)
+        else:
+            return self.scheduler().alphas_cumprod
+        return torch.cumprod(1.0 - betas, dim=0)
+
     def scheduler(self) -> DDPMScheduler:
+        from diffusers import DDPMScheduler
+
         return DDPMScheduler(num_train_timesteps=self.num_train_timesteps, beta_schedule=self.beta_schedule,
                              prediction_type="epsilon", clip_sample=True)
 
@@ -284,18 +319,27 @@ class RenderConditions:
         return RenderConditions(mv(self.features), mv(self.rays))
 
 
-def unet_inputs(unet: UNet2DConditionModel, x_t: torch.Tensor, t: torch.Tensor, cond: TextCondition,
+def unet_input_dims(unet: UNet2DConditionModel | PriorConfig) -> tuple[int, int]:
+    """(class-label inputs, image channels) of a U-Net, or of the one a :class:`PriorConfig` builds."""
+    if isinstance(unet, PriorConfig):
+        return unet.class_embedding_dim, unet.in_channels
+    return unet.config.projection_class_embeddings_input_dim, unet.config.in_channels
+
+
+def unet_inputs(unet: UNet2DConditionModel | PriorConfig, x_t: torch.Tensor, t: torch.Tensor, cond: TextCondition,
                 conditions: RenderConditions | torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """The U-Net's positional inputs for :func:`predict_noise`: (sample with the ray maps as extra
-    channels, timesteps, text states, text mask, class labels = pooled text + global features)."""
+    channels, timesteps, text states, text mask, class labels = pooled text + global features).
+    ``unet``: the U-Net or its :class:`PriorConfig` (only its input sizes are read)."""
     if isinstance(conditions, torch.Tensor) or conditions is None:
         conditions = RenderConditions(conditions)
+    class_dim, in_channels = unet_input_dims(unet)
     labels = cond.pooled
-    extra = unet.config.projection_class_embeddings_input_dim - labels.shape[-1]
+    extra = class_dim - labels.shape[-1]
     if extra:
         features = conditions.features if conditions.features is not None else labels.new_zeros(labels.shape[0], extra)
         labels = torch.cat([labels, features.to(labels)], dim=-1)
-    ray_channels = unet.config.in_channels - x_t.shape[1]
+    ray_channels = in_channels - x_t.shape[1]
     if ray_channels:
         rays = conditions.rays if conditions.rays is not None else x_t.new_zeros(x_t.shape[0], ray_channels, *x_t.shape[2:])
         x_t = torch.cat([x_t, rays.to(x_t)], dim=1)
@@ -313,18 +357,87 @@ class _PositionalUNet(torch.nn.Module):
         return self.unet(x, t, encoder_hidden_states=states, encoder_attention_mask=mask, class_labels=labels, return_dict=False)[0]
 
 
+#: bump when what a cached graph holds changes (the tracing, the inputs' layout)
+GRAPH_CACHE_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    """Where traced U-Net graphs are kept between processes: ``$DREAMFUSION_CACHE``, else
+    ``$XDG_CACHE_HOME/dreamfusion``, else ``~/.cache/dreamfusion``."""
+    if os.environ.get("DREAMFUSION_CACHE"):
+        return Path(os.environ["DREAMFUSION_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "dreamfusion"
+
+
+class GraphCache:
+    """Frozen TorchScript graphs of one prior's U-Net on disk, one file per input signature. The
+    file's name holds a digest of the prior's weights and config, torch's version and the inputs'
+    shapes, dtypes and device, so a graph is only ever read back for the U-Net and inputs it was
+    traced from. Loading one takes milliseconds and needs neither diffusers nor the U-Net; a file
+    that cannot be read is traced again, a folder that cannot be written is left alone."""
+
+    def __init__(self, folder: Path | str, prior_folder: Path | str):
+        self.folder = Path(folder)
+        digest = hashlib.sha256(f"v{GRAPH_CACHE_VERSION} torch {torch.__version__}".encode())
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            digest.update((Path(prior_folder) / name).read_bytes())
+        self.key = digest.hexdigest()[:24]
+
+    def path(self, signature: tuple) -> Path:
+        inputs = hashlib.sha256(repr(signature).encode()).hexdigest()[:16]
+        return self.folder / f"unet-{self.key}-{inputs}.pt"
+
+    def any_graph(self) -> bool:
+        """Whether a graph of this prior is cached (so its weights loaded and traced once)."""
+        return self.folder.is_dir() and any(self.folder.glob(f"unet-{self.key}-*.pt"))
+
+    def load(self, signature: tuple, device: str) -> torch.jit.ScriptModule | None:
+        path = self.path(signature)
+        if not path.is_file():
+            return None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript's: the graph is what FrozenUNet traced
+                return torch.jit.load(str(path), map_location=device)
+        except Exception:  # noqa: BLE001 - a truncated or foreign file: trace again
+            return None
+
+    def save(self, signature: tuple, graph: torch.jit.ScriptModule) -> None:
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                atomic_write(self.path(signature), lambda tmp: torch.jit.save(graph, tmp))
+        except Exception:  # noqa: BLE001 - a read-only or full disk: the graph still serves this process
+            pass
+
+
 class FrozenUNet:
     """A frozen U-Net for inference (SDS): traced to TorchScript and frozen once per input shape
     (``torch.jit.freeze`` folds the weights in as constants), then reused. The same numbers as the
     eager U-Net (tests/test_prior.py checks it bit for bit), with less of PyTorch's per-layer
     overhead: about 10% of a CPU guidance call (benchmarks/speed.py). Thread-safe: the app's
-    runs share one. A shape that fails to trace falls back to the eager U-Net, said once."""
+    runs share one. A shape that fails to trace falls back to the eager U-Net, said once.
 
-    def __init__(self, unet: UNet2DConditionModel):
-        self.unet = unet
+    ``unet``: the U-Net, or a function that builds it when first needed. With a :class:`GraphCache`
+    the graphs traced by an earlier process are read back from disk, and the U-Net (and diffusers)
+    is built only if one is missing: a run's start-up skips both, and the first steps' tracing."""
+
+    def __init__(self, unet: UNet2DConditionModel | Callable[[], UNet2DConditionModel], cache: GraphCache | None = None):
+        self._unet = None if callable(unet) and not isinstance(unet, torch.nn.Module) else unet
+        self._build = unet if self._unet is None else None
+        self.cache = cache
         self._graphs: dict[tuple, torch.jit.ScriptModule | None] = {}
         self._copies: dict[torch.dtype, UNet2DConditionModel] = {}  # the U-Net in other precisions, made on first use
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+
+    @property
+    def unet(self) -> UNet2DConditionModel:
+        with self._lock:
+            if self._unet is None:
+                self._unet = self._build()
+            return self._unet
 
     def _module(self, dtype: torch.dtype) -> UNet2DConditionModel:
         if dtype == next(self.unet.parameters()).dtype:
@@ -340,6 +453,10 @@ class FrozenUNet:
         key = tuple((tuple(v.shape), v.dtype, str(v.device)) for v in inputs)
         with self._lock:
             if key not in self._graphs:
+                cached = self.cache.load(key, str(inputs[0].device)) if self.cache is not None else None
+                if cached is not None:
+                    self._graphs[key] = cached
+                    return cached
                 try:
                     with warnings.catch_warnings(), torch.no_grad():
                         warnings.simplefilter("ignore")  # TracerWarnings: the shapes are fixed per graph
@@ -348,6 +465,8 @@ class FrozenUNet:
                 except Exception as exc:  # noqa: BLE001 - any tracing failure: the eager U-Net still works
                     print(f"prior: the U-Net runs eagerly for inputs {[tuple(v.shape) for v in inputs]} (tracing failed: {exc})")
                     self._graphs[key] = None
+                if self._graphs[key] is not None and self.cache is not None:
+                    self.cache.save(key, self._graphs[key])
             return self._graphs[key]
 
     def __call__(self, *inputs: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -362,18 +481,19 @@ class FrozenUNet:
         return out.to(out_dtype)
 
 
-def predict_noise(unet: UNet2DConditionModel, x_t: torch.Tensor, t: torch.Tensor, cond: TextCondition,
+def predict_noise(unet: UNet2DConditionModel | PriorConfig, x_t: torch.Tensor, t: torch.Tensor, cond: TextCondition,
                   conditions: RenderConditions | torch.Tensor | None = None, frozen: FrozenUNet | None = None,
                   dtype: torch.dtype | None = None) -> torch.Tensor:
     """eps(x_t; y, c) for a batch: (B, C, S, S) images, (B,) timesteps, and for a camera-aware prior
     its render conditions (a :class:`RenderConditions`, or just the global features (B, F); None:
     unknown, all zeros). The pooled text and the global features enter through the class
     embedding, the ray maps as extra input channels. ``frozen``: ``unet``'s :class:`FrozenUNet`,
-    used where no gradient is needed, in precision ``dtype`` (None: the U-Net's own)."""
+    used where no gradient is needed, in precision ``dtype`` (None: the U-Net's own); with it,
+    ``unet`` may be just the U-Net's :class:`PriorConfig` (the frozen one builds the U-Net if needed)."""
     inputs = unet_inputs(unet, x_t, t, cond, conditions)
     if frozen is not None and not torch.is_grad_enabled():
         return frozen(*inputs, dtype=dtype)
-    return _PositionalUNet(unet)(*inputs)
+    return _PositionalUNet(frozen.unet if isinstance(unet, PriorConfig) else unet)(*inputs)
 
 
 def load_unet(folder: Path | str = ASSET_DIR, device: torch.device | str = "cpu",
