@@ -55,7 +55,7 @@ class EmbeddedGuidance(Guidance):
                 raise FileNotFoundError(f"no embedded prior weights at {folder / WEIGHTS_FILE}")
         except FileNotFoundError as exc:
             raise GuidanceError(f"embedded prior not found: {exc}") from None
-        cache = GraphCache(default_cache_dir(), folder)
+        cache = GraphCache.of_prior(default_cache_dir(), folder)
         build = lambda: load_unet(folder, device)[0]  # noqa: E731
         # its graphs are shared by the light copies of this prior. Where an earlier process traced this
         # prior's U-Net its graphs are read back and the U-Net is built only if one is missing; else it

