@@ -559,6 +559,25 @@ def test_a_cached_graph_gives_the_same_numbers_without_building_the_unet(tiny_pr
     assert not GraphCache.of_prior(tmp_path / "cache", other).any_graph()
 
 
+def test_the_cache_keeps_the_most_recently_used_graphs_of_a_kind(tmp_path):
+    import time as clock
+
+    from dreamfusion.prior.model import GRAPHS_KEPT
+
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    (tmp_path / "w").write_bytes(b"weights")
+    cache = GraphCache(folder, "unet", [tmp_path / "w"])
+    old = [folder / f"unet-{i:024d}-0000000000000000.pt" for i in range(GRAPHS_KEPT + 2)]
+    for i, path in enumerate(old):
+        path.write_bytes(b"x")
+        os.utime(path, ns=(clock.time_ns(), 1_000_000_000 * (i + 1)))  # older the lower i
+    other_kind = folder / "minilm-000-000.pt"
+    other_kind.write_bytes(b"x")
+    removed = cache.prune()
+    assert sorted(removed) == sorted(old[:2]) and not old[0].exists() and old[-1].exists() and other_kind.exists()
+
+
 def test_an_unwritable_cache_still_gives_the_graph(tiny_prior_dir, tmp_path):
     unet, cfg = load_unet(tiny_prior_dir)
     blocker = tmp_path / "a_file"

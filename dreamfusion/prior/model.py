@@ -3,6 +3,7 @@ noise schedule, and loading/saving them as a folder (``config.json`` + safetenso
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -199,6 +200,8 @@ def minilm_path() -> str:
 
 #: bump when what a cached graph holds changes (the tracing, the inputs' layout)
 GRAPH_CACHE_VERSION = 1
+#: graphs of one kind kept in the cache (input shapes and precisions of a few priors and torch versions)
+GRAPHS_KEPT = 6
 
 
 def default_cache_dir() -> Path:
@@ -251,9 +254,12 @@ class GraphCache:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript's: the graph is what FrozenUNet traced
-                return torch.jit.load(str(path), map_location=device)
+                graph = torch.jit.load(str(path), map_location=device)
         except Exception:  # noqa: BLE001 - a truncated or foreign file: trace again
             return None
+        with contextlib.suppress(OSError):
+            os.utime(path)  # used now: the last to be pruned
+        return graph
 
     def save(self, signature: tuple, graph: torch.jit.ScriptModule) -> None:
         try:
@@ -261,8 +267,18 @@ class GraphCache:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)
                 atomic_write(self.path(signature), lambda tmp: torch.jit.save(graph, tmp))
+            self.prune()
         except Exception:  # noqa: BLE001 - a read-only or full disk: the graph still serves this process
             pass
+
+    def prune(self, keep: int = GRAPHS_KEPT) -> list[Path]:
+        """Remove all but the ``keep`` most recently used graphs of this kind (graphs of weights or a
+        torch since replaced would otherwise stay forever: MiniLM's is 90 MB). Returns those removed."""
+        files = sorted(self.folder.glob(f"{self.kind}-*.pt"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+        for old in files[keep:]:
+            with contextlib.suppress(OSError):
+                old.unlink()
+        return files[keep:]
 
 
 class _MiniLM(torch.nn.Module):
