@@ -7,12 +7,14 @@ with ``--public`` the app runs in public mode: see the README's "The app as a pu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TextIO
 
 if __package__ in (None, ""):  # run as a file (Spaces' app_file): make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -130,19 +132,30 @@ def main(argv: Sequence[str] | None = None) -> None:
         handle.close()
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    errors = handle.manager.wait_ready(timeout=300)
-    for e in errors:
-        print(f"warning: the default prior did not load in a worker: {e}", file=sys.stderr)
-    print(f"DreamFusion app:   {url}{'  (public mode)' if public else ''}", flush=True)
-    if handle.viewer is not None:
-        print(f"Live 3D viewer:    {handle.viewer.url.replace('0.0.0.0', '127.0.0.1')}  (also {handle.viewer_proxy_url})", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
+        errors = handle.manager.wait_ready(timeout=300)
+        for e in errors:
+            say(f"warning: the default prior did not load in a worker: {e}", sys.stderr)
+        say(f"DreamFusion app:   {url}{'  (public mode)' if public else ''}")
+        if handle.viewer is not None:
+            say(f"Live 3D viewer:    {handle.viewer.url.replace('0.0.0.0', '127.0.0.1')}  (also {handle.viewer_proxy_url})")
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        print("shutting down", flush=True)
+        say("shutting down")
+    finally:  # the workers and the server end with the app, however it ends
         handle.close()
+
+
+def say(message: str, stream: TextIO | None = None) -> None:
+    """A line for the operator. Where nobody reads any more (the pipe a supervisor gave the app is
+    closed), the line is dropped: the app still serves, and still shuts down cleanly on SIGTERM."""
+    try:
+        print(message, file=stream or sys.stdout, flush=True)
+    except (BrokenPipeError, ValueError, OSError):
+        with contextlib.suppress(OSError, ValueError):  # point the stream at nothing, so Python's exit does not flush into the broken pipe
+            os.dup2(os.open(os.devnull, os.O_WRONLY), (stream or sys.stdout).fileno())
 
 
 if __name__ == "__main__":

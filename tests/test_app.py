@@ -644,3 +644,42 @@ def test_frustums_placed_from_two_threads_at_once_stay_one_live_set(bare_viewer,
     assert len(view.frustums) == 6
     for h in view.frustums:  # every handle kept is live: assigning to it works
         h.visible = True
+
+
+def test_sigterm_ends_the_app_and_its_workers_when_nobody_reads_its_output(tiny_prior_dir, tmp_path):
+    """``python -m app`` under a supervisor that has stopped reading its output (the pipe closed):
+    SIGTERM still shuts it down cleanly, exit status 0, its worker processes gone with it. (Before,
+    the shutdown message met the broken pipe and the app died with a traceback before closing.)"""
+    import signal
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, DREAMFUSION_MODEL=str(tiny_prior_dir), PYTHONPATH=str(repo))
+    proc = subprocess.Popen([sys.executable, "-m", "app", "--port", str(free_port()), "--no-viewer", "--runs-dir", "runs"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        line = ""
+        while "DreamFusion app" not in line and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, "the app ended before it was ready"
+        assert "DreamFusion app" in line
+        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        assert children, "the app's worker processes"
+        proc.stdout.close()  # nobody reads any more
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        wait_for(lambda: not any(_running(pid) for pid in children), timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _running(pid: str) -> bool:
+    """A process that exists and is not a zombie (one that has ended but not been reaped yet)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
