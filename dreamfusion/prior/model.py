@@ -271,6 +271,17 @@ class GraphCache:
         except Exception:  # noqa: BLE001 - a read-only or full disk: the graph still serves this process
             pass
 
+    def load_or_trace(self, signature: tuple, device: str, trace: Callable[[], torch.jit.ScriptModule]) -> torch.jit.ScriptModule:
+        """The graph for ``signature``: read back, or made by ``trace`` (TorchScript's warnings
+        silenced: the shapes are fixed per graph) and kept for the next process."""
+        graph = self.load(signature, device)
+        if graph is None:
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")  # TracerWarnings and TorchScript's deprecation
+                graph = trace()
+            self.save(signature, graph)
+        return graph
+
     def prune(self, keep: int = GRAPHS_KEPT) -> list[Path]:
         """Remove all but the ``keep`` most recently used graphs of this kind (graphs of weights or a
         torch since replaced would otherwise stay forever: MiniLM's is 90 MB). Returns those removed."""
@@ -350,13 +361,8 @@ class TextEncoder:
     def _graph(self, inputs: tuple[torch.Tensor, ...]) -> torch.jit.ScriptModule:
         with self._lock:
             if self._model is None:
-                graph = self._graphs.load(self._signature, str(self.device))
-                if graph is None:
-                    with warnings.catch_warnings(), torch.no_grad():
-                        warnings.simplefilter("ignore")  # TracerWarnings and TorchScript's deprecation
-                        graph = torch.jit.freeze(torch.jit.trace(_MiniLM(self._transformers_model()).eval(), inputs, check_trace=False))
-                    self._graphs.save(self._signature, graph)
-                self._model = graph
+                trace = lambda: torch.jit.freeze(torch.jit.trace(_MiniLM(self._transformers_model()).eval(), inputs, check_trace=False))  # noqa: E731
+                self._model = self._graphs.load_or_trace(self._signature, str(self.device), trace)
             return self._model
 
     @torch.no_grad()
@@ -530,20 +536,20 @@ class FrozenUNet:
         key = tuple((tuple(v.shape), v.dtype, str(v.device)) for v in inputs)
         with self._lock:
             if key not in self._graphs:
-                cached = self.cache.load(key, str(inputs[0].device)) if self.cache is not None else None
-                if cached is not None:
-                    self._graphs[key] = cached
-                    return cached
+                def trace() -> torch.jit.ScriptModule:
+                    module = _PositionalUNet(self._module(inputs[0].dtype)).eval()
+                    return torch.jit.freeze(torch.jit.trace(module, inputs, check_trace=False))
+
                 try:
-                    with warnings.catch_warnings(), torch.no_grad():
-                        warnings.simplefilter("ignore")  # TracerWarnings: the shapes are fixed per graph
-                        traced = torch.jit.trace(_PositionalUNet(self._module(inputs[0].dtype)).eval(), inputs, check_trace=False)
-                        self._graphs[key] = torch.jit.freeze(traced)
+                    if self.cache is not None:
+                        self._graphs[key] = self.cache.load_or_trace(key, str(inputs[0].device), trace)
+                    else:
+                        with warnings.catch_warnings(), torch.no_grad():
+                            warnings.simplefilter("ignore")  # TracerWarnings: the shapes are fixed per graph
+                            self._graphs[key] = trace()
                 except Exception as exc:  # noqa: BLE001 - any tracing failure: the eager U-Net still works
                     print(f"prior: the U-Net runs eagerly for inputs {[tuple(v.shape) for v in inputs]} (tracing failed: {exc})")
                     self._graphs[key] = None
-                if self._graphs[key] is not None and self.cache is not None:
-                    self.cache.save(key, self._graphs[key])
             return self._graphs[key]
 
     def __call__(self, *inputs: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
