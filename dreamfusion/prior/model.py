@@ -213,12 +213,20 @@ def default_cache_dir() -> Path:
     return Path(base) / "dreamfusion"
 
 
+def trace_quietly(trace: Callable[[], torch.jit.ScriptModule]) -> torch.jit.ScriptModule:
+    """``trace()`` without gradients and without TorchScript's warnings (TracerWarnings: the shapes
+    are fixed per graph; its deprecation notice)."""
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        return trace()
+
+
 class GraphCache:
-    """Frozen TorchScript graphs of one prior's U-Net on disk, one file per input signature. The
-    file's name holds a digest of the prior's weights and config, torch's version and the inputs'
-    shapes, dtypes and device, so a graph is only ever read back for the U-Net and inputs it was
-    traced from. Loading one takes milliseconds and needs neither diffusers nor the U-Net; a file
-    that cannot be read is traced again, a folder that cannot be written is left alone."""
+    """Frozen TorchScript graphs of one model (the prior's U-Net, MiniLM) on disk, one file per input
+    signature. The file's name holds a digest of the model's files, torch's version and the
+    inputs' signature, so a graph is only ever read back for the model and inputs it was traced
+    from. Loading one takes milliseconds and needs neither diffusers nor transformers; a file that
+    cannot be read is traced again, a folder that cannot be written is left alone."""
 
     def __init__(self, folder: Path | str, kind: str, sources: list[Path]):
         """Graphs of ``kind`` (a file-name prefix) of the model whose files are ``sources``: their
@@ -272,13 +280,11 @@ class GraphCache:
             pass
 
     def load_or_trace(self, signature: tuple, device: str, trace: Callable[[], torch.jit.ScriptModule]) -> torch.jit.ScriptModule:
-        """The graph for ``signature``: read back, or made by ``trace`` (TorchScript's warnings
-        silenced: the shapes are fixed per graph) and kept for the next process."""
+        """The graph for ``signature``: read back, or made by ``trace`` (:func:`trace_quietly`) and
+        kept for the next process."""
         graph = self.load(signature, device)
         if graph is None:
-            with warnings.catch_warnings(), torch.no_grad():
-                warnings.simplefilter("ignore")  # TracerWarnings and TorchScript's deprecation
-                graph = trace()
+            graph = trace_quietly(trace)
             self.save(signature, graph)
         return graph
 
@@ -544,9 +550,7 @@ class FrozenUNet:
                     if self.cache is not None:
                         self._graphs[key] = self.cache.load_or_trace(key, str(inputs[0].device), trace)
                     else:
-                        with warnings.catch_warnings(), torch.no_grad():
-                            warnings.simplefilter("ignore")  # TracerWarnings: the shapes are fixed per graph
-                            self._graphs[key] = trace()
+                        self._graphs[key] = trace_quietly(trace)
                 except Exception as exc:  # noqa: BLE001 - any tracing failure: the eager U-Net still works
                     print(f"prior: the U-Net runs eagerly for inputs {[tuple(v.shape) for v in inputs]} (tracing failed: {exc})")
                     self._graphs[key] = None
