@@ -279,14 +279,9 @@ class ExportOptions:
     surface's level (at most half a voxel): flatter faces and crisper edges than linear
     interpolation along grid edges gives (0: off). The defaults of these asset steps are measured
     on the public list in docs/assets.md"""
-    surface_smoothing: int = 20
-    """iterations of feature-preserving smoothing of the surface, after the refinement and before
-    decimation (bilateral filtering of the face normals, then the vertices fitted to them): ripples
-    of a few faces flatten, creases between faces whose normals differ by more than
-    --export.surface-edge stay sharp (0: off)"""
-    surface_edge: float = 0.35
-    """surface smoothing mixes two faces' normals in proportion to a Gaussian of their difference
-    (the length of n1 - n2) with this width: 0.35 is about 20 degrees"""
+    surface_smoothing: int = 30
+    """iterations of Taubin's lambda|mu smoothing of the surface, after the refinement and before
+    decimation: ripples of a few faces even out, the volume stays (0: off)"""
     faces: int = 20000
     """face budget: quadric decimation down to at most this many faces (fast-simplification), the
     distance it moved the surface reported in the run's notes; a lighter file, flat regions in few
@@ -531,7 +526,6 @@ def validate_export(opts: ExportOptions) -> None:
     _between("colour_depth (voxels)", opts.colour_depth, 0.0, 64.0)
     _between("refine_steps", opts.refine_steps, 0, 20)
     _between("surface_smoothing (iterations)", opts.surface_smoothing, 0, 100)
-    _between("surface_edge", opts.surface_edge, 0.01, 2.0)
     if opts.faces != 0:
         _between("faces (the face budget; 0: no decimation)", opts.faces, 100, 100_000_000)
     _between("colour_smoothing (iterations)", opts.colour_smoothing, 0, 100)

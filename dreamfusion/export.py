@@ -239,63 +239,17 @@ def refine_vertices(vertices: np.ndarray, density_fn: Callable[[torch.Tensor], t
     return points
 
 
-def filter_face_normals(normals: np.ndarray, centroids: np.ndarray, areas: np.ndarray, adjacency: np.ndarray, iterations: int,
-                        sigma_space: float, sigma_normal: float) -> np.ndarray:
-    """Bilateral filtering of a mesh's face normals (Zheng et al. 2011, "Bilateral normal filtering
-    for mesh denoising"): ``iterations`` times, each face's normal becomes the normalised sum of its
-    own and its neighbours' normals, each weighted by the neighbour's area, a Gaussian of the distance
-    between the centroids (``sigma_space``, world units) and a Gaussian of the difference of the
-    normals (``sigma_normal``, the length of ``n_i - n_j``; 0.35 is about 20 degrees). Ripples of a
-    few faces average out; across a crease the normals differ by more than ``sigma_normal`` and are
-    hardly mixed, so edges stay sharp. ``normals``, ``centroids`` (F, 3), ``areas`` (F,),
-    ``adjacency`` (P, 2) pairs of neighbouring faces -> (F, 3) unit normals, float64."""
-    if iterations < 0 or sigma_space <= 0 or sigma_normal <= 0:
-        raise ValueError(f"need iterations >= 0 and positive sigmas, got {iterations}, {sigma_space}, {sigma_normal}")
-    normals = np.asarray(normals, dtype=np.float64).copy()
-    centroids, areas = np.asarray(centroids, dtype=np.float64), np.asarray(areas, dtype=np.float64)
-    pairs = np.asarray(adjacency, dtype=np.int64).reshape(-1, 2)
-    a, b = np.concatenate([pairs[:, 0], pairs[:, 1]]), np.concatenate([pairs[:, 1], pairs[:, 0]])  # both directions
-    space = areas[b] * np.exp(-((centroids[a] - centroids[b]) ** 2).sum(axis=1) / (2.0 * sigma_space**2))
-    for _ in range(iterations):
-        weight = space * np.exp(-((normals[a] - normals[b]) ** 2).sum(axis=1) / (2.0 * sigma_normal**2))
-        total = normals * areas[:, None] + np.stack([np.bincount(a, weight * normals[b, c], minlength=len(normals)) for c in range(3)], axis=1)
-        length = np.linalg.norm(total, axis=1, keepdims=True)
-        normals = np.where(length > 0, total / np.maximum(length, 1e-300), normals)
-    return normals
-
-
-def fit_vertices_to_normals(vertices: np.ndarray, faces: np.ndarray, normals: np.ndarray, iterations: int) -> np.ndarray:
-    """Move a mesh's vertices so that its faces take the given normals (Sun et al. 2007, the vertex
-    update of normal-filtering denoising): ``iterations`` times, each vertex moves by the mean over
-    its faces of ``n_f (n_f . (c_f - x))``, the step onto the plane through the face's centroid
-    ``c_f`` with normal ``n_f``. Vertices move along the normals only, so a flat region stays where
-    it was while its ripples flatten. ``vertices`` (V, 3), ``faces`` (F, 3), ``normals`` (F, 3) ->
-    (V, 3) float64."""
+def smooth_surface(mesh: trimesh.Trimesh, iterations: int, lamb: float = 0.5, nu: float = 0.53) -> np.ndarray:
+    """Taubin's lambda|mu smoothing of a mesh's surface (trimesh's ``filter_taubin``): ``iterations``
+    pairs of a shrinking Laplacian step (``lamb``) and an inflating one (``nu``), a low-pass filter
+    that evens out ripples of a few faces without the shrinking plain Laplacian smoothing causes.
+    Returns the new (V, 3) vertices; the mesh and its faces are left as they were."""
     if iterations < 0:
         raise ValueError(f"need iterations >= 0, got {iterations}")
-    points = np.asarray(vertices, dtype=np.float64).copy()
-    faces = np.asarray(faces, dtype=np.int64)
-    normals = np.asarray(normals, dtype=np.float64)
-    corner = faces.ravel()
-    count = np.maximum(np.bincount(corner, minlength=len(points)), 1).astype(np.float64)
-    for _ in range(iterations):
-        centroids = points[faces].mean(axis=1)  # (F, 3)
-        offset = ((centroids[:, None, :] - points[faces]) * normals[:, None, :]).sum(axis=2)  # (F, 3 corners)
-        push = (offset[:, :, None] * normals[:, None, :]).reshape(-1, 3)
-        points += np.stack([np.bincount(corner, push[:, c], minlength=len(points)) for c in range(3)], axis=1) / count[:, None]
-    return points
-
-
-def denoise_surface(mesh: trimesh.Trimesh, iterations: int, sigma_normal: float = 0.35, vertex_iterations: int = 20) -> np.ndarray:
-    """Feature-preserving smoothing of a mesh's surface: its face normals filtered
-    (:func:`filter_face_normals`, over faces sharing an edge, spatial scale the mean edge length),
-    then its vertices fitted to them (:func:`fit_vertices_to_normals`). Returns the new (V, 3)
-    vertices; the faces are unchanged."""
-    if iterations == 0:
-        return np.asarray(mesh.vertices, dtype=np.float64).copy()
-    normals = filter_face_normals(mesh.face_normals, mesh.triangles_center, mesh.area_faces, mesh.face_adjacency, iterations,
-                                  sigma_space=float(mesh.edges_unique_length.mean()), sigma_normal=sigma_normal)
-    return fit_vertices_to_normals(mesh.vertices, mesh.faces, normals, vertex_iterations)
+    smooth = trimesh.Trimesh(np.asarray(mesh.vertices, dtype=np.float64).copy(), np.asarray(mesh.faces), process=False)
+    if iterations > 0:
+        trimesh.smoothing.filter_taubin(smooth, lamb=lamb, nu=nu, iterations=iterations)
+    return np.asarray(smooth.vertices, dtype=np.float64)
 
 
 def distance_to_mesh(points: np.ndarray, mesh: trimesh.Trimesh, candidates: int = 16) -> np.ndarray:
@@ -366,7 +320,7 @@ def smooth_colours(colours: np.ndarray, edges: np.ndarray, iterations: int, max_
 def extract_mesh(density_fn: Callable[[torch.Tensor], torch.Tensor], albedo_fn: Callable[[torch.Tensor], torch.Tensor],
                  resolution: int = 128, bound: float = 1.0, threshold: float | None = None, device: torch.device | str = "cpu",
                  fill_voids: str = "axes", colour_depth: float = 0.0, refine_steps: int = 0, surface_smoothing: int = 0,
-                 surface_edge: float = 0.35, max_faces: int = 0,
+                 max_faces: int = 0,
                  colour_smoothing: int = 0, colour_edge: float = 0.1) -> trimesh.Trimesh:
     """Marching-cubes mesh of a density field, with vertex colours.
 
@@ -381,8 +335,8 @@ def extract_mesh(density_fn: Callable[[torch.Tensor], torch.Tensor], albedo_fn: 
     (:func:`composite_along_normals`); 0: the albedo at the vertex.
     Components with < 1% of the faces (floaters) are dropped. Then, each only when asked for:
     ``refine_steps`` Newton steps move the vertices onto the level set (:func:`refine_vertices`, at
-    most half a voxel); ``surface_smoothing`` iterations of feature-preserving smoothing
-    (:func:`denoise_surface`, normals mixed within ``surface_edge``); ``max_faces`` > 0 decimates to that face budget (:func:`decimate_mesh`; what
+    most half a voxel); ``surface_smoothing`` iterations of Taubin smoothing
+    (:func:`smooth_surface`); ``max_faces`` > 0 decimates to that face budget (:func:`decimate_mesh`; what
     it cost is in ``mesh.metadata["decimation"]``; the scraps it pinches off are dropped as floaters);
     ``colour_smoothing`` iterations of edge-aware
     colour smoothing (:func:`smooth_colours`, across steps of at most ``colour_edge``).
@@ -411,7 +365,7 @@ def extract_mesh(density_fn: Callable[[torch.Tensor], torch.Tensor], albedo_fn: 
     if refine_steps > 0:
         mesh.vertices = refine_vertices(mesh.vertices, density_fn, level, max_move=0.5 * voxel, steps=refine_steps, device=device)
     if surface_smoothing > 0:
-        mesh.vertices = denoise_surface(mesh, surface_smoothing, sigma_normal=surface_edge)
+        mesh.vertices = smooth_surface(mesh, surface_smoothing)
     decimation = None
     if max_faces > 0:
         mesh, decimation = decimate_mesh(mesh, max_faces)
