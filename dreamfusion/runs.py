@@ -136,7 +136,8 @@ def scene_mesh(scene: Renderer, opts: ExportOptions) -> tuple[trimesh.Trimesh, l
         mesh = extract_mesh(scene.field.density, scene.field.albedo, resolution=opts.mesh_resolution,
                             bound=scene.field.cfg.bound, threshold=threshold, device=device, fill_voids=opts.fill_voids,
                             colour_depth=opts.colour_depth * 2 * scene.field.cfg.bound / (scene.field.resolution - 1),
-                            refine_steps=opts.refine_steps, surface_smoothing=opts.surface_smoothing, max_faces=opts.faces, colour_smoothing=opts.colour_smoothing,
+                            refine_steps=opts.refine_steps, surface_smoothing=opts.surface_smoothing, max_faces=opts.faces,
+                            colour_smoothing=opts.colour_smoothing,
                             colour_edge=opts.colour_edge)
     notes = [str(w.message) for w in caught if issubclass(w.category, ExportWarning)]
     d = mesh.metadata.get("decimation")

@@ -22,17 +22,17 @@ def test_the_same_numbers_as_torch_adam_bit_for_bit():
     ref = torch.optim.Adam(theirs, betas=(0.9, 0.99), eps=1e-15, foreach=True)
     g = torch.Generator().manual_seed(1)
     for step in range(30):
-        for k, (gm, gt) in enumerate(zip(ours.param_groups, ref.param_groups)):
+        for k, (gm, gt) in enumerate(zip(ours.param_groups, ref.param_groups, strict=True)):
             gm["lr"] = gt["lr"] = [0.075, 0.05, 1e-3][k] * (1.0 - step / 60)  # a schedule changes the rates between steps
-            for pm, pt in zip(gm["params"], gt["params"]):
+            for pm, pt in zip(gm["params"], gt["params"], strict=True):
                 grad = torch.randn(pm.shape, generator=g) * 10.0 ** (step % 5 - 2)
                 pm.grad, pt.grad = grad.clone(), grad.clone()
         if step == 7:  # a group without gradients this step is left alone, as torch leaves it
             ours.param_groups[2]["params"][0].grad = ref.param_groups[2]["params"][0].grad = None
         ours.step()
         ref.step()
-    for gm, gt in zip(ours.param_groups, ref.param_groups):
-        for pm, pt in zip(gm["params"], gt["params"]):
+    for gm, gt in zip(ours.param_groups, ref.param_groups, strict=True):
+        for pm, pt in zip(gm["params"], gt["params"], strict=True):
             assert torch.equal(pm, pt)
             for key in ("step", "exp_avg", "exp_avg_sq"):
                 assert torch.equal(ours.state[pm][key], ref.state[pt][key]), key
