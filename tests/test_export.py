@@ -511,7 +511,8 @@ def test_asset_options_can_be_turned_off_and_are_checked():
     assert (opts.refine_steps, opts.surface_smoothing, opts.faces, opts.colour_smoothing) == (3, 30, 20000, 64)
     validate_export(ExportOptions(refine_steps=0, surface_smoothing=0, faces=0, colour_smoothing=0))
     validate_export(ExportOptions(refine_steps=3, faces=20000, colour_smoothing=5, colour_edge=0.1))
-    for bad in (dict(refine_steps=-1), dict(surface_smoothing=-1), dict(surface_smoothing=1000), dict(faces=50), dict(faces=-5), dict(colour_smoothing=1000), dict(colour_edge=2.0)):
+    for bad in (dict(refine_steps=-1), dict(surface_smoothing=-1), dict(surface_smoothing=1000),
+                dict(faces=50), dict(faces=-5), dict(colour_smoothing=1000), dict(colour_edge=2.0)):
         with pytest.raises(ValueError):
             validate_export(ExportOptions(**bad))
 
