@@ -185,7 +185,7 @@ class GuidanceConfig:
 class OptimConfig:
     """Adam on the grid, the loss terms' weights, and the guard against bad steps."""
 
-    lr: float = 0.075
+    lr: float = 0.1
     """learning rate of the density and albedo grids (higher for a shorter run: the grid must travel
     as far in fewer steps; docs/speed.md has the curve)"""
     lr_density: float | None = None
@@ -223,14 +223,15 @@ class OptimConfig:
 class TrainConfig:
     """One text-to-3D run."""
 
-    steps: int = 800
-    """iterations: 800 hold the quality of 1,200 on the public list in two thirds of the time
+    steps: int = 500
+    """iterations: 500 of four views hold the quality of 800 of two, and of 1,200, on the public list
     (docs/speed.md; --preset fast and best are the shorter and the longer runs)"""
     seed: int = 0
     render_size: int = 64
     """training render resolution (the prior sees it resized to its own size)"""
-    views: int = 2
-    """cameras per iteration"""
+    views: int = 4
+    """cameras per iteration: at the prior's 32 px a step's cost is mostly per call, not per view
+    (four views cost a third more than two), so four views a step for fewer steps are quicker than two"""
     device: str = "cpu"
     preview_every: int = 25
     camera: CameraConfig = dataclass_field(default_factory=CameraConfig)
@@ -587,9 +588,9 @@ def with_settings(cfg: TrainConfig, *, steps: int | None = None, seed: int | Non
 #: ('section.key': value, as ``--set`` takes them). The table of what each costs and gives on the
 #: public list: docs/speed.md
 PRESETS: dict[str, dict[str, object]] = {
-    "fast": {"steps": 400, "optim.lr": 0.12, "optim.lr_decay_start": 1.0},
+    "fast": {"steps": 400, "views": 2, "optim.lr": 0.12, "optim.lr_decay_start": 1.0},
     "default": {},
-    "best": {"steps": 1200, "optim.lr": 0.05, "optim.lr_decay_start": 1.0},
+    "best": {"steps": 1200, "views": 2, "optim.lr": 0.05, "optim.lr_decay_start": 1.0},
 }
 
 

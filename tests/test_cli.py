@@ -754,6 +754,8 @@ def test_presets_set_what_the_advanced_settings_leave_at_their_defaults():
     fast = parse("a cube", "--preset", "fast")
     assert (fast.steps, fast.optim.lr) == (PRESETS["fast"]["steps"], PRESETS["fast"]["optim.lr"])
     assert fast.steps < TrainConfig().steps < parse("a cube", "--preset", "best").steps
+    # the presets keep the two views a step they were measured with; the defaults take four
+    assert (fast.views, parse("a cube", "--preset", "best").views, TrainConfig().views) == (2, 2, 4)
     assert parse("a cube", "--preset", "fast", "--steps", "50").steps == 50
     assert parse("a cube", "--preset", "best", "--advanced.optim.lr", "0.3").optim.lr == 0.3
     with pytest.raises(ValueError, match="unknown preset 'slow'; valid presets: fast, default, best"):
