@@ -320,8 +320,7 @@ def smooth_colours(colours: np.ndarray, edges: np.ndarray, iterations: int, max_
 def extract_mesh(density_fn: Callable[[torch.Tensor], torch.Tensor], albedo_fn: Callable[[torch.Tensor], torch.Tensor],
                  resolution: int = 128, bound: float = 1.0, threshold: float | None = None, device: torch.device | str = "cpu",
                  fill_voids: str = "axes", colour_depth: float = 0.0, refine_steps: int = 0, surface_smoothing: int = 0,
-                 max_faces: int = 0,
-                 colour_smoothing: int = 0, colour_edge: float = 0.1) -> trimesh.Trimesh:
+                 max_faces: int = 0, colour_smoothing: int = 0, colour_edge: float = 0.1) -> trimesh.Trimesh:
     """Marching-cubes mesh of a density field, with vertex colours.
 
     ``density_fn``: (N, 3) float32 points -> (N,) density >= 0, sampled on a ``resolution``^3 grid

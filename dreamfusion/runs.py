@@ -137,8 +137,7 @@ def scene_mesh(scene: Renderer, opts: ExportOptions) -> tuple[trimesh.Trimesh, l
                             bound=scene.field.cfg.bound, threshold=threshold, device=device, fill_voids=opts.fill_voids,
                             colour_depth=opts.colour_depth * 2 * scene.field.cfg.bound / (scene.field.resolution - 1),
                             refine_steps=opts.refine_steps, surface_smoothing=opts.surface_smoothing, max_faces=opts.faces,
-                            colour_smoothing=opts.colour_smoothing,
-                            colour_edge=opts.colour_edge)
+                            colour_smoothing=opts.colour_smoothing, colour_edge=opts.colour_edge)
     notes = [str(w.message) for w in caught if issubclass(w.category, ExportWarning)]
     d = mesh.metadata.get("decimation")
     if d is not None and d["faces"] < d["faces_before"]:  # a mesh within the budget is left as it is: nothing to report
