@@ -162,9 +162,10 @@ def size_rows(trainer: Trainer, sizes: list[int], iters: int) -> list[dict]:
     return rows
 
 
-#: the iteration of the defaults before the speed work, beside today's: (label, iterations, U-Net precision setting)
-OLD_AND_NEW = (("old defaults: 1,200 iterations, float32 U-Net", 1200, "off"),
-               ("new defaults: 800 iterations, bfloat16 U-Net where the CPU has it", TrainConfig().steps, "auto"))
+#: the iteration of the defaults before the speed work, beside today's: (label, iterations, views a step, U-Net precision setting)
+OLD_AND_NEW = (("old defaults: 1,200 iterations of 2 views, float32 U-Net", 1200, 2, "off"),
+               (f"new defaults: {TrainConfig().steps:,} iterations of {TrainConfig().views} views, bfloat16 U-Net where the CPU has it",
+                TrainConfig().steps, TrainConfig().views, "auto"))
 
 
 def old_and_new(trainer: Trainer, iters: int) -> None:
@@ -173,14 +174,16 @@ def old_and_new(trainer: Trainer, iters: int) -> None:
     print(f"\nold defaults beside new, {torch.get_num_threads()} threads, 64 px, the same scene:\n")
     print("| defaults | render fwd ms | guidance ms | backward ms | optimiser ms | iteration ms | iterations | training s |")
     print("|---|---|---|---|---|---|---|---|")
-    guidance_cfg = trainer.guidance.cfg
-    for label, steps, precision in OLD_AND_NEW:
+    guidance_cfg, views = trainer.guidance.cfg, trainer.cfg.views
+    for label, steps, step_views, precision in OLD_AND_NEW:
         trainer.guidance.cfg = dataclasses.replace(guidance_cfg, cpu_bfloat16=precision)
-        stage_times(trainer, 64, 3)  # trace the graph of this precision before timing
+        trainer.cfg = dataclasses.replace(trainer.cfg, views=step_views)
+        stage_times(trainer, 64, 3)  # trace the graph of this precision and batch before timing
         t = stage_times(trainer, 64, iters)
         print(f"| {label} | {t['render'] * 1e3:.0f} | {t['guidance'] * 1e3:.0f} | {t['backward'] * 1e3:.0f} | {t['optimiser'] * 1e3:.1f} | "
               f"{t['iteration'] * 1e3:.0f} | {steps} | {steps * t['iteration']:.0f} |", flush=True)
     trainer.guidance.cfg = guidance_cfg
+    trainer.cfg = dataclasses.replace(trainer.cfg, views=views)
 
 
 def main(argv: list[str] | None = None) -> int:

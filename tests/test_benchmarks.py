@@ -389,6 +389,31 @@ def test_speed_splits_the_render_into_its_stages(fast_config):
     assert sum(parts.values()) < whole_ms  # a part of the iteration, not more
 
 
+def test_speed_times_the_old_defaults_at_their_own_views(fast_config, capsys):
+    """The old-beside-new table steps each row with its own views a step (the old defaults rendered
+    two, today's four), in its own U-Net precision, and leaves the trainer's settings as they were."""
+    import speed
+
+    from dreamfusion.trainer import TrainConfig, Trainer
+
+    trainer = Trainer(fast_config, "a red cube")
+    trainer.run(2)
+    batches = []
+    render = trainer.renderer.render
+
+    def recording(cameras, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        batches.append(len(cameras))
+        return render(cameras, *args, **kwargs)
+
+    trainer.renderer.render = recording
+    before = trainer.guidance.cfg
+    speed.old_and_new(trainer, 1)
+    assert batches == [2] * 4 + [TrainConfig().views] * 4  # 3 warm-up steps and 1 timed, per row
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| old") or line.startswith("| new")]
+    assert len(rows) == 2 and "of 2 views" in rows[0] and f"of {TrainConfig().views} views" in rows[1]
+    assert trainer.cfg.views == fast_config.views and trainer.guidance.cfg == before
+
+
 def test_grad_norms_summarise_by_hand_and_run_on_the_tiny_prior(tmp_path, tiny_prior_dir, capsys):
     import grad_norms
 
