@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from dreamfusion.prior.model import _PositionalUNet, load_unet
+from dreamfusion.prior.model import _PositionalUNet, load_unet, unet_input_dims
 
 
 def median_ms(fn, inputs: tuple, n: int) -> float:  # noqa: ANN001 - any callable module
@@ -43,9 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     unet = torch.nn.Module.to(unet, dtype)
     g = torch.Generator().manual_seed(0)
     b, s = args.batch, cfg.image_size
-    inputs = (torch.randn(b, unet.config.in_channels, s, s, generator=g).to(dtype), torch.randint(20, 980, (b,), generator=g),
+    class_dim, channels = unet_input_dims(cfg)
+    inputs = (torch.randn(b, channels, s, s, generator=g).to(dtype), torch.randint(20, 980, (b,), generator=g),
               torch.randn(b, cfg.max_tokens, cfg.text_dim, generator=g).to(dtype), torch.ones(b, cfg.max_tokens, dtype=torch.long),
-              torch.randn(b, unet.config.projection_class_embeddings_input_dim, generator=g).to(dtype))
+              torch.randn(b, class_dim, generator=g).to(dtype))
     module = _PositionalUNet(unet).eval()
     with torch.no_grad():
         reference = module(*inputs).float()
