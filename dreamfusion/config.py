@@ -280,6 +280,12 @@ class ExportOptions:
     surface's level (at most half a voxel): flatter faces and crisper edges than linear
     interpolation along grid edges gives (0: off). The defaults of these asset steps are measured
     on the public list in docs/assets.md"""
+    field_smoothing: float = 0.5
+    """standard deviation, in grid voxels, of a Gaussian blur of the raw density grid before the
+    surface level is chosen and the surface extracted (the turntable keeps the trained field): the
+    level set of a density whose transition is thinner than a voxel steps from one grid layer to the
+    next ("wood grain"), and half a voxel evens the steps out; a voxel or more rounds thin parts and
+    points (0: off)"""
     surface_smoothing: int = 30
     """iterations of Taubin's lambda|mu smoothing of the surface, after the refinement and before
     decimation: ripples of a few faces even out, the volume stays (0: off)"""
@@ -527,6 +533,7 @@ def validate_export(opts: ExportOptions) -> None:
     _between("colour_depth (voxels)", opts.colour_depth, 0.0, 64.0)
     _between("refine_steps", opts.refine_steps, 0, 20)
     _between("surface_smoothing (iterations)", opts.surface_smoothing, 0, 100)
+    _between("field_smoothing (voxels)", opts.field_smoothing, 0.0, 8.0)
     if opts.faces != 0:
         _between("faces (the face budget; 0: no decimation)", opts.faces, 100, 100_000_000)
     _between("colour_smoothing (iterations)", opts.colour_smoothing, 0, 100)

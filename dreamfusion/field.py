@@ -8,6 +8,8 @@ embedded prior works at, a 48^3 grid has detail to spare (see benchmarks/speed.p
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -110,6 +112,24 @@ class _TrilinearLookup(torch.autograd.Function):
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor) -> tuple[torch.Tensor, None]:
         (coords,) = ctx.saved_tensors
         return trilinear_volume_grad(grad_out, coords.reshape(-1, 3), ctx.volume_shape), None
+
+
+def gaussian_blur_3d(volume: torch.Tensor, sigma: float) -> torch.Tensor:
+    """(1, C, D, H, W) volume blurred with a separable Gaussian of standard deviation ``sigma``
+    voxels (truncated at 3 sigma; the edges replicated, as the field's lookup clamps)."""
+    radius = max(1, math.ceil(3 * sigma))
+    x = torch.arange(-radius, radius + 1, dtype=volume.dtype, device=volume.device)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    c = volume.shape[1]
+    out = volume
+    for dim in range(3):
+        shape = [1, 1, 1, 1, 1]
+        shape[2 + dim] = kernel.numel()
+        pad = [0] * 6
+        pad[2 * (2 - dim)] = pad[2 * (2 - dim) + 1] = radius
+        out = F.conv3d(F.pad(out, pad, mode="replicate"), kernel.view(shape).expand(c, 1, *shape[2:]).contiguous(), groups=c)
+    return out
 
 
 class GridField(nn.Module):

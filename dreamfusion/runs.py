@@ -120,6 +120,21 @@ def surface_level(scene: Renderer) -> float:
     return silhouette_level(opacity.cpu(), peak.cpu())
 
 
+def smoothed_scene(scene: Renderer, sigma: float) -> Renderer:
+    """A copy of ``scene`` whose raw density grid is blurred with a Gaussian of ``sigma`` voxels
+    (:func:`dreamfusion.field.gaussian_blur_3d`); its albedo, and ``scene`` itself, are untouched."""
+    import copy
+
+    import torch
+
+    from .field import gaussian_blur_3d
+
+    smooth = copy.deepcopy(scene)
+    with torch.no_grad():
+        smooth.field.density_grid.copy_(gaussian_blur_3d(scene.field.density_grid, sigma))
+    return smooth
+
+
 def scene_mesh(scene: Renderer, opts: ExportOptions) -> tuple[trimesh.Trimesh, list[str]]:
     """The mesh ``opts`` ask for of a scene (a :class:`~dreamfusion.render.Renderer`): its surface
     level, marching cubes and the asset steps, in world coordinates (+Z up) with vertex colours.
@@ -128,6 +143,8 @@ def scene_mesh(scene: Renderer, opts: ExportOptions) -> tuple[trimesh.Trimesh, l
     from .export import ExportWarning, extract_mesh
 
     device = scene.field.density_grid.device
+    if opts.field_smoothing > 0:  # the surface, its level and its colours all come from the smoothed field
+        scene = smoothed_scene(scene, opts.field_smoothing)
     threshold = opts.threshold
     if threshold is None and opts.level == "silhouette":
         threshold = surface_level(scene)
