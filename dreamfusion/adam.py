@@ -16,7 +16,8 @@ import torch
 
 
 class GridAdam:
-    """Adam (Kingma & Ba 2015) over parameter groups: ``[{"params": [...], "lr": ..., **extra}]``.
+    """Adam (Kingma & Ba 2015) over parameter groups: ``[{"params": [...], "lr": ..., **extra}]``; a
+    group's own ``"eps"`` takes the place of the optimiser's.
     ``step()`` updates every parameter that has a gradient; ``state[p]`` holds ``step`` (a float32
     scalar tensor), ``exp_avg`` and ``exp_avg_sq``, as torch's Adam keeps them."""
 
@@ -31,6 +32,8 @@ class GridAdam:
             group["params"] = list(group["params"])
             if "lr" not in group or group["lr"] < 0:
                 raise ValueError(f"each group needs a learning rate >= 0, got {group.get('lr')}")
+            if group.get("eps", 0.0) < 0:
+                raise ValueError(f"a group's eps must be >= 0, got {group['eps']}")
             self.param_groups.append(group)
         self.state: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
 
@@ -71,5 +74,5 @@ class GridAdam:
             correction2_sqrt = [(1 - beta2 ** s.item()) ** 0.5 for s in steps]
             denom = torch._foreach_sqrt(exp_avg_sqs)
             torch._foreach_div_(denom, correction2_sqrt)
-            torch._foreach_add_(denom, self.eps)
+            torch._foreach_add_(denom, group.get("eps", self.eps))
             torch._foreach_addcdiv_(params, exp_avgs, denom, step_size)

@@ -154,7 +154,8 @@ def scene_tensors(renderer: Renderer) -> dict[str, torch.Tensor]:
     import torch
 
     tensors = {"field.density": renderer.field.density_grid.detach().cpu(), "field.albedo": renderer.field.albedo_grid.detach().cpu(),
-               "field.blob_scale": renderer.field.blob_scale.detach().cpu().reshape(1)}
+               "field.blob_scale": renderer.field.blob_scale.detach().cpu().reshape(1),
+               "field.sdf_beta": renderer.field.sdf_beta.detach().cpu().reshape(1)}
     for k, v in renderer.background.state_dict().items():
         tensors[f"background.{k}"] = v.cpu()
     tensors["occupancy.occs"] = renderer.estimator.occs.cpu()
@@ -180,6 +181,8 @@ def load_scene_tensors(renderer: Renderer, tensors: dict[str, torch.Tensor]) -> 
         renderer.field.load_grids(density, albedo)
         if "field.blob_scale" in tensors:
             renderer.field.blob_scale.fill_(float(tensors["field.blob_scale"].reshape(-1)[0]))
+        # a checkpoint from before signed distance grids holds a density
+        renderer.field.sdf_beta.fill_(float(tensors["field.sdf_beta"].reshape(-1)[0]) if "field.sdf_beta" in tensors else 0.0)
         renderer.background.load_state_dict({k[len("background."):]: v for k, v in tensors.items() if k.startswith("background.")})
         renderer.estimator.occs.copy_(tensors["occupancy.occs"])
         renderer.estimator.binaries.copy_(tensors["occupancy.binaries"].bool())

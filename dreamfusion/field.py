@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -34,9 +35,14 @@ def blob_bias_gradient(points: torch.Tensor, strength: float, radius: float, inn
     return torch.where(norm < radius, grad * inner_scale, grad) if inner_scale != 1.0 else grad
 
 
-def density_activation(raw: torch.Tensor, kind: str = "softplus") -> torch.Tensor:
+def density_activation(raw: torch.Tensor, kind: str = "softplus", beta: float = 0.01) -> torch.Tensor:
     """Raw density -> density >= 0: ``softplus`` or ``exp`` (truncated at e^15, where a voxel is
-    opaque many times over, so one bad step cannot overflow)."""
+    opaque many times over, so one bad step cannot overflow), or ``laplace``: the raw value is a
+    signed distance (positive inside) and the density VolSDF's (1 / beta) Psi_beta(raw), Psi the
+    Laplace distribution's CDF of scale ``beta``."""
+    if kind == "laplace":
+        e = 0.5 * torch.exp(-raw.abs() / beta)
+        return torch.where(raw >= 0, 1.0 - e, e) / beta
     if kind == "exp":
         return torch.exp(raw.clamp(max=15.0))
     return F.softplus(raw)
@@ -132,6 +138,19 @@ def gaussian_blur_3d(volume: torch.Tensor, sigma: float) -> torch.Tensor:
     return out
 
 
+def signed_distance_grid(inside: np.ndarray, voxel: float) -> np.ndarray:
+    """Signed distance (positive inside, world units) at the nodes of a grid from which nodes are
+    inside: the Euclidean distance to the nearest node on the other side, less half a voxel (the
+    surface lies between the two), times ``voxel``. All inside or all outside: +-(a grid's diagonal)."""
+    from scipy.ndimage import distance_transform_edt
+
+    if inside.all() or not inside.any():
+        return np.full(inside.shape, (1.0 if inside.all() else -1.0) * voxel * np.sqrt(3) * max(inside.shape), dtype=np.float32)
+    to_outside = distance_transform_edt(inside)
+    to_inside = distance_transform_edt(~inside)
+    return (np.where(inside, to_outside - 0.5, -(to_inside - 0.5)) * voxel).astype(np.float32)
+
+
 class GridField(nn.Module):
     """Raw density (1 channel) and albedo logits (3 channels) on (R, R, R) grids, laid out as
     ``grid_sample`` expects: (1, C, z, y, x). Two parameters, so each can have its own learning
@@ -146,6 +165,9 @@ class GridField(nn.Module):
         self.albedo_grid = nn.Parameter(torch.zeros(1, 3, r, r, r))
         # the strength of the blob's inside (1 at the start; it fades under FieldConfig.blob_fade_steps)
         self.register_buffer("blob_scale", torch.ones(()))
+        # 0 while the raw grid is a density; > 0 once it is a signed distance (FieldConfig.sdf_fraction):
+        # the scale of its Laplace density now
+        self.register_buffer("sdf_beta", torch.zeros(()))
 
     @property
     def resolution(self) -> int:
@@ -186,8 +208,41 @@ class GridField(nn.Module):
         gz, gy, gx = torch.gradient(raw, spacing=self.voxel_size, dim=(0, 1, 2))
         return torch.stack([gx, gy, gz])[None]
 
+    def node_points(self) -> torch.Tensor:
+        """The grid's nodes as (R^3, 3) points (x, y, z), in the grid's (z, y, x) order."""
+        axis = torch.linspace(-self.cfg.bound, self.cfg.bound, self.resolution, device=self.density_grid.device)
+        z, y, x = torch.meshgrid(axis, axis, axis, indexing="ij")
+        return torch.stack([x, y, z], dim=-1).reshape(-1, 3)
+
+    @property
+    def is_sdf(self) -> bool:
+        return float(self.sdf_beta) > 0
+
+    def activation(self, raw: torch.Tensor) -> torch.Tensor:
+        """Raw value -> density: the configured activation, or once the grid is a signed distance
+        the Laplace density of scale ``sdf_beta``."""
+        if self.is_sdf:
+            return density_activation(raw, "laplace", float(self.sdf_beta))
+        return density_activation(raw, self.cfg.density_activation)
+
+    @torch.no_grad()
+    def to_sdf(self, level: float, beta: float, smoothing: float = 1.0) -> None:
+        """Turn the density grid into a signed distance grid (positive inside) of the surface where
+        the density is ``level`` (:func:`signed_distance_grid`, blurred by ``smoothing`` voxels),
+        with the blob baked in; from now on the density is the Laplace density of scale ``beta``."""
+        inside = self.activation(self.raw_density(self.node_points(), self.density_grid.reshape(-1))) > level
+        r = self.resolution
+        sdf = signed_distance_grid(inside.reshape(r, r, r).cpu().numpy(), self.voxel_size)
+        sdf = torch.from_numpy(sdf).to(self.density_grid)[None, None]
+        if smoothing > 0:
+            sdf = gaussian_blur_3d(sdf, smoothing)
+        self.density_grid.copy_(sdf)
+        self.sdf_beta.fill_(beta)
+
     def raw_density(self, points: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """Interpolated raw density (N,) plus the blob and the shift."""
+        """Interpolated raw density (N,) plus the blob and the shift (a signed distance grid has them baked in)."""
+        if self.is_sdf:
+            return values
         return values + blob_bias(points, self.cfg.blob_density, self.cfg.blob_radius, float(self.blob_scale)) + self.cfg.density_shift
 
     def forward(self, points: torch.Tensor, with_normals: bool = True) -> dict[str, torch.Tensor]:
@@ -196,9 +251,11 @@ class GridField(nn.Module):
         parts = [self.density_grid, self.albedo_grid] + ([self._raw_gradient_volume()] if with_normals else [])
         values = self._sample(torch.cat(parts, dim=1), points)
         raw = self.raw_density(points, values[:, 0])
-        out = {"density": density_activation(raw, self.cfg.density_activation), "albedo": torch.sigmoid(values[:, 1:4])}
+        out = {"density": self.activation(raw), "albedo": torch.sigmoid(values[:, 1:4])}
         if with_normals:
-            grad = values[:, 4:7] + blob_bias_gradient(points, self.cfg.blob_density, self.cfg.blob_radius, float(self.blob_scale))
+            grad = values[:, 4:7]
+            if not self.is_sdf:
+                grad = grad + blob_bias_gradient(points, self.cfg.blob_density, self.cfg.blob_radius, float(self.blob_scale))
             out["normals"] = -grad / grad.norm(dim=-1, keepdim=True).clamp_min(1e-6)
         return out
 
@@ -206,7 +263,7 @@ class GridField(nn.Module):
         """(N, 3) -> (N,) density, no normals (occupancy updates, early ray termination, export): the
         density grid alone is looked up, the same values as :meth:`forward`'s."""
         raw = self.raw_density(points, self._sample(self.density_grid, points)[:, 0])
-        return density_activation(raw, self.cfg.density_activation)
+        return self.activation(raw)
 
     def albedo(self, points: torch.Tensor) -> torch.Tensor:
         return self.forward(points, with_normals=False)["albedo"]

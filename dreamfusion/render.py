@@ -206,6 +206,21 @@ def occupancy_update(estimator: nerfacc.OccGridEstimator, step: int, occ_eval_fn
     estimator.binaries = (estimator.occs > thre).view(estimator.binaries.shape)
 
 
+#: the size of the views whose silhouettes decide a scene's surface level (:meth:`Renderer.surface_level`)
+SILHOUETTE_SIZE = 64
+
+
+def silhouette_cameras() -> Cameras:
+    """The views whose silhouettes decide the surface level: 8 azimuths at 25 degrees below and
+    above the horizon, and straight down and up."""
+    from .cameras import VIEW_DISTANCE, VIEW_FOCAL, make_cameras
+
+    az = torch.arange(8.0) * 45.0
+    azimuths = torch.cat([az, az, torch.tensor([0.0, 0.0])])
+    elevations = torch.cat([torch.full((8,), -25.0), torch.full((8,), 25.0), torch.tensor([89.0, -89.0])])
+    return make_cameras(azimuths, elevations, VIEW_DISTANCE, VIEW_FOCAL)
+
+
 class Renderer(torch.nn.Module):
     """Renders a :class:`GridField` with a background, skipping empty space with nerfacc's
     occupancy grid."""
@@ -389,6 +404,16 @@ class Renderer(torch.nn.Module):
         peak = torch.zeros(n, device=o.device).scatter_reduce_(0, ray_idx, sigmas, reduce="amax")
         shape = (len(cameras), size, size)
         return opacity.reshape(shape), peak.reshape(shape)
+
+    def surface_level(self) -> float:
+        """The density level of the scene's surface: the one whose silhouettes match its renders
+        from :func:`silhouette_cameras` (:func:`dreamfusion.export.silhouette_level`): the export's,
+        and where a run's grid becomes a signed distance."""
+        from .export import silhouette_level
+
+        cams = silhouette_cameras().to(self.field.density_grid.device)
+        opacity, peak = self.opacity_and_max_density(cams, SILHOUETTE_SIZE)
+        return silhouette_level(opacity.cpu(), peak.cpu())
 
     def render(self, cameras: Cameras, lights: Lights, height: int, width: int, mode: str = "lit", stratified: bool = False,
                generator: torch.Generator | None = None, background: torch.Tensor | None = None) -> dict:

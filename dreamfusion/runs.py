@@ -94,32 +94,6 @@ def staged_output(out: Path, overwrite: bool, resume: bool = False) -> Iterator[
 #: the UV-textured GLB's name in a run folder (``--export.texture``)
 TEXTURED_GLB = "mesh_textured.glb"
 
-#: the views whose silhouettes decide the surface level: 8 azimuths at 25 degrees below and above
-#: the horizon, and straight down and up
-SILHOUETTE_SIZE = 64
-
-
-def silhouette_cameras() -> Cameras:
-    import torch
-
-    from .cameras import VIEW_DISTANCE, VIEW_FOCAL, make_cameras
-
-    az = torch.arange(8.0) * 45.0
-    azimuths = torch.cat([az, az, torch.tensor([0.0, 0.0])])
-    elevations = torch.cat([torch.full((8,), -25.0), torch.full((8,), 25.0), torch.tensor([89.0, -89.0])])
-    return make_cameras(azimuths, elevations, VIEW_DISTANCE, VIEW_FOCAL)
-
-
-def surface_level(scene: Renderer) -> float:
-    """The density level of a scene's surface: the one whose silhouettes match its renders
-    (:func:`dreamfusion.export.silhouette_level`)."""
-    from .export import silhouette_level
-
-    cams = silhouette_cameras().to(scene.field.density_grid.device)
-    opacity, peak = scene.opacity_and_max_density(cams, SILHOUETTE_SIZE)
-    return silhouette_level(opacity.cpu(), peak.cpu())
-
-
 def smoothed_scene(scene: Renderer, sigma: float) -> Renderer:
     """A copy of ``scene`` whose raw density grid is blurred with a Gaussian of ``sigma`` voxels
     (:func:`dreamfusion.field.gaussian_blur_3d`); its albedo, and ``scene`` itself, are untouched."""
@@ -147,7 +121,7 @@ def scene_mesh(scene: Renderer, opts: ExportOptions) -> tuple[trimesh.Trimesh, l
         scene = smoothed_scene(scene, opts.field_smoothing)
     threshold = opts.threshold
     if threshold is None and opts.level == "silhouette":
-        threshold = surface_level(scene)
+        threshold = scene.surface_level()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         mesh = extract_mesh(scene.field.density, scene.field.albedo, resolution=opts.mesh_resolution,

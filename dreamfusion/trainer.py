@@ -111,7 +111,7 @@ class Trainer:
         self.guidance: Guidance | None = guidance if guidance is not None else load_guidance(cfg.guidance, self.device)
         prior_camera = self.guidance.camera_config() if cfg.camera_from_prior else None
         self.camera_cfg = prior_camera or cfg.camera
-        self.terms = loss_terms(cfg.optim)
+        self.terms = loss_terms(cfg.optim, signed_distance=cfg.field.sdf_fraction > 0)
         self.optimizer = self._make_optimizer()
         self.step_count = 0
         self.total_steps = cfg.steps
@@ -126,7 +126,11 @@ class Trainer:
 
     def _make_optimizer(self) -> GridAdam:
         o = self.cfg.optim
-        groups = [{"params": [self.field.density_grid], "lr": o.lr_density or o.lr, "base_lr": o.lr_density or o.lr},
+        if self.field.is_sdf:
+            density = {"params": [self.field.density_grid], "lr": o.lr_sdf, "base_lr": o.lr_sdf, "eps": o.sdf_adam_eps}
+        else:
+            density = {"params": [self.field.density_grid], "lr": o.lr_density or o.lr, "base_lr": o.lr_density or o.lr}
+        groups = [density,
                   {"params": [self.field.albedo_grid], "lr": o.lr, "base_lr": o.lr}]
         bg = list(self.background.parameters())
         if bg:
@@ -255,6 +259,36 @@ class Trainer:
             self.field.grow(target)
             self.optimizer = self._make_optimizer()
 
+    def sdf_start_step(self) -> int | None:
+        """The step at which the grid becomes a signed distance (None: never)."""
+        f = self.cfg.field.sdf_fraction
+        return None if f <= 0 else round((1.0 - f) * self.total_steps)
+
+    def _signed_distance(self) -> None:
+        """At its step, the density becomes a signed distance grid of its surface (Adam starts over on
+        it: its values, and their rate, are of another kind); then the Laplace scale's schedule. A
+        scene with nothing solid at that step stays a density (said once): the decision is taken at
+        that step only, so a resumed run takes the same one."""
+        start = self.sdf_start_step()
+        if start is None or self.step_count < start:
+            return
+        f = self.cfg.field
+        if not self.field.is_sdf:
+            if self.step_count != start:
+                return
+            try:
+                level = self.renderer.surface_level()
+            except ValueError:
+                self.on_message(f"step {self.step_count}: nothing solid to turn into a signed distance; the grid stays a density")
+                return
+            self.field.to_sdf(level, f.sdf_beta_start)
+            kept = {p: state for p, state in self.optimizer.state.items() if p is not self.field.density_grid}
+            self.optimizer = self._make_optimizer()
+            self.optimizer.state.update(kept)  # the albedo's (and background's) moments carry over
+        phase = min(1.0, 2.0 * (self.step_count - start) / max(1, self.total_steps - start))
+        # never back up: a run extended (Refine) moves its start, not the scale it reached
+        self.field.sdf_beta.fill_(min(float(self.field.sdf_beta), f.sdf_beta_start * (f.sdf_beta / f.sdf_beta_start) ** phase))
+
     def fraction_done(self) -> float:
         return self.step_count / max(1, self.total_steps)
 
@@ -280,6 +314,7 @@ class Trainer:
                 scale = blob_scale(self.step_count, self.total_steps, cfg.field.blob_fade_fraction, cfg.field.blob_fade_steps)
                 # never back up: a run extended (Refine) keeps the blob it had already lost
                 self.field.blob_scale.fill_(min(float(self.field.blob_scale), scale))
+            self._signed_distance()
             self.field.train()
             cams = sample_cameras(self.camera_cfg, cfg.views, self.generator)
             self.recent_cameras.append((cams.c2w.clone(), cams.focal.clone()))
@@ -427,7 +462,7 @@ class Trainer:
         with self.lock:
             grown = "field.density" in tensors and tensors["field.density"].shape != self.field.density_grid.shape
             load_scene_tensors(self.renderer, {k: v.to(self.device) for k, v in tensors.items()})
-            if grown:  # new parameters: a fresh optimiser over them
+            if grown or self.field.is_sdf:  # new parameters, or a signed distance grid's own rate: a fresh optimiser
                 self.optimizer = self._make_optimizer()
             self._parked_at = None  # the loaded state replaces whatever a parked run would read back
             self._load_optimiser_state(tensors)

@@ -41,6 +41,31 @@ def test_the_same_numbers_as_torch_adam_bit_for_bit():
     assert ours.param_groups[0]["base_lr"] == 0.075  # extra keys of a group are kept
 
 
+def test_a_groups_own_eps_as_torch_adam_takes_it():
+    """A group's "eps" replaces the optimiser's for that group only (the signed distance grid's),
+    as in torch's Adam, bit for bit; a large one shrinks the steps of small gradients."""
+    mine, theirs = _groups(3), _groups(3)
+    mine[1]["eps"] = theirs[1]["eps"] = 0.03
+    ours = GridAdam(mine, betas=(0.9, 0.99), eps=1e-15)
+    ref = torch.optim.Adam(theirs, betas=(0.9, 0.99), eps=1e-15, foreach=True)
+    plain = GridAdam(_groups(3), betas=(0.9, 0.99), eps=1e-15)
+    g = torch.Generator().manual_seed(4)
+    for _ in range(5):
+        for opt_groups in zip(ours.param_groups, ref.param_groups, plain.param_groups, strict=True):
+            grad = torch.randn(opt_groups[0]["params"][0].shape, generator=g) * 1e-3
+            for group in opt_groups:
+                group["params"][0].grad = grad.clone()
+        for opt in (ours, ref, plain):
+            opt.step()
+    for gm, gt in zip(ours.param_groups, ref.param_groups, strict=True):
+        assert torch.equal(gm["params"][0], gt["params"][0])
+    start = _groups(3)
+    moved = lambda opt, k: (opt.param_groups[k]["params"][0] - start[k]["params"][0]).abs().max().item()  # noqa: E731
+    assert moved(ours, 1) < 0.2 * moved(plain, 1) and moved(ours, 0) == moved(plain, 0)
+    with pytest.raises(ValueError):
+        GridAdam([{"params": [torch.nn.Parameter(torch.zeros(2))], "lr": 0.1, "eps": -1.0}])
+
+
 def test_zero_grad_and_bad_settings():
     opt = GridAdam(_groups(2))
     p = opt.param_groups[0]["params"][0]

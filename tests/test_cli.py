@@ -354,8 +354,11 @@ def test_finished_files_get_ordinary_permissions(generated):
 REPO = Path(__file__).resolve().parents[1]
 #: a run long enough to be stopped part-way (a few seconds on the tiny prior), small enough to finish fast
 LONG_STEPS = 80
-# the tiny random prior's 80 steps leave a surface to export at this rate (the default's 0.1 can fade it below the level)
-LONG = [*FAST, "--threads", "1", "--export.formats", "ply", "--export.video", "none", "--advanced.optim.lr", "0.075"]
+# the tiny random prior's 80 steps leave a surface to export at this rate (the default's 0.1 can fade it below the level),
+# and as a density throughout (under a random prior the signed distance half can erode it away; these tests are about
+# stopping and resuming: tests/test_signed_distance.py resumes across the switch)
+LONG = [*FAST, "--threads", "1", "--export.formats", "ply", "--export.video", "none", "--advanced.optim.lr", "0.075",
+        "--advanced.field.sdf-fraction", "0"]
 
 
 def cli_env() -> dict:

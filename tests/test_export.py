@@ -516,7 +516,8 @@ def test_gaussian_blur_3d_by_hand():
     assert out[5, 5, 6].item() == pytest.approx(np.exp(-0.5) * z ** -3, rel=1e-9)
     assert out[3, 5, 7].item() == pytest.approx(np.exp(-4.0) * z ** -3, rel=1e-9)
     assert out.sum().item() == pytest.approx(1.0, rel=1e-9)
-    ramp = torch.arange(11, dtype=torch.float64).view(1, 1, 1, 1, 11).expand(1, 2, 11, 11, 11) * torch.tensor([1.0, -2.0]).view(1, 2, 1, 1, 1).double()
+    channels = torch.tensor([1.0, -2.0], dtype=torch.float64).view(1, 2, 1, 1, 1)
+    ramp = torch.arange(11, dtype=torch.float64).view(1, 1, 1, 1, 11).expand(1, 2, 11, 11, 11) * channels
     blurred = gaussian_blur_3d(ramp, 1.0)
     assert torch.allclose(blurred[..., 3:8], ramp[..., 3:8], atol=1e-9)  # channels blurred apart
     assert torch.allclose(gaussian_blur_3d(torch.full((1, 1, 5, 5, 5), 2.5), 0.5), torch.full((1, 1, 5, 5, 5), 2.5))
@@ -577,7 +578,8 @@ def test_asset_options_can_be_turned_off_and_are_checked():
     assert (opts.refine_steps, opts.field_smoothing, opts.surface_smoothing, opts.faces, opts.colour_smoothing) == (3, 0.5, 30, 20000, 64)
     validate_export(ExportOptions(refine_steps=0, field_smoothing=0.0, surface_smoothing=0, faces=0, colour_smoothing=0))
     validate_export(ExportOptions(refine_steps=3, faces=20000, colour_smoothing=5, colour_edge=0.1))
-    for bad in (dict(refine_steps=-1), dict(field_smoothing=-0.5), dict(field_smoothing=float("nan")), dict(surface_smoothing=-1), dict(surface_smoothing=1000),
+    for bad in (dict(refine_steps=-1), dict(field_smoothing=-0.5), dict(field_smoothing=float("nan")),
+                dict(surface_smoothing=-1), dict(surface_smoothing=1000),
                 dict(faces=50), dict(faces=-5), dict(colour_smoothing=1000), dict(colour_edge=2.0)):
         with pytest.raises(ValueError):
             validate_export(ExportOptions(**bad))
@@ -690,7 +692,8 @@ def test_export_writes_the_textured_glb_only_when_asked(tmp_path):
     field = types.SimpleNamespace(density_grid=torch.zeros(1), cfg=types.SimpleNamespace(bound=1.0), resolution=32,
                                   density=ellipsoid_density, albedo=red_blue_albedo)
     scene = types.SimpleNamespace(field=field)
-    runs.export_renderer(scene, tmp_path / "plain", ExportOptions(formats=("glb",), video="none", threshold=5.0, field_smoothing=0.0, mesh_resolution=32))
+    runs.export_renderer(scene, tmp_path / "plain",
+                         ExportOptions(formats=("glb",), video="none", threshold=5.0, field_smoothing=0.0, mesh_resolution=32))
     assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == ["mesh.glb"]
     opts = ExportOptions(formats=("glb",), video="none", threshold=5.0, field_smoothing=0.0, mesh_resolution=32, texture=True, texture_size=128)
     validate_export(opts)

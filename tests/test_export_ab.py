@@ -44,12 +44,15 @@ def test_variants_are_parsed_as_the_export_command_parses_them():
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_prior_dir) -> Path:
     """A folder of two runs: one real run of a benchmark prompt, made by ``dreamfusion generate``
-    on the tiny prior, and a copy of it whose config.json names a prompt of no benchmark."""
+    on the tiny prior (a density throughout: four steps of a random prior leave a soft blob, which a
+    24^3 signed distance would outline coarsely), and a copy of it whose config.json names a prompt
+    of no benchmark."""
     folder = tmp_path_factory.mktemp("export_ab") / "runs"
     run = folder / "01-a-red-cube"
     assert dreamfusion(["generate", "a red cube", "--out", str(run), "--steps", "4", "--resolution", "32", "--quiet",
                         "--advanced.field.resolution", "24", "--advanced.views", "1", "--model", str(tiny_prior_dir),
-                        "--export.mesh-resolution", "32", "--export.formats", "ply", "--export.video", "none"]) == 0
+                        "--export.mesh-resolution", "32", "--export.formats", "ply", "--export.video", "none",
+                        "--advanced.field.sdf-fraction", "0"]) == 0
     other = folder / "02-a-purple-blob"
     shutil.copytree(run, other)
     config = json.loads((other / "config.json").read_text())

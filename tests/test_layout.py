@@ -85,7 +85,7 @@ def test_every_loss_weight_has_its_term_and_every_term_its_weight():
 
     names = [f.name for f in fields(OptimConfig) if f.name.endswith("_weight")]
     cfg = replace(OptimConfig(), orientation_ramp=0.0, **{name: 10.0 + i for i, name in enumerate(names)})
-    terms = loss_terms(cfg)
+    terms = loss_terms(cfg, signed_distance=True)
     assert sorted(t.weight(1.0) for t in terms) == [10.0 + i for i in range(len(names))]
     assert {t.name: t.weight(0.5) for t in terms} == {name.removesuffix("_weight"): getattr(cfg, name) for name in names}
-    assert loss_terms(replace(cfg, **{name: 0.0 for name in names})) == []
+    assert loss_terms(replace(cfg, **{name: 0.0 for name in names}), signed_distance=True) == []

@@ -59,7 +59,8 @@ def test_opacity_terms_by_hand():
 def test_loss_terms_are_named_weighted_and_scheduled():
     cfg = OptimConfig(orientation_weight=10.0, orientation_ramp=0.5, opacity_weight=2.0, entropy_weight=0.0, tv_weight=3.0, tv_albedo_weight=0.0)
     terms = {t.name: t for t in loss_terms(cfg)}
-    assert list(terms) == ["orientation", "opacity", "tv"]  # zero weights are left out
+    assert list(terms) == ["orientation", "opacity", "tv"]  # zero weights are left out, and a signed distance grid's terms
+    assert [t.name for t in loss_terms(cfg, signed_distance=True)] == ["orientation", "opacity", "tv", "eikonal", "sdf_smoothness"]
     assert terms["orientation"].weight(0.0) == 0.0 and terms["orientation"].weight(0.25) == 5.0 and terms["orientation"].weight(0.9) == 10.0
     assert terms["tv"].weight(0.7) == 3.0
     assert ramp(0.3, 0.0) == 1.0 and ramp(-1, 0.5) == 0.0

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from dreamfusion.cameras import make_cameras
+from dreamfusion.config import OptimConfig
 from dreamfusion.field import FieldConfig
 from dreamfusion.guidance import GuidanceConfig, load_guidance
 from dreamfusion.render import RenderConfig
@@ -504,6 +505,10 @@ def test_stop_before_run_is_not_lost_and_extend_continues(fast_config, guidance)
         (dict(field=FieldConfig(background="green")), "unknown background 'green'"),
         (dict(guidance=GuidanceConfig(weighting="cubic")), "unknown SDS weighting 'cubic'"),
         (dict(steps=10**7), "steps must be between 1 and 1000000"),
+        (dict(field=FieldConfig(sdf_fraction=1.5)), "sdf_fraction must be between 0 and 1"),
+        (dict(field=FieldConfig(sdf_beta=0.0)), "sdf_beta must be between"),
+        (dict(optim=OptimConfig(sdf_adam_eps=-1.0)), "sdf_adam_eps"),
+        (dict(optim=OptimConfig(sdf_smoothness_weight=float("nan"))), "sdf_smoothness_weight"),
     ],
 )
 def test_validate_config_rejects(fast_config, change, message):
